@@ -1,0 +1,135 @@
+"""Typed view of a Skywork-R1V (InternVL-chat layout) `config.json`.
+
+Our loader reads the JSON itself, so it never needs the vendor's remote code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r1v_quant.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("skywork_chat", "internvl_chat")
+SUPPORTED_LLM_ARCHS = ("Qwen2ForCausalLM",)
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int = 448
+    patch_size: int = 14
+    qkv_bias: bool = False
+    qk_normalization: bool = True
+    norm_type: str = "rms_norm"
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    initializer_factor: float = 0.1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class R1VConfig:
+    raw: dict[str, Any]
+    vision: VisionSettings
+    llm: dict[str, Any]
+    select_layer: int = -1
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    template: str | None = None
+    force_image_size: int = 448
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    quantization: dict[str, Any] | None = field(default=None)
+
+    @property
+    def image_size(self) -> int:
+        return self.force_image_size or self.vision.image_size
+
+    @property
+    def num_image_token(self) -> int:
+        """LLM tokens per 448x448 tile after pixel shuffle (256 for the real model)."""
+        grid = self.image_size // self.vision.patch_size
+        return int(grid * grid * self.downsample_ratio**2)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.llm["hidden_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.llm["num_hidden_layers"])
+
+    def qwen2_config(self):
+        """A transformers `Qwen2Config` for the language model."""
+        from transformers import Qwen2Config
+
+        keys = dict(self.llm)
+        for drop in ("architectures", "auto_map", "_name_or_path", "transformers_version", "model_type"):
+            keys.pop(drop, None)
+        cfg = Qwen2Config(**keys)
+        cfg.tie_word_embeddings = bool(self.llm.get("tie_word_embeddings", False))
+        return cfg
+
+
+def _vision_from(raw: dict[str, Any]) -> VisionSettings:
+    names = VisionSettings.__dataclass_fields__
+    kept = {k: v for k, v in raw.items() if k in names}
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in kept]
+    if missing:
+        raise UserError(f"vision_config lacks {', '.join(missing)}.")
+    return VisionSettings(**kept)
+
+
+def parse_config(raw: dict[str, Any], source: str = "config.json") -> R1VConfig:
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{source} has model_type {model_type!r}; r1v-quant supports "
+            f"{' and '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Skywork-R1V and InternVL-chat with a Qwen2 LLM)."
+        )
+    if "vision_config" not in raw or "llm_config" not in raw:
+        raise UserError(f"{source} has no vision_config or llm_config, so it is not an InternVL-chat layout.")
+    llm = dict(raw["llm_config"])
+    archs = llm.get("architectures") or ["Qwen2ForCausalLM"]
+    if archs[0] not in SUPPORTED_LLM_ARCHS:
+        raise UserError(f"{source} has a {archs[0]} language model; r1v-quant supports Qwen2ForCausalLM only.")
+    top = {k: raw[k] for k in (
+        "select_layer", "downsample_ratio", "ps_version", "template", "force_image_size",
+        "dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch",
+    ) if k in raw and raw[k] is not None}
+    ps = top.get("ps_version", "v2")
+    if ps not in ("v1", "v2"):
+        raise UserError(f"{source} has ps_version {ps!r}; expected 'v1' or 'v2'.")
+    return R1VConfig(
+        raw=raw,
+        vision=_vision_from(raw["vision_config"]),
+        llm=llm,
+        quantization=raw.get("quantization_config"),
+        **top,
+    )
+
+
+def load_config(model_dir: Path) -> R1VConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} has no config.json, so it is not a model folder.")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}).") from None
+    return parse_config(raw, str(path))
