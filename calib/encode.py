@@ -1,0 +1,77 @@
+"""Calibration samples -> language-model input embeddings, exactly as chat and eval pose them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from r1v_quant.calib.sample import Sample
+from r1v_quant.errors import UserError
+from r1v_quant.prompt import IMG_CONTEXT, IMG_END, IMG_START, truncate_tokens
+
+
+@dataclass
+class Encoded:
+    sample_id: str
+    ids: list[int]
+    pixel_values: torch.Tensor | None  # tiles of the images whose blocks survived truncation
+
+
+def encode_sample(sample: Sample, cfg, tok, seq_len: int) -> Encoded:
+    from r1v_quant.generate import Conversation, encode_conversation
+
+    img_start = tok.convert_tokens_to_ids(IMG_START)
+    img_end = tok.convert_tokens_to_ids(IMG_END)
+    pixels, tiles = None, []
+    if sample.kind == "text":
+        ids = tok(sample.prompt, add_special_tokens=True).input_ids
+    else:
+        conv = Conversation()
+        conv.add_user(sample.prompt, sample.images)
+        ids_t, pixels, tiles = encode_conversation(cfg, tok, conv)
+        ids = ids_t[0].tolist()
+    if sample.response:
+        ids = ids + tok(sample.response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = truncate_tokens(ids, seq_len, img_start, img_end)
+    kept_images = ids.count(img_start)
+    if pixels is not None and kept_images:
+        pixels = pixels[: sum(tiles[:kept_images])]
+    else:
+        pixels = None
+    return Encoded(sample.id, ids, pixels)
+
+
+def encode_samples(samples: list[Sample], cfg, tok, seq_len: int, max_tokens: int) -> list[Encoded]:
+    """Encode in order until the total-token cap; the sample that crosses it is truncated to fit."""
+    out: list[Encoded] = []
+    used = 0
+    for sample in samples:
+        room = max_tokens - used
+        if room <= 0:
+            break
+        enc = encode_sample(sample, cfg, tok, min(seq_len, room))
+        if len(enc.ids) < 2:
+            continue
+        out.append(enc)
+        used += len(enc.ids)
+    if not out:
+        raise UserError("the calibration set has no usable tokens (every sample was empty after encoding).")
+    return out
+
+
+@torch.no_grad()
+def embed_encoded(front, encoded: list[Encoded], device: torch.device) -> Iterator[torch.Tensor]:
+    """[1, T, D] float32 CPU tensors: token embeddings with the visual tokens merged in."""
+    for enc in encoded:
+        ids = torch.tensor([enc.ids], device=device)
+        pixels = None if enc.pixel_values is None else enc.pixel_values.to(device, front.mlp1[1].weight.dtype)
+        yield front.input_embeddings(ids, pixels).float().cpu()
+
+
+def image_token_share(encoded: list[Encoded], tok) -> float:
+    ctx = tok.convert_tokens_to_ids(IMG_CONTEXT)
+    total = sum(len(e.ids) for e in encoded)
+    return sum(e.ids.count(ctx) for e in encoded) / max(total, 1)
+

@@ -1,0 +1,100 @@
+"""`r1v-quant awq`: calibrate and export a 4-bit AWQ checkpoint of the language model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _mix(text: str | None) -> list[float] | None:
+    from r1v_quant.errors import UserError
+
+    if not text:
+        return None
+    try:
+        weights = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--mix {text} is not a comma-separated list of numbers such as 0.7,0.3.") from None
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"--mix {text} needs non-negative weights with a positive sum.")
+    return weights
+
+
+def command(
+    model: str = typer.Option(..., "--model", "-m", help="Full-precision checkpoint folder or Hugging Face id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the export (written whole at the end)."),
+    calib: str = typer.Option("builtin", help="Calibration set: builtin, mmmu-sample, text:PATH, hf:NAME[:column], a folder/parquet in MMMU's schema, or A+B mixtures."),
+    calib_path: Path | None = typer.Option(None, help="Local MMMU data (folder or parquet files) for --calib mmmu-sample."),
+    mix: str | None = typer.Option(None, help="Weights of a mixture, e.g. 0.7,0.3 for mmmu-sample+text:PATH."),
+    samples: int = typer.Option(128, min=1, help="Calibration samples."),
+    seq_len: int = typer.Option(2048, min=16, help="Longest calibration sample, in tokens (image blocks are never cut)."),
+    max_tokens: int = typer.Option(65536, min=16, help="Cap on calibration tokens in total."),
+    traces: str = typer.Option("none", help="none, or self: calibrate on the full-precision model's own answers (cached)."),
+    max_trace_tokens: int = typer.Option(1024, min=1, help="Longest self-generated trace."),
+    group_size: int = typer.Option(128, help="Input channels per quantisation group (128, 64 or 32)."),
+    grid: int = typer.Option(20, min=2, help="Grid points for the scale and clip searches."),
+    no_clip: bool = typer.Option(False, "--no-clip", help="Skip the clipping search."),
+    propagate: str = typer.Option("quantized", help="Inputs of layer i+1: outputs of the quantized or the float layer i."),
+    seed: int = typer.Option(0, help="Seed for sampling the calibration set."),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
+    offload_dir: Path | None = typer.Option(None, help="Spill calibration activations here when they outgrow RAM."),
+    work_dir: Path | None = typer.Option(None, help="Per-layer state for --resume (default: beside --out)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep the per-layer work folder after success."),
+    kl_check: bool = typer.Option(True, "--kl-check/--no-kl-check", help="Measure KL(source || export) on held-out prompts at the end."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write a JSON report here."),
+) -> None:
+    """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
+    from r1v_quant.errors import UserError
+    from r1v_quant.quant.pipeline import AWQSettings
+    from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+
+    if propagate not in ("quantized", "float"):
+        raise UserError(f"--propagate {propagate} is not one of quantized, float.")
+    if group_size <= 0:
+        raise UserError(f"--group-size {group_size} must be positive.")
+    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate,
+                           seq_len=seq_len, max_tokens=max_tokens, samples=samples, seed=seed)
+    choice = CalibChoice(calib, calib_path, _mix(mix), traces, max_trace_tokens)
+    console = Console()
+    columns = (TextColumn("[bold]AWQ[/] layer"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    check = None
+    if kl_check:
+        from r1v_quant.evals.quick import quick_kl
+
+        def check(src, export):
+            console.print("[dim]measuring KL(source || export) on held-out prompts[/]")
+            return quick_kl(src, export, device=device)
+
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("awq", total=None, note="preparing calibration inputs")
+
+        def on_layer(i, total, report):
+            bar.update(task, total=total, completed=i + 1,
+                       note=f"err {report.rel_err_awq:.4f} (RTN {report.rel_err_rtn:.4f})")
+
+        result = quantize_checkpoint(model, out, settings, choice, force=force, device=device, work_dir=work_dir,
+                                     resume=resume, offload_dir=offload_dir, keep_work=keep_work,
+                                     progress=on_layer, kl_check=check)
+
+    table = Table(title="per-layer relative output error (lower is better)")
+    for col in ("layer", "AWQ", "round-to-nearest", "AWQ / RTN", "seconds", "peak MB"):
+        table.add_column(col, justify="right")
+    for r in result.layers:
+        table.add_row(str(r.index), f"{r.rel_err_awq:.4f}", f"{r.rel_err_rtn:.4f}",
+                      f"{r.rel_err_awq / max(r.rel_err_rtn, 1e-12):.2f}", f"{r.seconds:.1f}", f"{r.peak_mem_mb:.0f}")
+    console.print(table)
+    for k, v in result.summary().items():
+        console.print(f"{k}: [bold]{v}[/]")
+    console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.0f} s")
+    if json_out:
+        json_out.write_text(json.dumps({"out": str(result.out), "summary": result.summary(), "seconds": result.seconds,
+                                        "layers": [asdict(r) for r in result.layers]}, indent=2) + "\n")

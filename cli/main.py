@@ -1,0 +1,52 @@
+"""The `r1v-quant` command: one module per subcommand, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from r1v_quant.errors import UserError
+
+app = typer.Typer(
+    name="r1v-quant",
+    help="AWQ 4-bit quantization, export, chat and accuracy checks for Skywork-R1V models on one GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from r1v_quant.cli import chat, make_tiny
+
+    app.command("make-tiny")(make_tiny.command)
+    app.command("chat")(chat.command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    err = Console(stderr=True)
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except UserError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err.print("interrupted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`r1v-quant plan`: sizes and the longest context per GPU, from the config alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from r1v_quant.errors import UserError
+from r1v_quant.plan import GiB, Plan, human_bytes, parse_gpu_mems, plan_model
+
+STATUS_STYLE = {"ok": "[green]ok[/]", "short": "[yellow]short[/]", "no": "[red]no[/]"}
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:,.2f}"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:,.3f} B" if n >= 10**8 else f"{n / 1e6:,.3f} M"
+
+
+def render(plan: Plan, console: Console) -> None:
+    console.print(f"[bold]{plan.source}[/]  ({plan.model_type}, {plan.model_dtype}; "
+                  f"{'planning the existing ' if plan.already_quantized else ''}AWQ {plan.bits}-bit, group size {plan.group_size})")
+
+    t = Table(title="Weights by component", title_justify="left")
+    t.add_column("component")
+    t.add_column("params", justify="right")
+    t.add_column(f"source {plan.model_dtype}", justify="right")
+    t.add_column("AWQ export", justify="right")
+    for c in plan.components:
+        t.add_row(c.label, _params(c.params), human_bytes(c.source_bytes), human_bytes(c.export_bytes))
+    t.add_row("[bold]total[/]", _params(sum(c.params for c in plan.components)),
+              f"[bold]{human_bytes(plan.source_total)}[/]", f"[bold]{human_bytes(plan.export_total)}[/]")
+    console.print(t)
+    console.print(f"export tensors: {plan.export_total:,d} bytes ({plan.export_total / 1e9:.2f} GB)")
+
+    r = plan.reserve
+    console.print(
+        f"KV cache: {plan.kv_bytes_per_token:,d} bytes per token ({plan.kv_dtype}); "
+        f"reserve {_gib(r.total)} GiB = runtime {_gib(r.runtime)} + LLM activations {_gib(r.llm_activations)} "
+        f"(prefill chunk {r.max_batched_tokens} tokens) + vision activations {_gib(r.vision_activations)} "
+        f"({r.images_profiled} image x {r.tiles_per_image} tiles)"
+    )
+
+    t = Table(title=f"Longest context per card (vLLM --gpu-memory-utilization {plan.util})", title_justify="left")
+    for col, just in (("card", "left"), ("budget GiB", "right"), ("weights", "right"), ("reserve", "right"),
+                      ("KV room", "right"), ("max tokens", "right"), ("max-model-len", "right"), ("fits", "center")):
+        t.add_column(col, justify=just)
+    for card in plan.cards:
+        t.add_row(card.label, _gib(card.budget_bytes), _gib(card.weights_bytes), _gib(card.reserve_bytes),
+                  _gib(card.kv_room_bytes), f"{card.max_context:,d}", f"{card.max_model_len:,d}",
+                  STATUS_STYLE.get(card.status, card.status))
+    console.print(t)
+    console.print("fits: ok = 32k tokens or more; short = under 32k (long R1 chains of thought may be cut); "
+                  "no = under 4k (not even one 13-tile image and an answer).")
+
+    for card in plan.cards:
+        if not card.suggestions:
+            continue
+        t = Table(title=f"{card.label}: {card.reason}", title_justify="left")
+        t.add_column("option")
+        t.add_column("how", overflow="fold")
+        t.add_column("max tokens", justify="right")
+        t.add_column("still short", justify="right")
+        t.add_column("note")
+        for s in card.suggestions:
+            t.add_row(s.title, s.how, f"{s.max_context:,d}", f"{_gib(s.short_by_bytes)} GiB" if s.short_by_bytes else "-",
+                      s.note)
+        console.print(t)
+    for note in plan.notes:
+        console.print(f"note: {note}")
+
+
+def command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint or export folder, config.json, Hugging Face id, or r1v-38b (built in, offline).")],
+    group_size: Annotated[int | None, typer.Option("--group-size", "-g", help="AWQ group size (default 128; an export's own when it has one; -1 = one group per row).")] = None,
+    kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="KV cache dtype: bf16 or fp8.")] = "bf16",
+    util: Annotated[float, typer.Option("--util", help="vLLM --gpu-memory-utilization.")] = 0.9,
+    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Comma-separated card sizes, e.g. 24GiB,30GB,81559MiB (bare numbers are GiB). Default 24,32,40,48,80.")] = None,
+    max_batched_tokens: Annotated[int, typer.Option("--max-batched-tokens", help="vLLM --max-num-batched-tokens the reserve assumes.")] = 2048,
+    max_tiles: Annotated[int | None, typer.Option("--max-tiles", help="max_dynamic_patch the reserve assumes (default: the config's).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
+) -> None:
+    """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
+    if kv_dtype.lower() not in ("bf16", "fp16", "fp8"):
+        raise UserError(f"--kv-dtype {kv_dtype!r} is not bf16, fp16 or fp8.")
+    plan = plan_model(model, group_size=group_size, kv_dtype=kv_dtype.lower(), util=util, gpu_mems=parse_gpu_mems(gpu_mem),
+                      max_batched_tokens=max_batched_tokens, max_dynamic_patch=max_tiles)
+    render(plan, Console())
+    if json_out is not None:
+        try:
+            json_out.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        except OSError as e:
+            raise UserError(f"--json {json_out} could not be written ({e.strerror or e}).") from None

@@ -1,0 +1,161 @@
+"""Finding a checkpoint and reading its safetensors lazily, by the checkpoint's own names."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from r1v_quant.errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """A local folder as is; a Hugging Face id through the local cache first, then the hub."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path} is a file; --model takes a checkpoint folder or a Hugging Face id.")
+        return path
+    text = str(spec)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise UserError(f"{text} does not exist.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001 - any cache problem falls through to a download attempt
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UserError(f"{text} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or pass a folder.")
+    try:
+        return Path(snapshot_download(text))
+    except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end the same way for the user
+        raise UserError(
+            f"{text} is neither a local folder nor in the Hugging Face cache, and the hub could not provide it ({type(e).__name__})."
+        ) from None
+
+
+class Checkpoint:
+    """The tensors of a checkpoint folder, read one at a time from (possibly sharded) safetensors."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        self.shard_of = self._map_tensors()
+        self._handles: dict[str, object] = {}
+        self._check_shards()
+
+    def _map_tensors(self) -> dict[str, str]:
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                raise UserError(f"{index} is not a valid safetensors index (no weight_map).") from None
+            missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+            if missing:
+                raise UserError(f"{index} names shard {missing[0]}, which is not in {self.dir}.")
+            return dict(weight_map)
+        single = self.dir / SINGLE_NAME
+        if single.is_file():
+            with self._open(SINGLE_NAME) as f:
+                return {k: SINGLE_NAME for k in f.keys()}
+        raise UserError(f"{self.dir} has no {INDEX_NAME} or {SINGLE_NAME}.")
+
+    def _open(self, shard: str):
+        try:
+            return safe_open(self.dir / shard, framework="pt", device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise UserError(f"{self.dir / shard} is not a readable safetensors file ({str(e).splitlines()[0][:120]}).") from None
+
+    def _check_shards(self) -> None:
+        # Opening validates each header against the file size, which catches truncated downloads early.
+        by_shard: dict[str, set[str]] = {}
+        for name, shard in self.shard_of.items():
+            by_shard.setdefault(shard, set()).add(name)
+        for shard, names in by_shard.items():
+            handle = self._handle(shard)
+            absent = names - set(handle.keys())
+            if absent:
+                raise UserError(f"{self.dir / shard} lacks tensor {sorted(absent)[0]}, which the index places there.")
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            self._handles[shard] = self._open(shard)
+        return self._handles[shard]
+
+    def names(self) -> list[str]:
+        return list(self.shard_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle(self.shard_of[name]).get_tensor(name)
+        except KeyError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"tensor {name} in {self.dir / self.shard_of[name]} could not be read ({e}).") from None
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.shard_of[name]).get_slice(name).get_shape())
+
+    def dtype_of(self, name: str) -> str:
+        return self._handle(self.shard_of[name]).get_slice(name).get_dtype()
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        return [n for n in self.shard_of if n.startswith(prefix)]
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of bounded size, then names them `model-0000i-of-0000N`.
+
+    Tensors are flushed as soon as a shard is full, so a 38B export never holds more than one
+    shard in memory.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 5 * 1024**3):
+        self.dir = Path(out_dir)
+        self.max = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._parts: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        part = f"part-{len(self._parts):05d}.safetensors"
+        save_file(self._pending, str(self.dir / part), metadata={"format": "pt"})
+        self._parts.append((part, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Flush, give shards their final names, write the index, and return the weight map."""
+        if self._pending:
+            self._flush()
+        count = len(self._parts)
+        weight_map: dict[str, str] = {}
+        for i, (part, names) in enumerate(self._parts):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.dir / part).rename(self.dir / final)
+            weight_map.update({n: final for n in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return weight_map

@@ -1,0 +1,107 @@
+"""Writing an AWQ export: the source checkpoint's names and bytes, with quantised linears in AutoAWQ GEMM form."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from r1v_quant.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, ShardWriter
+from r1v_quant.config import R1VConfig
+from r1v_quant.layout import MODULES_TO_NOT_CONVERT, is_quant_linear
+
+_LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
+# Weights, indexes and formats we rewrite or that must not travel with an export.
+_SKIP_SIDE = {"config.json", INDEX_NAME, SINGLE_NAME, "README.md", ".gitattributes"}
+_SKIP_SUFFIX = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+def quantization_config(group_size: int) -> dict:
+    return {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": group_size,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": list(MODULES_TO_NOT_CONVERT),
+    }
+
+
+def export_config(cfg: R1VConfig, group_size: int) -> dict:
+    raw = json.loads(json.dumps(cfg.raw))
+    raw["quantization_config"] = quantization_config(group_size)
+    # A quant config left inside llm_config makes some readers quantise with the wrong settings.
+    raw.get("llm_config", {}).pop("quantization_config", None)
+    return raw
+
+
+def write_tensors(ckpt: Checkpoint, layer_file, out_dir: Path, max_shard_bytes: int) -> dict[str, str]:
+    """Every source tensor in source order; decoder-layer tensors come from the per-layer results.
+
+    `layer_file(i)` gives the path of layer i's results (names relative to the layer).
+    """
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    cached: tuple[int, dict] | None = None
+    for name in ckpt.names():
+        m = _LAYER.match(name)
+        if not m:
+            writer.add(name, ckpt.get(name))  # vision, mlp1, embeddings, final norm, lm_head: untouched
+            continue
+        index, rest = int(m.group(1)), m.group(2)
+        if cached is None or cached[0] != index:
+            cached = (index, load_file(str(layer_file(index))))
+        tensors = cached[1]
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and is_quant_linear(module):
+            base = rest.removesuffix(".weight")
+            for suffix in ("qweight", "qzeros", "scales"):
+                writer.add(f"{module}.{suffix}", tensors[f"{base}.{suffix}"])
+        else:
+            writer.add(name, tensors[rest])
+    return writer.close()
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for item in sorted(src.iterdir()):
+        if item.is_dir() or item.name in _SKIP_SIDE or item.name.endswith(_SKIP_SUFFIX) or item.name.startswith("."):
+            continue
+        shutil.copyfile(item, dst / item.name)
+        copied.append(item.name)
+    return copied
+
+
+def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in recipe.items())
+    measured = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+    return f"""---
+base_model: {source}
+tags: [awq, 4-bit, skywork-r1v, vision-language, r1v-quant]
+---
+# {Path(str(source)).name} — AWQ 4-bit (language model), vision in bf16
+
+Made with `r1v-quant awq`. The Qwen2 language model's linears are 4-bit AWQ (AutoAWQ GEMM layout,
+zero point, group size {recipe.get('group size')}); the vision encoder, `mlp1`, embeddings, `lm_head`
+and norms are kept in {cfg.raw.get('torch_dtype', 'bfloat16')}, byte for byte from the source.
+
+## Recipe
+| setting | value |
+| --- | --- |
+{rows}
+
+## Measured
+| measure | value |
+| --- | --- |
+{measured}
+
+## Use
+```
+vllm serve <this folder> --trust-remote-code --dtype bfloat16
+r1v-quant chat --model <this folder> --image photo.jpg
+r1v-quant eval --reference {source} --candidate <this folder> --suite mmmu-sample
+```
+Serve with bf16 activations: fp16-only AWQ kernels overflow on Qwen2 models.
+"""

@@ -1,0 +1,610 @@
+"""Look inside an export folder: what is quantised and how, bytes per component, and whether vLLM will load it.
+
+Only safetensors headers are read (never the tensor data), so inspecting a 38B export takes a
+moment. Each check ends as pass, warn or fail with a sentence naming the problem; a report with
+any failure is not servable as is.
+
+The vLLM contract checked here (see design/AWQ-AND-VLLM.md):
+  * config.json has a top-level `quantization_config`: quant_method awq, bits 4, a group size,
+    zero_point true, version gemm; not only inside llm_config.
+  * `modules_to_not_convert` covers every unquantised linear under vLLM's rule (a layer is skipped
+    when any entry occurs as a substring of its prefix; vLLM fuses q/k/v into `qkv_proj` and gate/up
+    into `gate_up_proj`), in particular the vision tower and mlp1, and covers no quantised module.
+  * every quantised linear has qweight/qzeros/scales (int32/int32/float16) of consistent shapes for
+    its (in, out, group), and no leftover `.weight`; q/k/v and gate/up agree, as vLLM fuses them.
+  * the group size is one Marlin takes (-1/32/64/128), else a warning.
+  * the remote-code files that `auto_map` names exist (and the modules they import relatively).
+  * the safetensors index agrees with the shards: every shard exists, every listed tensor is where
+    the index says, every stored tensor is listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r1v_quant.config import R1VConfig, parse_config
+from r1v_quant.errors import UserError
+from r1v_quant.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
+from r1v_quant.plan import (
+    COMPONENT_LABELS, COMPONENTS, MARLIN_GROUP_SIZES, ST_ITEMSIZE, TORCH_TO_ST, bytes_by_component, component_of,
+    effective_group, export_tensor_specs, model_dtype,
+)
+
+INDEX_NAME = "model.safetensors.index.json"
+AWQ_LEAVES = ("qweight", "qzeros", "scales")
+AWQ_DTYPES = {"qweight": "I32", "qzeros": "I32", "scales": "F16"}
+ST_TO_TORCH = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "I32": "int32", "I8": "int8", "U8": "uint8",
+               "I64": "int64", "F64": "float64", "BOOL": "bool", "I16": "int16", "F8_E4M3": "float8_e4m3fn",
+               "F8_E5M2": "float8_e5m2"}
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_REL_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_][\w.]*)?\s+import\s+([\w ,()]+)", re.MULTILINE)
+MAX_LISTED = 3
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str                 # safetensors code: BF16, F16, I32, ...
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
+
+
+@dataclass
+class Check:
+    name: str
+    status: str                # "pass", "warn" or "fail"
+    message: str
+
+
+@dataclass
+class ComponentReport:
+    name: str
+    label: str
+    tensors: int
+    bytes: int
+    dtypes: dict[str, int]     # torch dtype name -> bytes
+    planned_bytes: int | None = None
+
+
+@dataclass
+class InspectReport:
+    path: str
+    config: dict[str, Any]
+    quantization_config: dict[str, Any] | None
+    quantised: dict[str, Any]
+    components: list[ComponentReport]
+    dtypes: dict[str, int]
+    total_bytes: int
+    planned_total: int | None
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.status == "fail" for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "fail"]
+
+    def check(self, name: str) -> Check:
+        return next(c for c in self.checks if c.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes, shapes and byte sizes from a safetensors header; ValueError if it is damaged."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 1024**2):
+            raise ValueError("header length exceeds the file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    data_size = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"entry {name} lacks dtype, shape or data_offsets") from None
+        if dtype not in ST_ITEMSIZE:
+            raise ValueError(f"tensor {name} has unknown dtype {dtype}")
+        nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
+        if end - begin != nbytes or end > data_size or begin < 0:
+            raise ValueError(f"tensor {name} has data offsets that do not match its shape or the file size")
+        out[name] = TensorInfo(name, dtype, shape, nbytes, path.name)
+    return out
+
+
+def vllm_prefix(module: str) -> str:
+    """The prefix vLLM gives a module: q/k/v become `qkv_proj`, gate/up become `gate_up_proj` in the LLM."""
+    if module.startswith("language_model.model.layers."):
+        head, _, leaf = module.rpartition(".")
+        return f"{head}.{_FUSED.get(leaf, leaf)}"
+    return module
+
+
+def _listing(items: list[str], total: int | None = None) -> str:
+    total = len(items) if total is None else total
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" and {total - MAX_LISTED} more" if total > MAX_LISTED else "")
+
+
+def _area(module: str) -> str:
+    if module.startswith("language_model.model.layers."):
+        return "language_model decoder"
+    return module.split(".", 1)[0] if not module.startswith("language_model.lm_head") else "lm_head"
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+
+
+def _check_quant_config(raw: dict[str, Any]) -> tuple[Check, dict[str, Any] | None, int | None]:
+    top = raw.get("quantization_config")
+    inner = (raw.get("llm_config") or {}).get("quantization_config")
+    name = "quantization_config"
+    if top is None:
+        if inner is not None:
+            return Check(name, "fail", "quantization_config sits only inside llm_config; put it at the top level of "
+                                       "config.json, where vLLM and transformers look first."), None, None
+        return Check(name, "fail", "config.json has no quantization_config, so vLLM would load this as an unquantised "
+                                   "model."), None, None
+    if not isinstance(top, dict):
+        return Check(name, "fail", "quantization_config is not a JSON object."), None, None
+    problems = []
+    method = str(top.get("quant_method", "")).lower()
+    if method != "awq":
+        problems.append(f"quant_method is {top.get('quant_method')!r}, not 'awq'")
+    bits = top.get("bits", top.get("w_bit"))
+    if bits != 4:
+        problems.append(f"bits is {bits!r}, not 4")
+    group = top.get("group_size", top.get("q_group_size"))
+    if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
+        problems.append(f"group_size is {group!r}, not a positive integer or -1")
+        group = None
+    if top.get("zero_point") is not True:
+        problems.append(f"zero_point is {top.get('zero_point')!r}, not true (AWQ GEMM tensors carry zero points)")
+    if str(top.get("version", "")).lower() != "gemm":
+        problems.append(f"version is {top.get('version')!r}, not 'gemm'")
+    if problems:
+        return Check(name, "fail", "quantization_config: " + "; ".join(problems) + "."), top, group
+    if inner is not None and inner != top:
+        return Check(name, "warn", "llm_config carries a different quantization_config from the top level; vLLM uses "
+                                   "the top-level one, other tools may not."), top, group
+    return Check(name, "pass", f"top level: awq, 4 bits, group size {group}, zero point, gemm."), top, group
+
+
+def _check_not_convert(qc: dict[str, Any], unquantised: list[str], quantised: list[str]) -> Check:
+    name = "modules_to_not_convert"
+    entries = qc.get("modules_to_not_convert")
+    if entries is not None and (not isinstance(entries, list) or not all(isinstance(e, str) for e in entries)):
+        return Check(name, "fail", "modules_to_not_convert is not a list of module names.")
+    entries = entries or []
+    # With an empty list vLLM adds vision_model by itself for this model family (and nothing else).
+    effective = entries or ["vision_model"]
+    uncovered = [m for m in unquantised if not any(e in vllm_prefix(m) for e in effective)]
+    overcovered = [(m, e) for m in quantised for e in effective if e in vllm_prefix(m)]
+    problems = []
+    if uncovered:
+        areas = ", ".join(f"{a}: {n}" for a, n in sorted(Counter(_area(m) for m in uncovered).items()))
+        expose = (f"vLLM would expect 4-bit tensors for {len(uncovered)} unquantised linears ({areas}), "
+                  f"e.g. {_listing(uncovered)}")
+        if not entries:
+            problems.append("modules_to_not_convert is missing or empty, so vLLM skips only vision_model (which it adds "
+                            f"by itself): {expose}; list [\"vision_model\", \"mlp1\"] explicitly")
+        else:
+            problems.append(f"modules_to_not_convert {entries} leaves uncovered: {expose}")
+    elif not entries:
+        problems.append("modules_to_not_convert is missing or empty; it works only because vLLM adds vision_model by "
+                        'itself; list ["vision_model", "mlp1"] explicitly')
+    if overcovered:
+        m, e = overcovered[0]
+        problems.append(f"entry {e!r} also matches {len(overcovered)} quantised modules, e.g. {m} (vLLM prefix "
+                        f"{vllm_prefix(m)}), which vLLM would then load as unquantised")
+    if problems:
+        return Check(name, "fail", "; ".join(problems) + ".")
+    return Check(name, "pass", f"{entries} covers all {len(unquantised)} unquantised linears and none of the "
+                               f"{len(quantised)} quantised ones.")
+
+
+def _check_quantised_where(quantised: list[str]) -> Check:
+    name = "vision encoder and projector unquantised"
+    wrong = [m for m in quantised if not is_quant_linear(m)]
+    if not wrong:
+        return Check(name, "pass", "only language-model decoder linears carry 4-bit tensors.")
+    by_area: dict[str, list[str]] = defaultdict(list)
+    for m in wrong:
+        by_area[_area(m)].append(m)
+    parts = []
+    for area, mods in sorted(by_area.items()):
+        what = {"vision_model": "the vision encoder's linears were quantised", "mlp1": "the projector mlp1 was quantised",
+                "lm_head": "lm_head was quantised"}.get(area, f"modules under {area} were quantised")
+        parts.append(f"{what} ({len(mods)} modules with qweight, e.g. {_listing(mods)})")
+    return Check(name, "fail", "; ".join(parts) + "; r1v-quant keeps everything but the decoder linears in bf16.")
+
+
+def _check_awq_tensors(modules: dict[str, dict[str, TensorInfo]], quantised: list[str], group: int | None,
+                       cfg: R1VConfig | None) -> tuple[Check, int | None]:
+    name = "AWQ tensors"
+    problems: list[str] = []
+    expected_shapes = _expected_linear_shapes(cfg) if cfg else {}
+    inferred: set[int] = set()
+    for m in quantised:
+        leaves = modules[m]
+        missing = [leaf for leaf in AWQ_LEAVES if leaf not in leaves]
+        if missing:
+            problems.append(f"{m} lacks {', '.join(missing)}")
+            continue
+        if "weight" in leaves:
+            problems.append(f"{m} has both qweight and an unquantised weight")
+        bad_dtype = [f"{leaf} is {ST_TO_TORCH.get(leaves[leaf].dtype, leaves[leaf].dtype)}"
+                     for leaf in AWQ_LEAVES if leaves[leaf].dtype != AWQ_DTYPES[leaf]]
+        if bad_dtype:
+            problems.append(f"{m}: {', '.join(bad_dtype)} (expected int32/int32/float16)")
+            continue
+        qw, qz, sc = (leaves[leaf].shape for leaf in AWQ_LEAVES)
+        if len(qw) != 2 or len(qz) != 2 or len(sc) != 2:
+            problems.append(f"{m}: qweight/qzeros/scales are not 2-D")
+            continue
+        in_f, out_f, groups = qw[0], sc[1], sc[0]
+        if qw[1] * 8 != out_f or qz != (groups, qw[1]):
+            problems.append(f"{m}: qweight {list(qw)}, qzeros {list(qz)} and scales {list(sc)} disagree "
+                            f"(want [in, out/8], [in/g, out/8], [in/g, out])")
+            continue
+        if groups <= 0 or in_f % groups:
+            problems.append(f"{m}: {groups} groups do not divide {in_f} inputs")
+            continue
+        g = in_f // groups
+        inferred.add(-1 if groups == 1 else g)
+        if group is not None and effective_group(group, in_f) != g:
+            problems.append(f"{m}: scales imply group size {g}, quantization_config says {group}")
+        want = expected_shapes.get(m)
+        if want is not None and (out_f, in_f) != want:
+            problems.append(f"{m}: packs a {in_f}->{out_f} linear, the config says {want[1]}->{want[0]}")
+        bias = leaves.get("bias")
+        if bias is not None and bias.shape != (out_f,):
+            problems.append(f"{m}.bias has shape {list(bias.shape)}, expected [{out_f}]")
+    # vLLM fuses q/k/v and gate/up: their quantisation must agree within a layer.
+    qset = set(quantised)
+    for m in sorted(modules):
+        if not is_quant_linear(m):
+            continue
+        head, _, leaf = m.rpartition(".")
+        if leaf in ("k_proj", "v_proj", "up_proj"):
+            continue
+        partners = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}.get(leaf, ())
+        states = {f"{head}.{p}" in qset for p in (leaf, *partners) if f"{head}.{p}" in modules}
+        if len(states) > 1:
+            problems.append(f"{head}: {leaf} and {'/'.join(partners)} differ in quantisation, but vLLM fuses them "
+                            f"into {_FUSED[leaf]}")
+    if not quantised:
+        return Check(name, "fail", "no module has AWQ tensors (qweight/qzeros/scales): this is not a 4-bit export."), None
+    if problems:
+        return Check(name, "fail", f"{len(problems)} problems: " + "; ".join(problems[:MAX_LISTED])
+                     + (f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else "") + "."), None
+    only = inferred.pop() if len(inferred) == 1 else None
+    return Check(name, "pass", f"{len(quantised)} linears with qweight/qzeros/scales int32/int32/float16 of consistent "
+                               f"shapes (group size {only if only is not None else group})."), only
+
+
+def _expected_linear_shapes(cfg: R1VConfig) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, shape in checkpoint_shapes(cfg).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and len(shape) == 2:
+            out[module] = tuple(shape)
+    return out
+
+
+def _check_marlin(group: int | None, modules: dict[str, dict[str, TensorInfo]], quantised: list[str]) -> Check:
+    name = "Marlin kernels"
+    notes = []
+    if group is not None and group not in MARLIN_GROUP_SIZES:
+        notes.append(f"group size {group} is not one Marlin takes (-1/32/64/128): vLLM would fall back to the "
+                     "fp16-only AWQ GEMM kernel, slower and prone to overflow on Qwen2")
+    odd = []
+    for m in quantised:
+        qw = modules[m].get("qweight")
+        if qw is None or len(qw.shape) != 2:
+            continue
+        in_f, out_f = qw.shape[0], qw.shape[1] * 8
+        if out_f % 64 or in_f % 128:
+            odd.append(f"{m} ({in_f}->{out_f})")
+    if odd:
+        notes.append(f"{len(odd)} linears have widths Marlin's tiles do not divide (outputs by 64, inputs by 128), "
+                     f"e.g. {_listing(odd)}")
+    if notes:
+        return Check(name, "warn", "; ".join(notes) + ".")
+    return Check(name, "pass", f"group size {group} and every linear's widths suit vLLM's Marlin kernels.")
+
+
+def _check_remote_code(folder: Path, raw: dict[str, Any]) -> Check:
+    name = "remote code (auto_map)"
+    auto_map = raw.get("auto_map")
+    if not auto_map:
+        return Check(name, "fail", "config.json has no auto_map; vLLM loads this model type with --trust-remote-code "
+                                   "from the Python files auto_map names, so copy the source checkpoint's.")
+    refs: list[str] = []
+    for value in (auto_map.values() if isinstance(auto_map, dict) else []):
+        refs.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str))
+    if not refs:
+        return Check(name, "fail", "auto_map is not a mapping of class references.")
+    missing, elsewhere, files = [], [], []
+    for ref in refs:
+        repo, _, local = ref.rpartition("--")
+        module = local.rsplit(".", 1)[0]
+        file = module.replace(".", "/") + ".py"
+        if file not in files:
+            files.append(file)
+        if not (folder / file).is_file():
+            (elsewhere if repo else missing).append(f"{file}" + (f" (from {repo})" if repo else ""))
+    seen, queue = set(), [f for f in files if (folder / f).is_file()]
+    while queue:
+        f = queue.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        text = (folder / f).read_text(errors="replace")
+        for mod, names in _REL_IMPORT.findall(text):
+            candidates = [mod.replace(".", "/") + ".py"] if mod else [n.strip() + ".py" for n in names.strip("() ").split(",")]
+            for c in candidates:
+                if (folder / c).is_file():
+                    queue.append(c)
+                elif mod:
+                    missing.append(f"{c} (imported by {f})")
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(sorted(set(missing)))}")
+    if elsewhere:
+        problems.append(f"auto_map points at another repository's code, absent here: {_listing(sorted(set(elsewhere)))}")
+    if problems:
+        return Check(name, "fail", "remote-code files for --trust-remote-code: " + "; ".join(problems) + ".")
+    return Check(name, "pass", f"{', '.join(sorted(seen))} present.")
+
+
+def _read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], Check]:
+    """All tensors of the folder's safetensors files, and the index check."""
+    name = "safetensors index"
+    problems: list[str] = []
+    warnings: list[str] = []
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for f in files:
+        try:
+            headers[f] = read_safetensors_header(folder / f)
+        except (ValueError, OSError) as e:
+            problems.append(f"{f} is not a readable safetensors file ({e})")
+    tensors: dict[str, TensorInfo] = {}
+    dupes = []
+    for f, h in headers.items():
+        for t, info in h.items():
+            if t in tensors:
+                dupes.append(f"{t} ({tensors[t].file} and {f})")
+            tensors[t] = info
+    if dupes:
+        problems.append(f"{len(dupes)} tensors stored twice, e.g. {_listing(dupes)}")
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            return tensors, Check(name, "fail", f"{INDEX_NAME} is not valid JSON with a weight_map.")
+        listed_shards = sorted(set(weight_map.values()))
+        absent = [s for s in listed_shards if s not in files]
+        if absent:
+            lost = sum(1 for s in weight_map.values() if s in absent)
+            problems.append(f"shard {_listing(absent)} named by the index is missing ({lost} tensors)")
+        misplaced = [t for t, s in weight_map.items() if s in headers and t not in headers[s]]
+        if misplaced:
+            problems.append(f"{len(misplaced)} tensors listed in the index are not in their shard, e.g. {_listing(misplaced)}")
+        unlisted = [t for s in listed_shards if s in headers for t in headers[s] if weight_map.get(t) != s]
+        if unlisted:
+            problems.append(f"{len(unlisted)} tensors in the shards are not listed in the index, e.g. {_listing(unlisted)}")
+        stray = [f for f in files if f not in listed_shards]
+        if stray:
+            warnings.append(f"{_listing(stray)} not named by the index (loaders ignore it)")
+        total = (index.get("metadata") or {}).get("total_size")
+        actual = sum(i.nbytes for s in listed_shards if s in headers for i in headers[s].values())
+        if total is not None and total != actual and not absent:
+            warnings.append(f"index metadata total_size {total} differs from the shards' tensor bytes {actual}")
+        summary = f"{len(listed_shards)} shards, {len(weight_map)} tensors, all listed and present"
+    elif not files:
+        problems.append("the folder holds no .safetensors files")
+        summary = ""
+    elif len(files) > 1:
+        warnings.append(f"{len(files)} safetensors files but no {INDEX_NAME}; transformers needs the index")
+        summary = f"{len(files)} files"
+    else:
+        summary = f"single file {files[0]}, {len(tensors)} tensors"
+    if problems:
+        return tensors, Check(name, "fail", "; ".join(problems + warnings) + ".")
+    if warnings:
+        return tensors, Check(name, "warn", "; ".join(warnings) + ".")
+    return tensors, Check(name, "pass", summary + ".")
+
+
+def _check_layout(cfg: R1VConfig, tensors: dict[str, TensorInfo], quantised: set[str], group: int | None) -> Check:
+    """Every tensor the config implies is present with its shape; the unquantised ones in the model dtype."""
+    name = "tensors match the config"
+    dtype = TORCH_TO_ST[model_dtype(cfg)]
+    expected: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    for tname, shape in checkpoint_shapes(cfg).items():
+        module, _, leaf = tname.rpartition(".")
+        if leaf == "weight" and module in quantised:
+            if group is None:
+                for q in AWQ_LEAVES:
+                    expected[f"{module}.{q}"] = ((), None)   # shapes already checked under "AWQ tensors"
+                continue
+            out_f, in_f = shape
+            g = effective_group(group, in_f)
+            if in_f % g:
+                continue
+            expected[f"{module}.qweight"] = ((in_f, out_f // 8), "I32")
+            expected[f"{module}.qzeros"] = ((in_f // g, out_f // 8), "I32")
+            expected[f"{module}.scales"] = ((in_f // g, out_f), "F16")
+        else:
+            expected[tname] = (tuple(shape), dtype)
+    missing = [t for t in expected if t not in tensors]
+    extra = [t for t in tensors if t not in expected]
+    wrong_shape = [f"{t} {list(tensors[t].shape)} (want {list(s)})" for t, (s, _) in expected.items()
+                   if t in tensors and s and tensors[t].shape != s]
+    other_dtype = sorted({f"{ST_TO_TORCH.get(tensors[t].dtype, tensors[t].dtype)}" for t, (_, d) in expected.items()
+                          if t in tensors and d == dtype and tensors[t].dtype != dtype})
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors the config implies are missing, e.g. {_listing(missing)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} tensors have the wrong shape, e.g. {_listing(wrong_shape)}")
+    if problems:
+        return Check(name, "fail", "; ".join(problems) + ".")
+    notes = []
+    if extra:
+        notes.append(f"{len(extra)} tensors the config does not imply, e.g. {_listing(extra)} (vLLM may reject them)")
+    if other_dtype:
+        notes.append(f"unquantised tensors stored as {', '.join(other_dtype)} while config.json says {model_dtype(cfg)}")
+    if notes:
+        return Check(name, "warn", "; ".join(notes) + ".")
+    return Check(name, "pass", f"all {len(expected)} tensors the config implies are present, unquantised ones in "
+                               f"{model_dtype(cfg)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def inspect(folder: str | Path) -> InspectReport:
+    """Inspect an export folder; raises UserError only when it is not a model folder at all."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; inspect takes an export folder.")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{folder} has no config.json, so it is not a model folder.")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e}).") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{cfg_path} does not hold a JSON object.")
+
+    checks: list[Check] = []
+    cfg: R1VConfig | None
+    try:
+        cfg = parse_config(raw, str(cfg_path))
+        checks.append(Check("config", "pass", f"{raw.get('model_type')} with a Qwen2 LLM of {cfg.num_layers} layers."))
+    except UserError as e:
+        cfg = None
+        checks.append(Check("config", "fail", str(e)))
+
+    tensors, index_check = _read_tensors(folder)
+    modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
+    for t, info in tensors.items():
+        module, _, leaf = t.rpartition(".")
+        modules[module][leaf] = info
+    quantised = sorted(m for m, leaves in modules.items() if any(q in leaves for q in AWQ_LEAVES))
+    unquantised_linears = sorted(
+        m for m, leaves in modules.items()
+        if m not in quantised and "weight" in leaves and len(leaves["weight"].shape) == 2
+        and component_of(m + ".weight") not in ("embeddings", "lm_head")
+    )
+
+    qc_check, qc, group = _check_quant_config(raw)
+    checks.append(qc_check)
+    if qc is not None:
+        checks.append(_check_not_convert(qc, unquantised_linears, quantised))
+    checks.append(_check_quantised_where(quantised))
+    awq_check, inferred_group = _check_awq_tensors(modules, quantised, group, cfg)
+    checks.append(awq_check)
+    group_used = group if group is not None else inferred_group
+    if quantised:
+        checks.append(_check_marlin(group_used, modules, quantised))
+    checks.append(_check_remote_code(folder, raw))
+    checks.append(index_check)
+    if cfg is not None and tensors:
+        checks.append(_check_layout(cfg, tensors, set(quantised), group_used))
+
+    # Bytes by component, and the plan's prediction for the same config and group size.
+    comp_bytes: dict[str, int] = defaultdict(int)
+    comp_count: Counter = Counter()
+    comp_dtypes: dict[str, Counter] = defaultdict(Counter)
+    all_dtypes: Counter = Counter()
+    for t, info in tensors.items():
+        c = component_of(t)
+        comp_bytes[c] += info.nbytes
+        comp_count[c] += 1
+        dname = ST_TO_TORCH.get(info.dtype, info.dtype)
+        comp_dtypes[c][dname] += info.nbytes
+        all_dtypes[dname] += info.nbytes
+    planned: dict[str, int] | None = None
+    if cfg is not None and group_used is not None:
+        try:
+            planned = bytes_by_component(export_tensor_specs(cfg, group_used))
+        except UserError:
+            planned = None
+    names = [c for c in COMPONENTS if comp_bytes.get(c) or (planned or {}).get(c)] + sorted(
+        c for c in comp_bytes if c not in COMPONENTS)
+    components = [ComponentReport(c, COMPONENT_LABELS.get(c, c), comp_count[c], comp_bytes.get(c, 0),
+                                  dict(comp_dtypes[c]), None if planned is None else planned.get(c, 0)) for c in names]
+    total = sum(comp_bytes.values())
+    planned_total = None if planned is None else sum(planned.values())
+    if planned is not None and tensors:
+        off = [f"{c.name} {c.bytes - c.planned_bytes:+,d} B" for c in components if c.planned_bytes != c.bytes]
+        if off:
+            checks.append(Check("sizes match the plan", "warn", f"tensor bytes differ from `r1v-quant plan`'s prediction "
+                                                                 f"for this config: {_listing(off)}."))
+        else:
+            checks.append(Check("sizes match the plan", "pass", f"tensor bytes equal `r1v-quant plan`'s prediction, "
+                                                                 f"{total:,d} B."))
+
+    by_suffix = Counter(m.rsplit(".", 1)[1] for m in quantised)
+    layers = sorted({int(m.split(".")[3]) for m in quantised if is_quant_linear(m)})
+    quant_summary = {
+        "format": "AutoAWQ GEMM (qweight/qzeros int32, scales float16)" if quantised else None,
+        "bits": (qc or {}).get("bits", (qc or {}).get("w_bit")),
+        "group_size": group_used,
+        "zero_point": (qc or {}).get("zero_point"),
+        "modules": len(quantised),
+        "by_kind": dict(sorted(by_suffix.items())),
+        "decoder_layers": len(layers),
+        "standard_linears": [s.rsplit(".", 1)[1] for s in QUANT_LINEAR_SUFFIXES],
+        "outside_decoder": [m for m in quantised if not is_quant_linear(m)][:20],
+        "unquantised_linears": dict(sorted(Counter(_area(m) for m in unquantised_linears).items())),
+    }
+    summary: dict[str, Any] = {"model_type": raw.get("model_type"), "architectures": raw.get("architectures"),
+                               "torch_dtype": raw.get("torch_dtype") or raw.get("dtype")}
+    if cfg is not None:
+        summary.update({
+            "llm": {k: cfg.llm.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                 "num_key_value_heads", "intermediate_size", "vocab_size")},
+            "vision": {"hidden_size": cfg.vision.hidden_size, "num_hidden_layers": cfg.vision.num_hidden_layers,
+                       "intermediate_size": cfg.vision.intermediate_size},
+        })
+    return InspectReport(str(folder), summary, qc, quant_summary, components, dict(all_dtypes), total, planned_total, checks)

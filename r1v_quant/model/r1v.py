@@ -1,0 +1,190 @@
+"""Skywork-R1V: vision encoder -> mlp1 -> transformers' Qwen2ForCausalLM, loaded by the checkpoint's names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Qwen2ForCausalLM
+
+from r1v_quant.checkpoint import Checkpoint, resolve_model
+from r1v_quant.config import R1VConfig, load_config
+from r1v_quant.errors import UserError
+from r1v_quant.model.projector import make_projector, tokens_from_patches
+from r1v_quant.model.vision import VisionModel
+from r1v_quant.prompt import IMG_CONTEXT, merge_image_embeddings
+
+
+class R1VModel(nn.Module):
+    def __init__(self, cfg: R1VConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = VisionModel(cfg.vision)
+        self.mlp1 = make_projector(cfg.vision.hidden_size, cfg.hidden_size, cfg.downsample_ratio)
+        qcfg = cfg.qwen2_config()
+        qcfg._attn_implementation = "sdpa"
+        self.language_model = Qwen2ForCausalLM(qcfg)
+        self.img_context_id: int | None = None
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, H, W] -> [tiles * num_image_token, llm_width] visual tokens, in tile order."""
+        hidden = self.vision_model(pixel_values, self.cfg.select_layer)[:, 1:, :]
+        tokens = tokens_from_patches(hidden, self.cfg.downsample_ratio, self.cfg.ps_version)
+        projected = self.mlp1(tokens.to(self.mlp1[1].weight.dtype))
+        return projected.reshape(-1, projected.shape[-1])
+
+    def input_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        if pixel_values is None or pixel_values.numel() == 0:
+            return embeds
+        if self.img_context_id is None:
+            raise RuntimeError("img_context_id is unset; load the model with load_model() or set it from the tokenizer")
+        feats = self.image_features(pixel_values.to(embeds.device)).to(embeds.dtype)
+        return merge_image_embeddings(embeds, input_ids, feats, self.img_context_id)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **kwargs):
+        embeds = self.input_embeddings(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=embeds, **kwargs)
+
+
+@dataclass
+class Loaded:
+    model: R1VModel
+    config: R1VConfig
+    tokenizer: object
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {device} was asked for but no CUDA GPU is visible.")
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise UserError(f"--dtype {name} is not one of bf16, fp16, fp32.")
+    return table[name]
+
+
+def build_empty(cfg: R1VConfig) -> R1VModel:
+    """The module tree on the meta device: shapes and names only, no memory."""
+    with torch.device("meta"):
+        model = R1VModel(cfg)
+    if cfg.quantization:
+        swap_quantized(model, cfg)
+    return model
+
+
+def swap_quantized(model: R1VModel, cfg: R1VConfig) -> None:
+    """Give an export's quantised linears their AWQ form before its tensors are assigned."""
+    from r1v_quant.layout import llm_linear_shapes
+    from r1v_quant.quant.linear import swap_to_empty_awq
+
+    q = cfg.quantization or {}
+    method = q.get("quant_method")
+    bits = q.get("bits", q.get("w_bit"))
+    if method not in ("awq", "awq_marlin", "auto_awq") or bits != 4 or not q.get("zero_point", True):
+        raise UserError(
+            f"quantization_config {method!r} with {bits} bits is not supported; r1v-quant loads 4-bit AWQ (zero point) exports."
+        )
+    if str(q.get("version", "gemm")).lower() != "gemm":
+        raise UserError(f"AWQ version {q.get('version')!r} is not supported; r1v-quant loads the GEMM layout.")
+    group = int(q.get("group_size", q.get("q_group_size", 128)))
+    names = [n for i in range(cfg.num_layers) for n in llm_linear_shapes(cfg, i)]
+    swap_to_empty_awq(model, names, group)
+
+
+def load_front(cfg: R1VConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> R1VModel:
+    """Only what builds the language model's input embeddings: vision encoder, mlp1, embed_tokens."""
+    model = build_empty(cfg)
+    for name in ckpt.names():
+        if name.startswith(("vision_model.", "mlp1.", "language_model.model.embed_tokens.")):
+            tensor = ckpt.get(name)
+            assign_tensor(model, name, tensor.to(device=device, dtype=dtype))
+    return model.eval().requires_grad_(False)
+
+
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise KeyError(name)
+
+
+def _target_dtype(tensor: torch.Tensor, name: str, dtype: torch.dtype) -> torch.dtype:
+    # Quantised tensors keep their stored types: int32 codes, and fp16 scales the kernels convert themselves.
+    if not tensor.is_floating_point() or name.endswith((".scales",)):
+        return tensor.dtype
+    return dtype
+
+
+def load_weights(model: R1VModel, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    tied = bool(model.cfg.llm.get("tie_word_embeddings", False))
+    if tied:
+        expected.pop("language_model.lm_head.weight", None)
+    unexpected = [n for n in ckpt.names() if n not in expected]
+    missing = [n for n in expected if n not in ckpt.shard_of]
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s) (first: {unexpected[0]})")
+        raise UserError(f"{ckpt.dir} does not match its config.json: {'; '.join(parts)}.")
+    for name in ckpt.names():
+        shape = ckpt.shape_of(name)
+        if shape != expected[name]:
+            raise UserError(f"{ckpt.dir}: tensor {name} has shape {list(shape)}, the config implies {list(expected[name])}.")
+        tensor = ckpt.get(name)
+        assign_tensor(model, name, tensor.to(device=device, dtype=_target_dtype(tensor, name, dtype)))
+        del tensor
+    if tied:
+        model.language_model.tie_weights()
+
+
+def _refresh_rotary(model: R1VModel, device: torch.device) -> None:
+    # Rotary frequencies are computed, not stored: rebuild them off the meta device.
+    inner = model.language_model.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=model.language_model.config, device=device)
+
+
+def load_model(spec, device: str | None = None, dtype: str | torch.dtype = "bf16", with_tokenizer: bool = True) -> Loaded:
+    path = resolve_model(spec)
+    cfg = load_config(path)
+    ckpt = Checkpoint(path)
+    dev = pick_device(device)
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    model = build_empty(cfg)
+    load_weights(model, ckpt, dev, dt)
+    _refresh_rotary(model, dev)
+    model.eval().requires_grad_(False)
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    if tokenizer is not None:
+        model.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    return Loaded(model, cfg, tokenizer, path, dev, dt)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - many tokenizer formats, one message
+        raise UserError(f"{path} has no tokenizer that transformers can load ({type(e).__name__}).") from None
+    if tok.convert_tokens_to_ids(IMG_CONTEXT) in (None, tok.unk_token_id):
+        raise UserError(f"the tokenizer in {path} lacks the {IMG_CONTEXT} token that images need.")
+    return tok

@@ -1,0 +1,61 @@
+"""Output folders that appear whole or not at all."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from r1v_quant.errors import UserError
+
+
+def check_out_dir(out: Path, force: bool, source: Path | None = None) -> None:
+    out = Path(out).resolve()
+    if source is not None:
+        src = Path(source).resolve()
+        if out == src or src in out.parents:
+            raise UserError(f"--out {out} lies inside the source checkpoint {src}; choose a folder outside it.")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder.")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} is not empty; pass --force to replace it.")
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    # 5% headroom for indexes, configs and filesystem overhead.
+    if free < needed_bytes * 1.05:
+        raise UserError(
+            f"{probe} has {free / 1e9:.2f} GB free but the output needs about {needed_bytes / 1e9:.2f} GB."
+        )
+
+
+@contextmanager
+def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; on success it replaces `out`, on any failure it vanishes."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"the disk holding {out.parent} is full; nothing was written to {out}.") from None
+        raise UserError(f"writing {out} failed ({e.strerror or e}); nothing was written.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not force and any(out.iterdir()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"--out {out} appeared while writing; pass --force to replace it.")
+        shutil.rmtree(out)
+    tmp.rename(out)

@@ -1,0 +1,587 @@
+"""Memory planning from a config alone: what the bf16 model and the AWQ export weigh, and what fits a GPU.
+
+Everything here is arithmetic on the tensor shapes that `layout.py` derives from `config.json`;
+no weights are read.
+
+Bytes
+-----
+The export is the source checkpoint with every Qwen2 decoder linear (q, k, v, o, gate, up, down)
+replaced by its AutoAWQ GEMM tensors (`layout.awq_shapes`: qweight/qzeros int32, scales float16)
+and every other tensor copied unchanged in the model dtype. `export_tensor_specs` lists those
+tensors name by name, so the predicted export size equals the sum of the tensor bytes in the
+export's safetensors files exactly (headers, tokenizer and config files are not counted).
+
+Components: `vision` (vision_model.*), `projector` (mlp1.*), `llm_linears` (the seven decoder
+linears: `.weight` in the source, qweight+qzeros+scales in the export), `llm_other` (RMSNorm
+weights and the q/k/v biases, kept in the model dtype), `embeddings` (embed_tokens), `lm_head`.
+
+GPU memory (vLLM's accounting, approximated)
+--------------------------------------------
+vLLM gives itself `util x total GPU memory`, loads the weights, profiles one forward pass at
+the largest batch it will run, and turns what is left into KV cache. We predict that as
+
+    KV room = util x card - export weights - reserve
+    longest context = KV room // KV bytes per token, rounded down to vLLM's 16-token blocks
+
+KV bytes per token = 2 (K and V) x layers x KV heads x head_dim x bytes of the KV dtype.
+
+The reserve is deliberately conservative (measured vLLM peaks are usually below it):
+  * runtime      2 GiB: CUDA context and allocator slack, cuBLAS/Marlin workspaces, the CUDA-graph
+                 pool for the default capture sizes, the sampler's buffers.
+  * llm          one prefill chunk of `max_batched_tokens` (vLLM's --max-num-batched-tokens)
+                 through the widest decoder layer: tokens x dtype x (3 x hidden + 3 x intermediate)
+                 (residual, normed input, fused gate/up output, activation, output), plus fp32
+                 logits and probabilities for 256 sequences.
+  * vision       the vision encoder's activation for the images vLLM profiles at the most tiles
+                 (max_dynamic_patch, plus the thumbnail): per tile, (1 + grid^2) tokens x dtype x
+                 (5 x width + 2 x MLP width) (qkv, residual, norm, fc1 output and its GELU), plus the
+                 pixel-shuffled tokens through mlp1 and the encoder cache of their embeddings. vLLM
+                 V1 profiles as many max-size images as fit its encoder budget,
+                 max(max_batched_tokens, tokens of one image), so a large chunk can mean two images.
+
+Card sizes are taken as GiB (what `nvidia-smi` reports for a "24 GB" card is about 24 GiB; an
+"80 GB" H100 reports about 79.6 GiB). Pass `gpu_mems` (e.g. "81559MiB") to plan for an exact card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r1v_quant.config import R1VConfig, load_config, parse_config
+from r1v_quant.errors import UserError
+from r1v_quant.layout import awq_shapes, checkpoint_shapes, is_quant_linear, llm_linear_shapes
+
+DATA_DIR = Path(__file__).parent / "data"
+
+# Built-in configs, so planning works offline for the models this project targets.
+BUILTIN_CONFIGS = {"r1v-38b": "r1v-38b.json"}
+ALIASES = {
+    "r1v-38b": "r1v-38b",
+    "skywork-r1v-38b": "r1v-38b",
+    "skywork/skywork-r1v-38b": "r1v-38b",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+GiB = 1024**3
+DEFAULT_CARDS_GIB = (24, 32, 40, 48, 80)
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+BLOCK_TOKENS = 16                      # vLLM's KV block size
+RUNTIME_RESERVE = 2 * GiB              # see the module docstring
+SAMPLER_SEQS = 256                     # vLLM's default max_num_seqs
+DEFAULT_MAX_BATCHED_TOKENS = 2048
+MIN_USEFUL_CONTEXT = 4096              # one max-tile image (13 x 256 tokens) and a short answer
+LONG_CONTEXT = 32768                   # room for an R1 chain of thought (the vendor allows 64k new tokens)
+
+COMPONENTS = ("vision", "projector", "llm_linears", "llm_other", "embeddings", "lm_head")
+COMPONENT_LABELS = {
+    "vision": "vision encoder (vision_model)",
+    "projector": "projector (mlp1)",
+    "llm_linears": "LLM decoder linears",
+    "llm_other": "LLM norms and q/k/v biases",
+    "embeddings": "embed_tokens",
+    "lm_head": "lm_head",
+    "other": "other tensors",
+}
+
+# safetensors dtype codes and sizes; torch dtype names map onto them.
+ST_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "int32": "I32", "int8": "I8", "uint8": "U8"}
+KV_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "auto": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the config
+
+
+def builtin_config_path(name: str) -> Path:
+    return DATA_DIR / BUILTIN_CONFIGS[name]
+
+
+def _load_json_config(path: Path) -> R1VConfig:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable JSON config ({e}).") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} does not hold a JSON object.")
+    return parse_config(raw, str(path))
+
+
+def resolve_config(spec: str) -> tuple[R1VConfig, str]:
+    """The config for `--model`, and a description of where it came from.
+
+    Order: a local folder (its config.json) or a config .json file; a Hugging Face id's config.json
+    in the local cache; a built-in config for a known alias (`r1v-38b`, `Skywork/Skywork-R1V-38B`);
+    finally the hub, fetching config.json only (never the weights) unless HF_HUB_OFFLINE is set.
+    """
+    text = str(spec).strip()
+    if not text:
+        raise UserError("--model is empty; pass a checkpoint folder, a config.json, a Hugging Face id or r1v-38b.")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return load_config(path), str(path)
+    if path.is_file():
+        return _load_json_config(path), str(path)
+    alias = ALIASES.get(text.lower())
+    is_hub_id = bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+    if is_hub_id:
+        cached = _cached_hub_config(text)
+        if cached is not None:
+            return _load_json_config(cached), f"{text} (local Hugging Face cache)"
+    if alias is not None:
+        return _load_json_config(builtin_config_path(alias)), f"{text} (built-in config {BUILTIN_CONFIGS[alias]})"
+    if not is_hub_id:
+        known = ", ".join(sorted(ALIASES))
+        raise UserError(f"{text} is not a folder, a config file, a Hugging Face id or a known model ({known}).")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UserError(f"{text} has no config.json in the local Hugging Face cache and HF_HUB_OFFLINE is set.")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _load_json_config(Path(hf_hub_download(text, "config.json"))), f"{text} (config.json from the hub)"
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end the same way
+        raise UserError(f"{text} is not in the local cache and its config.json could not be fetched ({type(e).__name__}).") from None
+
+
+def _cached_hub_config(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - a broken cache is the same as no cache here
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors and bytes
+
+
+def model_dtype(cfg: R1VConfig) -> str:
+    """The dtype untouched tensors are stored in: the config's torch_dtype, bfloat16 if unstated."""
+    for src in (cfg.raw, cfg.llm):
+        value = src.get("torch_dtype") or src.get("dtype")
+        if value:
+            name = str(value).removeprefix("torch.")
+            if name in ("bfloat16", "float16", "float32"):
+                return name
+    return "bfloat16"
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a torch dtype name or a safetensors code."""
+    code = TORCH_TO_ST.get(dtype, dtype)
+    if code not in ST_ITEMSIZE:
+        raise UserError(f"unknown tensor dtype {dtype!r}.")
+    return ST_ITEMSIZE[code]
+
+
+def component_of(name: str) -> str:
+    """Which plan component a tensor (by checkpoint name) belongs to."""
+    if name.startswith("vision_model."):
+        return "vision"
+    if name.startswith("mlp1."):
+        return "projector"
+    if name.startswith("language_model.model.embed_tokens."):
+        return "embeddings"
+    if name.startswith("language_model.lm_head."):
+        return "lm_head"
+    if name.startswith("language_model."):
+        module, _, leaf = name.rpartition(".")
+        if leaf in ("weight", "qweight", "qzeros", "scales") and is_quant_linear(module):
+            return "llm_linears"
+        return "llm_other"
+    return "other"
+
+
+def effective_group(group_size: int, in_features: int) -> int:
+    return in_features if group_size == -1 else group_size
+
+
+def check_group_size(cfg: R1VConfig, group_size: int) -> None:
+    """Raise UserError unless every quantised linear can be packed with this group size."""
+    if group_size != -1 and group_size <= 0:
+        raise UserError(f"group size {group_size} is invalid; use a positive size such as 128, or -1 for one group per row.")
+    for name, (out_f, in_f) in llm_linear_shapes(cfg, 0).items():
+        short = name.split(".", 4)[-1]
+        if in_f % effective_group(group_size, in_f):
+            raise UserError(f"group size {group_size} does not divide the input width {in_f} of {short}.")
+        if out_f % 8:
+            raise UserError(f"{short} has {out_f} outputs, not a multiple of 8, so it cannot be packed 8 per int32.")
+
+
+def source_tensor_specs(cfg: R1VConfig, dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of the full-precision checkpoint: name -> (shape, dtype name)."""
+    dtype = dtype or model_dtype(cfg)
+    return {name: (tuple(shape), dtype) for name, shape in checkpoint_shapes(cfg).items()}
+
+
+def export_tensor_specs(cfg: R1VConfig, group_size: int = 128, dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of our AWQ GEMM export: name -> (shape, dtype name)."""
+    dtype = dtype or model_dtype(cfg)
+    check_group_size(cfg, group_size)
+    specs: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, shape in checkpoint_shapes(cfg).items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and is_quant_linear(module):
+            out_f, in_f = shape
+            for suffix, (qshape, qdtype) in awq_shapes(out_f, in_f, effective_group(group_size, in_f)).items():
+                specs[f"{module}.{suffix}"] = (tuple(qshape), qdtype)
+        else:
+            specs[name] = (tuple(shape), dtype)
+    return specs
+
+
+def spec_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * dtype_bytes(dtype)
+
+
+def bytes_by_component(specs: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, int]:
+    out = {c: 0 for c in COMPONENTS}
+    for name, (shape, dtype) in specs.items():
+        comp = component_of(name)
+        out[comp] = out.get(comp, 0) + spec_bytes(shape, dtype)
+    return out
+
+
+def params_by_component(cfg: R1VConfig) -> dict[str, int]:
+    out = {c: 0 for c in COMPONENTS}
+    for name, shape in checkpoint_shapes(cfg).items():
+        comp = component_of(name)
+        out[comp] = out.get(comp, 0) + math.prod(shape)
+    return out
+
+
+def kv_bytes_per_token(cfg: R1VConfig, kv_dtype: str = "bf16") -> int:
+    """2 (K and V) x layers x KV heads x head_dim x bytes of the KV dtype."""
+    key = kv_dtype.lower()
+    if key not in KV_DTYPE_BYTES:
+        raise UserError(f"KV cache dtype {kv_dtype!r} is not one of bf16, fp16, fp8.")
+    kv_width = next(out for name, (out, _) in llm_linear_shapes(cfg, 0).items() if name.endswith("k_proj"))
+    return 2 * cfg.num_layers * kv_width * KV_DTYPE_BYTES[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reserve and context
+
+
+def max_tiles(cfg: R1VConfig, max_dynamic_patch: int | None = None) -> int:
+    """Tiles of the largest image: max_dynamic_patch, plus the thumbnail when tiling adds one."""
+    if not cfg.dynamic_image_size:
+        return 1
+    most = cfg.max_dynamic_patch if max_dynamic_patch is None else max_dynamic_patch
+    if most < 1:
+        raise UserError(f"max_dynamic_patch {most} is below 1.")
+    return most + (1 if cfg.use_thumbnail and most > 1 else 0)
+
+
+@dataclass
+class Reserve:
+    runtime: int
+    llm_activations: int
+    vision_activations: int
+    images_profiled: int
+    tiles_per_image: int
+    max_batched_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.llm_activations + self.vision_activations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+
+def estimate_reserve(cfg: R1VConfig, max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS,
+                     max_dynamic_patch: int | None = None, dtype: str | None = None,
+                     images: bool = True) -> Reserve:
+    """The activation/runtime reserve described in the module docstring."""
+    if max_batched_tokens < 1:
+        raise UserError(f"--max-batched-tokens {max_batched_tokens} is below 1.")
+    b = dtype_bytes(dtype or model_dtype(cfg))
+    d = cfg.hidden_size
+    f = int(cfg.llm["intermediate_size"])
+    vocab = int(cfg.llm["vocab_size"])
+    llm = max_batched_tokens * b * (3 * d + 3 * f) + SAMPLER_SEQS * vocab * 4 * 2
+    tiles = max_tiles(cfg, max_dynamic_patch)
+    vision = 0
+    n_images = 0
+    if images:
+        v = cfg.vision
+        tokens_per_tile = 1 + v.grid * v.grid
+        image_tokens = tiles * cfg.num_image_token
+        n_images = max(1, max(max_batched_tokens, image_tokens) // image_tokens)
+        shuffled_width = int(v.hidden_size / cfg.downsample_ratio**2)
+        per_tile = (tokens_per_tile * b * (5 * v.hidden_size + 2 * v.intermediate_size)
+                    + cfg.num_image_token * b * (2 * shuffled_width + 2 * d))
+        encoder_cache = image_tokens * d * b
+        vision = n_images * (tiles * per_tile + encoder_cache)
+    return Reserve(RUNTIME_RESERVE, llm, vision, n_images, tiles, max_batched_tokens)
+
+
+def context_tokens(room: int, per_token: int) -> int:
+    """Whole KV blocks that fit in `room` bytes, in tokens (0 when nothing fits)."""
+    if room <= 0:
+        return 0
+    return (room // per_token) // BLOCK_TOKENS * BLOCK_TOKENS
+
+
+def fit_status(tokens: int) -> str:
+    if tokens < MIN_USEFUL_CONTEXT:
+        return "no"
+    if tokens < LONG_CONTEXT:
+        return "short"
+    return "ok"
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNIT = {"": GiB, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+         "g": GiB, "gb": 1000**3, "gib": GiB, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in binary units: '28.48 GiB', '2.84 MiB'."""
+    for unit, size in (("TiB", 1024**4), ("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,d} B"
+
+
+def parse_size(text: str) -> int:
+    """'24GiB' -> bytes; GB/MB are decimal, GiB/MiB binary; a bare number is GiB (a card's nominal size)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UserError(f"--gpu-mem entry {text!r} is not a size such as 24GiB, 30GB or 81559MiB.")
+    value = float(m.group(1)) * _UNIT[(m.group(2) or "").lower()]
+    if value < GiB:
+        raise UserError(f"--gpu-mem entry {text!r} is under 1 GiB; write the unit, e.g. 24GiB.")
+    return int(value)
+
+
+def parse_gpu_mems(text: str | None) -> list[tuple[str, int]]:
+    """'24GiB,30GB' -> [(label, bytes)]; None -> the default cards 24/32/40/48/80 (as GiB)."""
+    if text is None:
+        return [(f"{g} GB", g * GiB) for g in DEFAULT_CARDS_GIB]
+    entries = [t.strip() for t in text.split(",") if t.strip()]
+    if not entries:
+        raise UserError("--gpu-mem is empty; pass sizes such as 24GiB,30GB.")
+    return [(t, parse_size(t)) for t in entries]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class ComponentSize:
+    name: str
+    label: str
+    params: int
+    source_bytes: int
+    export_bytes: int
+
+
+@dataclass
+class Suggestion:
+    title: str
+    how: str
+    max_context: int
+    status: str
+    short_by_bytes: int       # memory still missing for a MIN_USEFUL_CONTEXT context (0 when it is reached)
+    note: str = ""
+
+
+@dataclass
+class CardFit:
+    label: str
+    gpu_bytes: int
+    budget_bytes: int
+    weights_bytes: int
+    reserve_bytes: int
+    kv_room_bytes: int
+    max_context: int          # tokens of KV cache that fit (whole 16-token blocks)
+    max_model_len: int        # what to pass to vLLM: min(max_context, max_position_embeddings)
+    status: str               # "ok", "short" (< 32k tokens) or "no" (< 4k tokens)
+    reason: str = ""
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    source: str
+    model_type: str
+    model_dtype: str
+    bits: int
+    group_size: int
+    already_quantized: bool
+    components: list[ComponentSize]
+    source_total: int
+    export_total: int
+    kv_dtype: str
+    kv_bytes_per_token: int
+    util: float
+    reserve: Reserve
+    max_position_embeddings: int
+    cards: list[CardFit]
+    notes: list[str]
+
+    def component(self, name: str) -> ComponentSize:
+        return next(c for c in self.components if c.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reserve"] = self.reserve.to_dict()
+        return d
+
+
+def _vision_int8_saving(cfg: R1VConfig) -> int:
+    """Bytes saved by storing the vision encoder's linear weights as int8 with one fp16 scale per output row."""
+    b = dtype_bytes(model_dtype(cfg))
+    saved = 0
+    for name, shape in checkpoint_shapes(cfg).items():
+        if name.startswith("vision_model.encoder.") and name.endswith(".weight") and len(shape) == 2:
+            out_f, in_f = shape
+            saved += out_f * in_f * (b - 1) - out_f * 2
+    return saved
+
+
+def _fit(label: str, gpu: int, util: float, weights: int, reserve: int, per_token: int, max_pos: int) -> CardFit:
+    budget = int(gpu * util)
+    room = budget - weights - reserve
+    tokens = context_tokens(room, per_token)
+    card = CardFit(label, gpu, budget, weights, reserve, room, tokens, min(tokens, max_pos), fit_status(tokens))
+    if weights > budget:
+        card.reason = (f"the weights alone ({weights / GiB:.1f} GiB) exceed {util:.0%} of the card "
+                       f"({budget / GiB:.1f} GiB) by {(weights - budget) / GiB:.1f} GiB")
+    elif room <= 0:
+        card.reason = (f"weights {weights / GiB:.1f} GiB + reserve {reserve / GiB:.1f} GiB exceed the "
+                       f"{budget / GiB:.1f} GiB budget by {-room / GiB:.1f} GiB")
+    else:
+        card.reason = f"{room / GiB:.1f} GiB left for the KV cache"
+    return card
+
+
+def _suggest(cfg: R1VConfig, card: CardFit, util: float, kv_dtype: str, weights: int,
+             reserve_kwargs: dict[str, Any], per_token: int) -> list[Suggestion]:
+    """Ways to lengthen the context on a card that falls short, each with the context it would give
+    (or how much memory would still be missing), then all of them together, then CPU offload."""
+    out: list[Suggestion] = []
+    reserve = estimate_reserve(cfg, **reserve_kwargs).total
+
+    def add(title: str, how: str, u: float, w: int, r: int, pt: int, note: str = "") -> None:
+        room = int(card.gpu_bytes * u) - w - r
+        tokens = context_tokens(room, pt)
+        out.append(Suggestion(title, how, tokens, fit_status(tokens), max(0, MIN_USEFUL_CONTEXT * pt - room), note))
+
+    # Each lever: (title, how, util, weights, reserve, KV bytes per token, note); None where it does not apply.
+    combined = {"u": util, "w": weights, "r": reserve, "pt": per_token, "parts": []}
+    if KV_DTYPE_BYTES[kv_dtype.lower()] > 1:
+        pt8 = kv_bytes_per_token(cfg, "fp8")
+        add("fp8 KV cache", "--kv-cache-dtype fp8", util, weights, reserve, pt8,
+            "half the KV bytes; small accuracy cost at long context")
+        combined.update(pt=pt8)
+        combined["parts"].append("fp8 KV")
+    if util < 0.95:
+        add("use 95% of the GPU", "--gpu-memory-utilization 0.95", 0.95, weights, reserve, per_token,
+            "only if nothing else uses the GPU")
+        combined.update(u=0.95)
+        combined["parts"].append("95% of the GPU")
+    if cfg.dynamic_image_size and max_tiles(cfg, reserve_kwargs.get("max_dynamic_patch")) > 7:
+        fewer = estimate_reserve(cfg, **{**reserve_kwargs, "max_dynamic_patch": 6}).total
+        add("at most 6 tiles per image", "--mm-processor-kwargs '{\"max_dynamic_patch\": 6}'", util, weights, fewer,
+            per_token, "less detail on big images")
+        combined.update(r=fewer)
+        combined["parts"].append("6 tiles")
+    text_only = estimate_reserve(cfg, **{**reserve_kwargs, "images": False}).total
+    add("text only", "--limit-mm-per-prompt '{\"image\": 0}'", util, weights, text_only, per_token,
+        "no image inputs")
+    saving = _vision_int8_saving(cfg)
+    add("8-bit vision encoder", "int8 weight-only vision linears", util, weights - saving, reserve, per_token,
+        f"saves {saving / GiB:.1f} GiB; a format r1v-quant does not write and vLLM's AWQ config cannot express")
+    combined.update(w=weights - saving)
+    combined["parts"].append("8-bit vision")
+    add("all of these together", " + ".join(combined["parts"]), combined["u"], combined["w"], combined["r"], combined["pt"])
+    if card.max_context < MIN_USEFUL_CONTEXT:
+        target = LONG_CONTEXT // 4
+        need = weights + reserve + target * per_token - int(card.gpu_bytes * util)
+        if need > 0:
+            gb = math.ceil(need / 1e9)
+            out.append(Suggestion(
+                "offload weights to CPU", f"--cpu-offload-gb {gb}", target, fit_status(target), 0,
+                f"for {target} tokens; slow: the weights cross PCIe every step"))
+    return out
+
+
+def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None, kv_dtype: str = "bf16",
+              util: float = 0.9, gpu_mems: list[tuple[str, int]] | None = None,
+              max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, max_dynamic_patch: int | None = None) -> Plan:
+    """Plan bytes and context lengths for the AWQ export of `cfg` (or for `cfg` itself when already quantised)."""
+    if not 0 < util <= 1:
+        raise UserError(f"--util {util} must lie in (0, 1], e.g. 0.9.")
+    notes: list[str] = []
+    qcfg = cfg.quantization or cfg.llm.get("quantization_config")
+    already = qcfg is not None
+    bits = 4
+    if already:
+        method = str(qcfg.get("quant_method", "")).lower()
+        if method not in ("awq", "awq_marlin", "auto_awq"):
+            raise UserError(f"{source or 'the config'} is quantised with {method or 'an unnamed method'}; plan knows AWQ only.")
+        bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
+        if bits != 4:
+            raise UserError(f"{source or 'the config'} uses {bits}-bit AWQ; only 4-bit is supported.")
+        found = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
+        if group_size is not None and group_size != found:
+            raise UserError(f"{source or 'the folder'} is already quantised with group size {found}; drop --group-size or pass {found}.")
+        group_size = found
+        notes.append(f"{source or 'the config'} already holds an AWQ quantization_config (group size {found}): "
+                     "planned as that export, assuming the standard layout (LLM decoder linears quantised, the rest unchanged).")
+    if group_size is None:
+        group_size = 128
+    if group_size not in MARLIN_GROUP_SIZES:
+        notes.append(f"group size {group_size} is not one vLLM's Marlin kernels take (-1/32/64/128): it would fall back "
+                     "to the slower fp16-only AWQ kernel, which overflows on Qwen2.")
+    dtype = model_dtype(cfg)
+    src_specs = source_tensor_specs(cfg, dtype)
+    exp_specs = export_tensor_specs(cfg, group_size, dtype)
+    src_b, exp_b, params = bytes_by_component(src_specs), bytes_by_component(exp_specs), params_by_component(cfg)
+    names = [c for c in COMPONENTS] + [c for c in src_b if c not in COMPONENTS and (src_b[c] or exp_b.get(c))]
+    components = [ComponentSize(c, COMPONENT_LABELS[c], params.get(c, 0), src_b.get(c, 0), exp_b.get(c, 0))
+                  for c in names if src_b.get(c, 0) or exp_b.get(c, 0)]
+    source_total, export_total = sum(src_b.values()), sum(exp_b.values())
+    weights = export_total
+    per_token = kv_bytes_per_token(cfg, kv_dtype)
+    reserve_kwargs = {"max_batched_tokens": max_batched_tokens, "max_dynamic_patch": max_dynamic_patch, "dtype": dtype}
+    reserve = estimate_reserve(cfg, **reserve_kwargs)
+    max_pos = int(cfg.llm.get("max_position_embeddings") or 32768)
+    cards = []
+    for label, gpu in (gpu_mems or parse_gpu_mems(None)):
+        card = _fit(label, gpu, util, weights, reserve.total, per_token, max_pos)
+        if card.max_context < LONG_CONTEXT:
+            card.suggestions = _suggest(cfg, card, util, kv_dtype, weights, reserve_kwargs, per_token)
+        cards.append(card)
+    if already:
+        notes.append("sizes are predicted from the config; `r1v-quant inspect` reads the real tensor bytes.")
+    notes.append("serve with --dtype bfloat16: Marlin kernels take bf16 activations; fp16 AWQ kernels overflow on Qwen2.")
+    return Plan(
+        source=source, model_type=str(cfg.raw.get("model_type")), model_dtype=dtype, bits=bits, group_size=group_size,
+        already_quantized=already, components=components, source_total=source_total, export_total=export_total,
+        kv_dtype=kv_dtype, kv_bytes_per_token=per_token, util=util, reserve=reserve,
+        max_position_embeddings=max_pos, cards=cards, notes=notes,
+    )
+
+
+def plan_model(spec: str, **kwargs: Any) -> Plan:
+    """`make_plan` for a --model spec (folder, config file, Hugging Face id or alias)."""
+    cfg, source = resolve_config(spec)
+    return make_plan(cfg, source=source, **kwargs)

@@ -1,0 +1,146 @@
+"""Activation-aware weight quantization: the scale search and the clip search, as small functions.
+
+Split as in the AWQ reference: `search_scales` picks per-input-channel scales for a group of
+linears that read the same input, `fold_scales` moves them into the previous operation so the
+float function is unchanged, and `search_clip` shrinks each weight group's range afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from r1v_quant.quant.primitives import fake_quantize
+
+
+def masked_mean_abs(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |x| per channel over real tokens only: [..., T, C] with mask [..., T] -> [C]."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    if mask is None:
+        return flat.abs().mean(0)
+    keep = mask.reshape(-1).bool()
+    return flat[keep].abs().mean(0)
+
+
+def weight_magnitude(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Per-input-channel mean of |w| relative to its group's max: the weight term of duo scaling."""
+    w = torch.cat([t.float() for t in weights], dim=0)
+    groups = w.abs().reshape(-1, group_size)
+    rel = groups / groups.amax(dim=1, keepdim=True).clamp(min=1e-8)
+    return rel.reshape(w.shape).mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, duo: bool = True) -> torch.Tensor:
+    if duo:
+        s = x_mean.pow(alpha).clamp(min=1e-4) / w_mean.pow(1 - alpha).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+    # Normalise so the scales are centred on 1 in log space; only their ratios matter.
+    s = s / (s.max() * s.min()).sqrt()
+    return s.clamp(min=1e-4)
+
+
+@dataclass
+class ScaleResult:
+    scales: torch.Tensor
+    alpha: float
+    loss: float
+    loss_at_zero: float  # alpha = 0 is plain round-to-nearest of the unscaled weights
+
+
+def search_scales(
+    linears: Sequence[nn.Linear],
+    x: torch.Tensor,
+    block: Callable[[torch.Tensor], torch.Tensor],
+    group_size: int,
+    grid: int = 20,
+    duo: bool = True,
+) -> ScaleResult:
+    """Grid-search alpha in [0, 1) for scales s = mean|x|^a / mean|w|^(1-a) minimising block output MSE.
+
+    `x` holds the real tokens that feed `linears` ([tokens, in]); `block(x)` recomputes the output
+    being protected (the linears alone, or the attention/MLP they sit in) with the current weights.
+    Weights are restored before returning.
+    """
+    originals = [lin.weight.data.clone() for lin in linears]
+    with torch.no_grad():
+        target = block(x).float()
+        x_mean = masked_mean_abs(x)
+        w_mean = weight_magnitude(originals, group_size)
+        best: ScaleResult | None = None
+        losses: list[float] = []
+        for step in range(grid):
+            alpha = step / grid
+            s = candidate_scales(x_mean, w_mean, alpha, duo).to(originals[0].dtype)
+            for lin, w in zip(linears, originals):
+                lin.weight.data = fake_quantize(w * s, group_size).to(w.dtype) / s
+            loss = (block(x).float() - target).pow(2).mean().item()
+            losses.append(loss)
+            if best is None or loss < best.loss:
+                best = ScaleResult(s.clone(), alpha, loss, 0.0)
+        for lin, w in zip(linears, originals):
+            lin.weight.data = w
+    assert best is not None
+    best.loss_at_zero = losses[0]
+    return best
+
+
+def fold_scales(prev: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
+    """Multiply the linears' input channels by s and divide the previous op's outputs by s."""
+    with torch.no_grad():
+        for lin in linears:
+            lin.weight.data = lin.weight.data * s.to(lin.weight.dtype)
+        if isinstance(prev, nn.Linear):
+            prev.weight.data = prev.weight.data / s.to(prev.weight.dtype).unsqueeze(1)
+            if prev.bias is not None:
+                prev.bias.data = prev.bias.data / s.to(prev.bias.dtype)
+        elif hasattr(prev, "weight"):  # RMSNorm / LayerNorm: y = w * norm(x) (+ b)
+            prev.weight.data = prev.weight.data / s.to(prev.weight.dtype)
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.data = prev.bias.data / s.to(prev.bias.dtype)
+        else:
+            raise TypeError(f"cannot fold scales into {type(prev).__name__}")
+
+
+def search_clip(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    group_size: int,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    tokens: int = 512,
+    out_chunk: int = 256,
+) -> torch.Tensor:
+    """Per (output channel, group) clipping threshold minimising the group's partial-output error.
+
+    Returns max |w| allowed per [out, in/group]; the weights are later clamped to it.
+    """
+    out_features, in_features = weight.shape
+    step = max(1, x.shape[0] // tokens)
+    xs = x[::step][:tokens].float().reshape(-1, in_features // group_size, group_size)  # [t, g, gs]
+    best_all = []
+    for start in range(0, out_features, out_chunk):
+        w = weight[start:start + out_chunk].float().reshape(-1, in_features // group_size, group_size)  # [o, g, gs]
+        org_max = w.abs().amax(dim=-1, keepdim=True)  # [o, g, 1]
+        ref = torch.einsum("tgk,ogk->otg", xs, w)
+        best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
+        best_max = org_max.squeeze(-1).clone()
+        for i in range(int(max_shrink * grid)):
+            cur = org_max * (1 - i / grid)
+            q = fake_quantize(torch.clamp(w, -cur, cur).reshape(w.shape[0], -1), group_size).reshape(w.shape)
+            err = (torch.einsum("tgk,ogk->otg", xs, q) - ref).pow(2).mean(dim=1)  # [o, g]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, cur.squeeze(-1), best_max)
+        best_all.append(best_max)
+    return torch.cat(best_all, dim=0)
+
+
+def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    w = weight.reshape(out_features, -1, group_size)
+    m = max_val.to(weight.dtype).unsqueeze(-1)
+    return torch.clamp(w, -m, m).reshape(out_features, in_features)

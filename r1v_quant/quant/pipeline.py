@@ -1,0 +1,354 @@
+"""The layer-by-layer AWQ pass over the language model, with memory flat in depth.
+
+Only the vision encoder, `mlp1` and the embeddings are loaded to build the first layer's inputs;
+after that one decoder layer at a time is read from the safetensors, searched, quantised and
+dropped. Activations between layers live on the CPU (spilled to disk above a threshold), and each
+finished layer is saved to a work folder so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from r1v_quant.checkpoint import Checkpoint
+from r1v_quant.config import R1VConfig
+from r1v_quant.errors import UserError
+from r1v_quant.layout import llm_linear_shapes
+from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales
+from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_group_size, fake_quantize
+
+NO_CLIP = ("q_proj", "k_proj")  # softmax amplifies their errors, so AWQ leaves their range alone
+
+
+@dataclass(frozen=True)
+class AWQSettings:
+    group_size: int = 128
+    grid: int = 20
+    clip: bool = True
+    duo: bool = True
+    propagate: str = "quantized"  # feed layer i+1 with layer i's quantised ("quantized") or float ("float") outputs
+    seq_len: int = 2048
+    max_tokens: int = 65536
+    samples: int = 128
+    seed: int = 0
+
+    def fingerprint(self, model_dir: Path, calib: str) -> str:
+        blob = json.dumps({**asdict(self), "model": str(Path(model_dir).resolve()), "calib": calib}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class LayerReport:
+    index: int
+    rel_err_awq: float
+    rel_err_rtn: float
+    seconds: float
+    peak_mem_mb: float
+    alphas: dict[str, float] = field(default_factory=dict)
+
+
+class ActivationStore:
+    """Per-sample hidden states [1, T, D] kept on the CPU, written to disk past a byte threshold."""
+
+    def __init__(self, spill_dir: Path | None = None, threshold_bytes: int = 8 * 1024**3, tag: str = "acts"):
+        self.spill_dir, self.threshold, self.tag = spill_dir, threshold_bytes, tag
+        self.items: list[torch.Tensor | Path] = []
+        self.ram_bytes = 0
+
+    def append(self, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        if self.spill_dir is not None and self.ram_bytes + size > self.threshold:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"{self.tag}-{len(self.items):06d}.safetensors"
+            save_file({"x": t}, str(path))
+            self.items.append(path)
+        else:
+            self.items.append(t)
+            self.ram_bytes += size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.items[i]
+        return load_file(str(item))["x"] if isinstance(item, Path) else item
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def tokens(self) -> int:
+        return sum(self[i].shape[1] for i in range(len(self)))
+
+    def clear(self) -> None:
+        for item in self.items:
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+        self.items, self.ram_bytes = [], 0
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        save_file({f"s{i}": self[i] for i in range(len(self))}, str(tmp))
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        data = load_file(str(path))
+        self.clear()
+        for i in range(len(data)):
+            self.append(data[f"s{i}"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_decoder_layer(cfg: R1VConfig, ckpt: Checkpoint, index: int, device: torch.device, dtype: torch.dtype):
+    """One Qwen2 decoder layer from transformers, filled from the checkpoint: nothing else is read."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from r1v_quant.model.r1v import assign_tensor
+
+    qcfg = cfg.qwen2_config()
+    qcfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        layer = Qwen2DecoderLayer(qcfg, layer_idx=index)
+    prefix = f"language_model.model.layers.{index}."
+    for name in ckpt.with_prefix(prefix):
+        assign_tensor(layer, name[len(prefix):], ckpt.get(name).to(device=device, dtype=dtype))
+    missing = [n for n, p in layer.state_dict(keep_vars=True).items() if p.is_meta]
+    if missing:
+        raise UserError(f"{ckpt.dir} lacks {prefix}{missing[0]}.")
+    return layer.eval().requires_grad_(False)
+
+
+class LayerRunner:
+    """Runs one decoder layer over variable-length samples, one sample at a time (no padding anywhere)."""
+
+    def __init__(self, cfg: R1VConfig, device: torch.device):
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+        qcfg = cfg.qwen2_config()
+        self.rotary = Qwen2RotaryEmbedding(config=qcfg, device=device)
+        self.device = device
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def positions(self, length: int, dtype: torch.dtype):
+        if length not in self._cache:
+            x = torch.zeros(1, length, 1, device=self.device)
+            pos = torch.arange(length, device=self.device)[None]
+            self._cache[length] = self.rotary(x, pos)
+        cos, sin = self._cache[length]
+        return cos.to(dtype), sin.to(dtype)
+
+    def layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=self.device)[None]
+        out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=self.positions(x.shape[1], x.dtype))
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = layer.self_attn(hidden_states=x, attention_mask=None, position_embeddings=self.positions(x.shape[1], x.dtype))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def capture_inputs(runner: LayerRunner, layer: nn.Module, store: ActivationStore, dtype: torch.dtype):
+    """Float outputs of the layer and the inputs of its four linear groups, over all real tokens."""
+    names = {"q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
+    feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    hooks = [m.register_forward_hook(lambda _m, args, _o, k=k: feats[k].append(args[0].reshape(-1, args[0].shape[-1])))
+             for k, m in names.items()]
+    outputs, lengths = [], []
+    try:
+        with torch.no_grad():
+            for x in store:
+                x = x.to(runner.device, dtype)
+                outputs.append(runner.layer(layer, x))
+                lengths.append(x.shape[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in feats.items()}, outputs, lengths
+
+
+def _linears(layer) -> dict[str, nn.Linear]:
+    a, m = layer.self_attn, layer.mlp
+    return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
+            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+
+
+def _relative_error(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref))
+    den = sum(r.float().pow(2).sum().item() for r in ref)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore, s: AWQSettings,
+                   dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerReport]:
+    """AWQ on one decoder layer. Returns its export tensors (by name inside the layer), the next inputs, a report."""
+    start = time.perf_counter()
+    feats, fp_out, lengths = capture_inputs(runner, layer, store, dtype)
+    lin = _linears(layer)
+    originals = {k: m.weight.data.clone() for k, m in lin.items()}
+
+    # Plain round-to-nearest of the untouched layer, for the report's comparison.
+    for k, m in lin.items():
+        m.weight.data = fake_quantize(originals[k], s.group_size).to(dtype)
+    rtn_out = [runner.layer(layer, x.to(runner.device, dtype)) for x in store]
+    for k, m in lin.items():
+        m.weight.data = originals[k]
+
+    def per_sample(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        # Attention mixes tokens, so it must see each sample on its own.
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([fn(part[None])[0] for part in torch.split(x, lengths)])
+        return run
+
+    alphas = {}
+    with torch.no_grad():
+        attn = layer.self_attn
+        groups = [
+            ("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "q",
+             per_sample(lambda x: runner.attention(layer, x))),
+        ]
+        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+            groups.append(("o", attn.v_proj, [attn.o_proj], "o", attn.o_proj))
+        groups += [
+            ("gate_up", layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj], "gate", layer.mlp),
+            ("down", layer.mlp.up_proj, [layer.mlp.down_proj], "down", layer.mlp.down_proj),
+        ]
+        for tag, prev, targets, feat_key, block in groups:
+            result = search_scales(targets, feats[feat_key], block, s.group_size, s.grid, s.duo)
+            fold_scales(prev, targets, result.scales)
+            feats[feat_key] = feats[feat_key] / result.scales.to(feats[feat_key].dtype)
+            alphas[tag] = result.alpha
+        if s.clip:
+            feat_of = {"q_proj": "q", "k_proj": "q", "v_proj": "q", "o_proj": "o", "gate_proj": "gate", "up_proj": "gate", "down_proj": "down"}
+            for name, m in lin.items():
+                if name in NO_CLIP:
+                    continue
+                max_val = search_clip(m.weight.data, feats[feat_of[name]], s.group_size, s.grid)
+                m.weight.data = apply_clip(m.weight.data, max_val, s.group_size)
+    del feats
+
+    tensors: dict[str, torch.Tensor] = {}
+    prefix = {"q_proj": "self_attn.", "k_proj": "self_attn.", "v_proj": "self_attn.", "o_proj": "self_attn.",
+              "gate_proj": "mlp.", "up_proj": "mlp.", "down_proj": "mlp."}
+    for name, m in lin.items():
+        packed = awq_tensors(m.weight.data.float().cpu(), s.group_size)
+        full = prefix[name] + name
+        for suffix, t in packed.items():
+            tensors[f"{full}.{suffix}"] = t
+        if m.bias is not None:
+            tensors[f"{full}.bias"] = m.bias.data.to(torch.bfloat16).cpu()
+        # From here on the layer computes with exactly the weights that were exported.
+        m.weight.data = awq_dequantize(packed["qweight"], packed["qzeros"], packed["scales"], s.group_size).to(runner.device, dtype)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        tensors[f"{norm}.weight"] = getattr(layer, norm).weight.data.to(torch.bfloat16).cpu()
+        getattr(layer, norm).weight.data = tensors[f"{norm}.weight"].to(runner.device, dtype)
+
+    with torch.no_grad():
+        q_out = [runner.layer(layer, x.to(runner.device, dtype)) for x in store]
+    report = LayerReport(
+        index=-1,
+        rel_err_awq=_relative_error(q_out, fp_out),
+        rel_err_rtn=_relative_error(rtn_out, fp_out),
+        seconds=time.perf_counter() - start,
+        peak_mem_mb=peak_memory_mb(runner.device),
+        alphas=alphas,
+    )
+    nxt = q_out if s.propagate == "quantized" else fp_out
+    return tensors, nxt, report
+
+
+def validate_group_size(cfg: R1VConfig, group_size: int) -> None:
+    for name, (out_f, in_f) in llm_linear_shapes(cfg, 0).items():
+        check_group_size(in_f, group_size, name)
+        if out_f % 8:
+            raise UserError(f"{name} has {out_f} outputs, which AWQ's 8-per-int32 packing cannot hold.")
+
+
+class WorkFolder:
+    """Per-layer results and the latest activations of a run, so an interrupted run can resume."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer-{i:04d}.safetensors"
+
+    def start(self, resume: bool) -> int:
+        """The first layer still to do (0 for a fresh run)."""
+        if resume and self.state_file.is_file():
+            state = json.loads(self.state_file.read_text())
+            if state.get("fingerprint") != self.fingerprint:
+                raise UserError(f"{self.path} holds a run with other settings; remove it or drop --resume.")
+            return int(state["done"]) + 1
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        return 0
+
+    def finish_layer(self, i: int, tensors: dict[str, torch.Tensor], report: LayerReport, acts: ActivationStore) -> None:
+        save_file(tensors, str(self.layer_file(i)))
+        (self.path / f"layer-{i:04d}.json").write_text(json.dumps(asdict(report)))
+        acts.save(self.path / "acts.safetensors")
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": i}))
+        tmp.replace(self.state_file)
+
+    def reports(self, count: int) -> list[LayerReport]:
+        return [LayerReport(**json.loads((self.path / f"layer-{i:04d}.json").read_text())) for i in range(count)]
+
+
+def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterable[torch.Tensor]], settings: AWQSettings,
+            work: WorkFolder, device: torch.device, resume: bool = False, offload_dir: Path | None = None,
+            dtype: torch.dtype = torch.float32, progress: Callable[[int, int, LayerReport | None], None] | None = None,
+            stop_after: int | None = None) -> list[LayerReport]:
+    """Quantise every decoder layer in order; results land in `work`. `stop_after` simulates an interruption."""
+    validate_group_size(cfg, settings.group_size)
+    begin = work.start(resume)
+    acts = ActivationStore(offload_dir, tag="in")
+    if begin == 0:
+        for x in first_inputs():
+            acts.append(x)
+        if len(acts) == 0 or acts.tokens() == 0:
+            raise UserError("the calibration set produced no tokens to calibrate on.")
+    else:
+        acts.load(work.path / "acts.safetensors")
+    runner = LayerRunner(cfg, device)
+    total = cfg.num_layers
+    for i in range(begin, total):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        layer = load_decoder_layer(cfg, ckpt, i, device, dtype)
+        tensors, nxt, report = quantize_layer(runner, layer, acts, settings, dtype)
+        report.index = i
+        del layer
+        acts.clear()
+        for x in nxt:
+            acts.append(x.to(torch.float32) if x.dtype != torch.float32 else x)
+        del nxt
+        work.finish_layer(i, tensors, report, acts)
+        if progress:
+            progress(i, total, report)
+        if stop_after is not None and i >= stop_after:
+            raise KeyboardInterrupt
+    acts.clear()
+    return work.reports(total)

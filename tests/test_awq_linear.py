@@ -1,0 +1,204 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1v_quant.errors import UserError
+from r1v_quant.quant.linear import AWQLinear, awq_module_names, swap_to_awq, swap_to_empty_awq
+from r1v_quant.quant.primitives import awq_tensors, fake_quantize
+
+HAS_CPU_INT4 = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _linear(in_features=256, out_features=64, bias=True, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(4)
+        if bias:
+            lin.bias.normal_()
+    return lin.to(dtype)
+
+
+def _x(*shape, dtype=torch.float32, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _close_bf16(a, b):
+    scale = b.float().abs().max().item()
+    return torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_state_dict_names_shapes_and_dtypes():
+    m = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 128)
+    sd = m.state_dict()
+    assert list(sd) == ["qweight", "qzeros", "scales", "bias"]
+    assert sd["qweight"].shape == (256, 8) and sd["qweight"].dtype == torch.int32
+    assert sd["qzeros"].shape == (2, 8) and sd["qzeros"].dtype == torch.int32
+    assert sd["scales"].shape == (2, 64) and sd["scales"].dtype == torch.float16
+    assert sd["bias"].dtype == torch.bfloat16
+    assert (m.in_features, m.out_features, m.group_size) == (256, 64, 128)
+    assert list(AWQLinear.from_linear(_linear(bias=False), 128).state_dict()) == ["qweight", "qzeros", "scales"]
+    assert list(m.parameters()) == []
+
+    root = nn.Module()
+    root.proj = m
+    assert awq_module_names(root.state_dict()) == ["proj"]
+
+
+def test_from_linear_equals_float_linear_on_fake_quantised_weights():
+    lin = _linear()
+    m = AWQLinear.from_linear(lin, 64)
+    x = _x(3, 5, 256)
+    y = m(x)
+    assert y.shape == (3, 5, 64) and y.dtype == torch.float32
+    expected = F.linear(x, fake_quantize(lin.weight.detach(), 64), lin.bias)
+    assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
+    # And close to the unquantised layer: 4-bit RTN on random weights loses a few percent.
+    rel = (y - lin(x)).norm() / lin(x).norm()
+    assert rel < 0.1
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int4_kernel_matches_dequantise_path(group_size, bias):
+    lin = _linear(bias=bias, dtype=torch.bfloat16)
+    m = AWQLinear.from_linear(lin, group_size)
+    x = _x(2, 7, 256, dtype=torch.bfloat16)
+    fast = m(x)
+    assert len(m._int4_cache) == 1, "bf16 on CPU should take the int4 kernel"
+    m.use_int4_kernel = False
+    slow = m(x)
+    assert fast.dtype == slow.dtype == torch.bfloat16 and fast.shape == (2, 7, 64)
+    assert _close_bf16(fast, slow)
+    assert _close_bf16(fast, F.linear(x.float(), m.dequantized_weight(), None if lin.bias is None else lin.bias.float()))
+
+
+def test_kernel_cache_is_built_once_and_refreshed_on_load():
+    m = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 128)
+    x = _x(4, 256, dtype=torch.bfloat16)
+    m(x)
+    first = dict(m._int4_cache)
+    m(x)
+    assert all(m._int4_cache[k][1] is first[k][1] for k in first)
+    other = AWQLinear.from_linear(_linear(seed=5, dtype=torch.bfloat16), 128)
+    m.load_state_dict(other.state_dict())
+    assert torch.equal(m(x), other(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_output_dtype_follows_input(dtype):
+    m = AWQLinear.from_linear(_linear(), 128)
+    y = m(_x(3, 256, dtype=dtype))
+    assert y.dtype == dtype and y.shape == (3, 64)
+
+
+def test_bias_is_added():
+    lin = _linear()
+    with_bias = AWQLinear.from_linear(lin, 128)
+    lin.bias = None
+    without = AWQLinear.from_linear(lin, 128)
+    x = _x(2, 256)
+    assert torch.allclose(with_bias(x) - without(x), with_bias.bias.expand(2, -1), atol=1e-5)
+
+
+def test_widths_the_cpu_kernel_cannot_take_still_work():
+    lin = _linear(in_features=96, out_features=24, dtype=torch.bfloat16)  # 24 % 16 != 0
+    m = AWQLinear.from_linear(lin, 32)
+    x = _x(3, 96, dtype=torch.bfloat16)
+    y = m(x)
+    assert m._int4_cache == {}
+    assert _close_bf16(y, F.linear(x.float(), m.dequantized_weight(), lin.bias.float()))
+    assert m(torch.empty(0, 96, dtype=torch.bfloat16)).shape == (0, 24)
+
+
+def test_gradient_reaches_the_input():
+    m = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 128)
+    x = _x(2, 256, dtype=torch.bfloat16).requires_grad_()
+    m(x).float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_model_wide_casts_keep_float16_scales():
+    m = AWQLinear.from_linear(_linear(), 128)
+    scales = m.scales.clone()
+    m.to(torch.bfloat16)
+    assert m.scales.dtype == torch.float16 and torch.equal(m.scales, scales)
+    assert m.bias.dtype == torch.bfloat16
+    assert m.qweight.dtype == torch.int32
+    assert list(m.state_dict()) == ["qweight", "qzeros", "scales", "bias"]
+    m.to("meta")
+    assert m.scales.is_meta and m.qweight.is_meta
+    m.to_empty(device="cpu")
+    assert m.scales.device.type == "cpu" and m.scales.dtype == torch.float16
+
+
+def test_empty_on_meta_then_assign():
+    src = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 64)
+    m = AWQLinear.empty(256, 64, 64, bias=True)
+    assert m.qweight.is_meta
+    m.load_state_dict(src.state_dict(), assign=True)
+    x = _x(3, 256, dtype=torch.bfloat16)
+    assert torch.equal(m(x), src(x))
+
+
+def test_from_tensors_checks_shapes_and_dtypes():
+    t = awq_tensors(_linear().weight.detach(), 64)
+    with pytest.raises(UserError, match="layer q: scales is torch.float32"):
+        AWQLinear.from_tensors(t["qweight"], t["qzeros"], t["scales"].float(), None, 64, name="q")
+    with pytest.raises(UserError, match="qzeros"):
+        AWQLinear.from_tensors(t["qweight"], t["qzeros"], t["scales"], None, 128, name="q")
+    with pytest.raises(UserError, match="bias"):
+        AWQLinear.from_tensors(t["qweight"], t["qzeros"], t["scales"], torch.zeros(3), 64)
+    with pytest.raises(UserError, match="does not divide"):
+        AWQLinear.from_linear(_linear(in_features=96), 64, name="mlp.down_proj")
+    with pytest.raises(UserError, match="multiple of 8"):
+        AWQLinear(128, 20, 32)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q_proj": nn.Linear(128, 64), "o_proj": nn.Linear(64, 128, bias=False)})
+        self.norm = nn.LayerNorm(128)
+
+    def forward(self, x):
+        return self.attn["o_proj"](self.attn["q_proj"](self.norm(x)))
+
+
+def test_swap_to_awq_replaces_named_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block())
+    x = _x(2, 3, 128)
+    names = ["0.attn.q_proj", "1.attn.o_proj"]
+    tensors = {}
+    for name in names:
+        lin = model.get_submodule(name)
+        tensors[name] = dict(awq_tensors(lin.weight.detach(), 32))
+        if lin.bias is not None:
+            tensors[name]["bias"] = lin.bias.detach()
+    ref = model(x)
+    assert swap_to_awq(model, tensors, 32) == names
+    assert isinstance(model[0].attn["q_proj"], AWQLinear) and isinstance(model[0].attn["o_proj"], nn.Linear)
+    assert isinstance(model[1].attn["o_proj"], AWQLinear)
+    assert awq_module_names(model.state_dict()) == names
+    assert (model(x) - ref).norm() / ref.norm() < 0.1
+
+    # Rebuild the same layout on meta and assign the quantised state dict.
+    fresh = nn.Sequential(_Block(), _Block())
+    swap_to_empty_awq(fresh, awq_module_names(model.state_dict()), 32)
+    assert fresh[0].attn["q_proj"].qweight.is_meta
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_swap_errors():
+    model = nn.Sequential(_Block())
+    t = awq_tensors(torch.randn(64, 128), 32)
+    with pytest.raises(UserError, match="no module named 0.attn.k_proj"):
+        swap_to_awq(model, {"0.attn.k_proj": t}, 32)
+    with pytest.raises(UserError, match="not a Linear"):
+        swap_to_empty_awq(model, ["0.norm"], 32)
+    with pytest.raises(UserError, match="128->64 but the model's linear is 64->128"):
+        swap_to_awq(model, {"0.attn.o_proj": t}, 32)

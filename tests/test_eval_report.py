@@ -1,0 +1,115 @@
+import json
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from r1v_quant.errors import UserError
+from r1v_quant.evals.report import (
+    EvalResults,
+    comparison,
+    from_json,
+    model_result,
+    plot_per_subject,
+    print_report,
+    render_table,
+    to_json,
+    to_markdown,
+)
+
+SUBJECTS = ["Art", "Basic_Medical_Science", "Physics", "Math"] * 5  # 20 questions
+
+
+@pytest.fixture
+def results() -> EvalResults:
+    ref = [True] * 15 + [False] * 5  # 75 %
+    cand = [True] * 14 + [False] * 6  # 70 %
+    vendor = [True] * 10 + [False] * 10  # 50 %
+    ref_answers = ["A"] * 20
+    cand_answers = ["A"] * 14 + ["B"] * 6
+    models = [
+        model_result("r1v-38b", "reference", ref, SUBJECTS, reasoning_lengths=[100, 200, 300], unfinished=[False] * 20),
+        model_result("r1v-38b-awq", "candidate", cand, SUBJECTS, reasoning_lengths=[120, 220], perplexity=5.4321,
+                     unfinished=[True] + [False] * 19),
+        model_result("vendor-awq", "baseline", vendor, SUBJECTS),
+    ]
+    comparisons = [
+        comparison("r1v-38b-awq", ref, cand, ref_answers=ref_answers, cand_answers=cand_answers,
+                   mean_kl=0.01234, top1_agreement=0.987),
+        comparison("vendor-awq", ref, vendor),
+    ]
+    return EvalResults(
+        suite="mmmu-val", reference="r1v-38b", candidate="r1v-38b-awq", baselines=["vendor-awq"],
+        models=models, comparisons=comparisons, settings={"temperature": 0.6, "seed": 0},
+    )
+
+
+def test_model_result_summaries(results):
+    cand = results.model("r1v-38b-awq")
+    assert (cand.n, cand.accuracy) == (20, 70.0)
+    assert cand.accuracy_lo < 70.0 < cand.accuracy_hi
+    assert cand.reasoning_tokens_mean == 170.0 and cand.reasoning_tokens_median == 170.0
+    assert cand.runaway_share == 5.0
+    # Questions 0..13 right; subjects cycle every 4, so Art holds questions 0,4,8,12,16.
+    assert cand.per_subject["Art"] == 80.0
+    assert results.model("vendor-awq").runaway_share is None
+
+
+def test_comparison_numbers(results):
+    c = results.comparison("r1v-38b-awq")
+    assert c.diff == pytest.approx(-5.0)
+    assert c.diff_lo <= -5.0 <= c.diff_hi
+    assert c.mcnemar_p == 1.0  # one discordant question
+    assert c.answer_agreement == 70.0
+    assert c.top1_agreement == pytest.approx(98.7)
+    assert results.comparison("vendor-awq").answer_agreement is None
+
+
+def test_markdown_contains_the_numbers(results):
+    md = to_markdown(results)
+    assert "## mmmu-val: r1v-38b-awq vs r1v-38b" in md
+    assert "75.0 [" in md and "70.0 [" in md and "50.0 [" in md
+    assert "-5.0 [" in md and "-25.0 [" in md
+    assert "0.01234" in md and "98.7%" in md and "5.432" in md and "70.0%" in md
+    assert "5.0%" in md  # runaway share
+    assert "| Basic_Medical_Science |" in md and "80.0" in md
+    header, rule = md.splitlines()[2:4]
+    assert header.count("|") == rule.count("|")
+
+
+def test_json_round_trip(results, tmp_path):
+    path = to_json(results, tmp_path / "out" / "report.json")
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1 and data["models"][1]["accuracy"] == 70.0
+    assert from_json(path) == results
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_bad_json_gives_one_sentence(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="bad.json"):
+        from_json(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        from_json(tmp_path / "missing.json")
+
+
+def test_rich_table(results):
+    table = render_table(results)
+    assert table.row_count == 3
+    console = Console(record=True, width=250)
+    print_report(results, console)
+    text = console.export_text()
+    assert "r1v-38b-awq" in text and "-5.0" in text and "Physics" in text
+
+
+def test_png_is_written_and_valid(results, tmp_path):
+    path = plot_per_subject(results, tmp_path / "subjects.png")
+    assert path.stat().st_size > 0
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 600 and image.height > 200
+        colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 16)}
+    # one bar colour per model
+    assert {(0x00, 0x72, 0xB2), (0xD5, 0x5E, 0x00), (0x00, 0x9E, 0x73)} <= colours
