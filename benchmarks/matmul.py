@@ -1,6 +1,6 @@
 """Time AWQLinear (4-bit, group 128) against a bf16 nn.Linear on the 38B LLM's layer shapes.
 
-    python benchmarks/matmul.py [--device cpu|cuda] [--json FILE]
+    python benchmarks/matmul.py [--device cpu|cuda] [--json FILE] [--threads N]
 
 Both run in the same process on the same inputs, called alternately; the table reports median
 milliseconds and the speedup of int4 over bf16 (> 1 means int4 is faster).
@@ -62,8 +62,9 @@ def run(device: torch.device, budget_s: float, max_repeats: int) -> list[dict]:
             x = torch.randn(batch, in_features, device=device, dtype=torch.bfloat16)
             with torch.inference_mode():
                 ref, got = dense(x).float(), quant(x).float()
-                path = "int4 kernel" if quant._int4_cache else "dequantise"
-                bf16_ms, int4_ms = paired_median_ms(lambda: dense(x), lambda: quant(x), device, budget_s, max_repeats)
+                path = "int4 kernel" if quant.prepared else "dequantise"
+                bf16_ms, int4_ms = paired_median_ms(lambda d=dense, x=x: d(x), lambda q=quant, x=x: q(x),
+                                                    device, budget_s, max_repeats)
             rows.append({
                 "in": in_features, "out": out_features, "batch": batch,
                 "bf16_ms": round(bf16_ms, 3), "int4_ms": round(int4_ms, 3),
@@ -85,7 +86,10 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per shape and batch")
     parser.add_argument("--max-repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available.")
     device = torch.device(args.device)

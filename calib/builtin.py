@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, Sequence
+from functools import cache
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -59,7 +59,7 @@ class Item:
 # ---------------------------------------------------------------- drawing helpers
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     # Pillow's bundled font renders the same everywhere; no system font is looked up
     return ImageFont.load_default(size=px)

@@ -26,15 +26,16 @@ import io
 import random
 import re
 import string
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from PIL import Image
 
 from r1v_quant.errors import UserError
 
+from . import hub
 from .sample import Sample
 
 MMMU_REPO = "MMMU/MMMU"
@@ -281,7 +282,7 @@ def _read_ids(file: Path) -> list[str]:
         return [str(v) for v in pq.read_table(file, columns=["id"]).column("id").to_pylist()]
     except UserError:
         raise
-    except Exception as error:  # pyarrow raises several unrelated types for damaged files
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several unrelated types for damaged files
         raise UserError(f"could not read {file} as parquet ({error}).") from None
 
 
@@ -346,85 +347,14 @@ def _hub_cache_source() -> _Source | None:
 # ---------------------------------------------------------------- the datasets cache
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers at all, asked once and briefly.
-
-    Without this, ``datasets`` retries an unreachable Hub for about twenty seconds per call.
-    """
-    import datasets.config
-    from huggingface_hub import constants, get_session
-
-    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
-        return False
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:
-        return False
-    return True
-
-
-@contextmanager
-def _datasets_offline() -> Iterator[None]:
-    # datasets reads this flag on every call, so setting it for one call makes that call
-    # use the local cache only and fail at once instead of retrying the network
-    # (and it would warn "using the latest cached version" once per subject: hush that too)
-    import datasets.config
-    from datasets.utils import logging as datasets_logging
-
-    saved, verbosity = datasets.config.HF_HUB_OFFLINE, datasets_logging.get_verbosity()
-    datasets.config.HF_HUB_OFFLINE = True
-    datasets_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE = saved
-        datasets_logging.set_verbosity(verbosity)
-
-
-class HubUnavailable(Exception):
-    """The data is neither cached nor downloadable right now."""
-
-
-def load_hub_dataset(path: str, name: str | None, split: str, online: Callable[[], bool]):
-    """A ``datasets`` split from the local cache, downloading it only if the Hub answers.
-
-    ``online`` is asked only on a cache miss, so a fully cached data set never touches the
-    network.  Raises HubUnavailable when the data is neither cached nor reachable.
-    """
-    import datasets
-
-    try:
-        with _datasets_offline():
-            return datasets.load_dataset(path, name, split=split)
-    except Exception:
-        if not online():
-            raise HubUnavailable(path) from None
-    try:
-        return datasets.load_dataset(path, name, split=split)
-    except Exception as error:
-        label = f"{path} ({name})" if name else path
-        raise UserError(f"could not load {label} from the Hugging Face Hub: {error}") from None
-
-
-def _once(probe: Callable[[], bool]) -> Callable[[], bool]:
-    answer: list[bool] = []
-
-    def ask() -> bool:
-        if not answer:
-            answer.append(probe())
-        return answer[0]
-
-    return ask
-
-
 def datasets_source(subjects: Iterable[str] = MMMU_SUBJECTS) -> _Source | None:
     """A source over the MMMU subjects ``datasets`` can provide; None when it has none."""
-    online = _once(hub_reachable)
+    online = hub.once(hub.hub_reachable)
     loaded: list[tuple[str, Any]] = []
     for subject in subjects:
         try:
-            loaded.append((subject, load_hub_dataset(MMMU_REPO, subject, MMMU_SPLIT, online)))
-        except HubUnavailable:
+            loaded.append((subject, hub.load_hub_dataset(MMMU_REPO, subject, MMMU_SPLIT, online)))
+        except hub.HubUnavailable:
             continue
     if not loaded:
         return None

@@ -13,8 +13,8 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 

@@ -16,8 +16,8 @@ A part that yields fewer samples than its share is not topped up from the others
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from r1v_quant.errors import UserError
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from r1v_quant.errors import UserError
 
-from .mmmu import HubUnavailable, hub_reachable, load_hub_dataset
+from . import hub
 from .sample import Sample
 
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
@@ -78,8 +78,8 @@ def load_text(path: str | Path, n: int = 128, seed: int = 0) -> list[Sample]:
 def load_hf_text(name: str, column: str = "text", n: int = 128, seed: int = 0, split: str = "train") -> list[Sample]:
     """``n`` text samples from one column of a Hugging Face data set (cached, or downloaded)."""
     try:
-        dataset = load_hub_dataset(name, None, split, hub_reachable)
-    except HubUnavailable:
+        dataset = hub.load_hub_dataset(name, None, split, hub.hub_reachable)
+    except hub.HubUnavailable:
         raise UserError(
             f"the Hugging Face data set {name!r} is not in the local cache and the Hub cannot be "
             "reached; pass a local file with --calib text:PATH instead."

@@ -7,6 +7,7 @@ import sys
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from r1v_quant.errors import UserError
 
@@ -20,10 +21,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from r1v_quant.cli import chat, make_tiny
+    from r1v_quant.cli import awq, chat, inspect, make_tiny, plan, serve
 
-    app.command("make-tiny")(make_tiny.command)
+    app.command("awq")(awq.command)
     app.command("chat")(chat.command)
+    app.command("plan")(plan.command)
+    app.command("inspect")(inspect.command)
+    app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
+    app.command("make-tiny")(make_tiny.command)
 
 
 _register()
@@ -34,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
         err.print("interrupted")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -58,4 +59,14 @@ def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"--out {out} appeared while writing; pass --force to replace it.")
         shutil.rmtree(out)
+    _share(tmp)
     tmp.rename(out)
+
+
+def _share(folder: Path) -> None:
+    # mkdtemp and some writers create private modes; an export is meant to be read by others.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)

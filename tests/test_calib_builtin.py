@@ -102,7 +102,7 @@ def test_reference_responses_box_the_gold_answer_and_reason_with_its_numbers():
             terms, total = re.search(r"is ([\d + ]+) = (\d+)", reasoning).groups()
             assert sum(map(int, terms.split(" + "))) == int(total) == int(s.options["ABCD".index(s.answer)])
         elif family == "bar_tallest":
-            readings = dict((n, int(v)) for n, v in re.findall(r"([A-Z][a-z]+) (\d+)", reasoning))
+            readings = {n: int(v) for n, v in re.findall(r"([A-Z][a-z]+) (\d+)", reasoning)}
             assert max(readings, key=readings.get) == s.options["ABCD".index(s.answer)]
         elif family in ("bar_value", "table_lookup", "count_red", "shape_sides"):
             assert re.search(rf"\b{s.answer}\b", reasoning)

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-import r1v_quant.calib.mmmu as mmmu
+from r1v_quant.calib import hub
 from r1v_quant.calib.mmmu import (
     MMMU_SUBJECTS,
     choose_rows,
@@ -244,7 +244,7 @@ def empty_caches(tmp_path, monkeypatch):
 
 def test_offline_without_data_fails_fast_and_names_calib_path(empty_caches, monkeypatch):
     probes = []
-    monkeypatch.setattr(mmmu, "hub_reachable", lambda: probes.append(1) or False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: probes.append(1) or False)
     start = time.monotonic()
     with pytest.raises(UserError, match="--calib-path") as error:
         load_mmmu(n=8)
@@ -256,7 +256,7 @@ def test_offline_without_data_fails_fast_and_names_calib_path(empty_caches, monk
 def test_mmmu_files_in_the_hub_cache_are_found(empty_caches, fixture_dir, monkeypatch):
     snapshot = empty_caches / "hub" / "datasets--MMMU--MMMU" / "snapshots" / "abc123"
     shutil.copytree(fixture_dir, snapshot)
-    monkeypatch.setattr(mmmu, "hub_reachable", lambda: pytest.fail("the network was asked"))
+    monkeypatch.setattr(hub, "hub_reachable", lambda: pytest.fail("the network was asked"))
     assert [s.id for s in load_mmmu(n=5)] == [s.id for s in load_mmmu(fixture_dir, n=5)]
 
 
@@ -284,7 +284,7 @@ def fake_hub(fixture_dir, monkeypatch, cached, subjects=SUBJECTS):
 
 def test_datasets_cache_is_read_without_the_network(empty_caches, fixture_dir, monkeypatch):
     calls = fake_hub(fixture_dir, monkeypatch, cached=True)
-    monkeypatch.setattr(mmmu, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
     samples = load_mmmu(n=10, seed=3)
     assert [s.id for s in samples] == [s.id for s in load_mmmu(fixture_dir, n=10, seed=3)]
     assert all(offline for _, _, offline in calls) and len(calls) == 30
@@ -294,7 +294,7 @@ def test_datasets_downloads_only_when_the_hub_answers(empty_caches, monkeypatch)
     every_subject = empty_caches / "all"
     write_mmmu_fixture(every_subject, per_subject=2)
     calls = fake_hub(every_subject, monkeypatch, cached=False, subjects=MMMU_SUBJECTS)
-    monkeypatch.setattr(mmmu, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     samples = load_mmmu(n=45)
     assert sorted(Counter(s.subject for s in samples).values()) == [1] * 15 + [2] * 15
     assert [offline for _, _, offline in calls] == [True, False] * 30
@@ -302,6 +302,6 @@ def test_datasets_downloads_only_when_the_hub_answers(empty_caches, monkeypatch)
 
 def test_a_failed_download_is_a_user_error(empty_caches, fixture_dir, monkeypatch):
     fake_hub(fixture_dir, monkeypatch, cached=False)
-    monkeypatch.setattr(mmmu, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     with pytest.raises(UserError, match=r"could not load MMMU/MMMU \(Agriculture\)"):
         load_mmmu(n=4)

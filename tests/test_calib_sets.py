@@ -4,8 +4,7 @@ from collections import Counter
 
 import pytest
 
-import r1v_quant.calib.mmmu as mmmu
-import r1v_quant.calib.text as text
+from r1v_quant.calib import hub
 from r1v_quant.calib.builtin import builtin_samples
 from r1v_quant.calib.mmmu import load_mmmu
 from r1v_quant.calib.mmmu_fixture import write_mmmu_fixture
@@ -37,8 +36,7 @@ def offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
-    monkeypatch.setattr(mmmu, "hub_reachable", lambda: False)
-    monkeypatch.setattr(text, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
 
 
 # ---------------------------------------------------------------- counts

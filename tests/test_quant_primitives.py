@@ -11,6 +11,8 @@ from r1v_quant.quant.primitives import (
     check_group_size,
     dequantize,
     fake_quantize,
+    int4pack,
+    int4unpack,
     minmax_params,
     pack_awq,
     quantize,
@@ -99,7 +101,7 @@ def test_error_bound_and_ranges(group_size):
 
 def test_one_signed_and_constant_groups_are_covered():
     w = torch.cat([torch.linspace(0.5, 0.6, 32), torch.linspace(-0.9, -0.2, 32), torch.full((32,), 0.25)]).reshape(1, 96)
-    scales, zeros = minmax_params(w, 32)
+    scales, _ = minmax_params(w, 32)
     wq = fake_quantize(w, 32)
     err = (w - wq).abs().reshape(3, 32)
     assert (err <= scales.reshape(3, 1) / 2 * (1 + 1e-5)).all()
@@ -195,3 +197,80 @@ def test_cpu_int4_kernel_on_converted_tensors(group_size):
     ref = x.float() @ awq_dequantize(**t, group_size=group_size).t()
     # bf16 scales/offsets and a bf16 result: a few bf16 ulps of the output scale.
     assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+_UNPACK_SHAPES = [(16, 32), (48, 64), (80, 256), (64, 128), (208, 512), (256, 768)]
+
+
+def _check_unpack_round_trips(shapes):
+    for out_features, in_features in shapes:
+        gen = torch.Generator().manual_seed(out_features)
+        codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=gen)
+        packed = int4pack(codes)
+        for _ in range(2):  # the first call checks the learnt layout, the second reuses it
+            assert torch.equal(int4unpack(packed, out_features, in_features), codes), (out_features, in_features)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"), reason="torch < 2.6")
+def test_int4unpack_inverts_int4pack():
+    _check_unpack_round_trips(_UNPACK_SHAPES)
+    with pytest.raises(RuntimeError, match="4-bit values"):
+        int4unpack(int4pack(torch.zeros(16, 32, dtype=torch.uint8)), 16, 64)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"), reason="torch < 2.6")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_int4unpack_learns_each_cpu_layout(capability):
+    """The CPU packer's block layout differs by instruction set (16/32/64-row blocks)."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    script = "\n".join([
+        "import torch",
+        "from r1v_quant.quant.primitives import int4pack, int4unpack",
+        inspect.getsource(_check_unpack_round_trips),
+        f"_check_unpack_round_trips({_UNPACK_SHAPES!r})",
+        "print(torch.backends.cpu.get_cpu_capability())",
+    ])
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == capability.upper()
+
+
+def _fake_tiled_pack(codes, inner_k_tiles):
+    """A stand-in for the CUDA layout: int32 [N/8, K/(16t), 32, t/2], nibbles shuffled within 8-row tiles."""
+    n, k = codes.shape
+    perm = torch.randperm(8 * k, generator=torch.Generator().manual_seed(k))
+    nib = codes.to(torch.uint8).reshape(n // 8, 8 * k)[:, perm].reshape(-1)
+    return (nib[0::2] | (nib[1::2] << 4)).view(torch.int32).reshape(n // 8, k // (16 * inner_k_tiles), 32, inner_k_tiles // 2)
+
+
+def _fake_global_pack(codes, inner_k_tiles):
+    """A layout with no row blocks at all: one shuffle of the whole matrix."""
+    n, k = codes.shape
+    perm = torch.randperm(n * k, generator=torch.Generator().manual_seed(n * 100003 + k))
+    nib = codes.to(torch.uint8).reshape(-1)[perm]
+    return nib[0::2] | (nib[1::2] << 4)
+
+
+@pytest.mark.parametrize("packer", [_fake_tiled_pack, _fake_global_pack])
+def test_int4unpack_learns_any_nibble_layout(monkeypatch, packer):
+    from r1v_quant.quant import primitives
+
+    monkeypatch.setattr(primitives, "int4pack", packer)
+    monkeypatch.setattr(primitives, "_code_sources", {})
+    monkeypatch.setattr(primitives, "_verified_rows", {})
+    for out_features, in_features in [(64, 128), (72, 256), (200, 128), (8, 128)]:
+        gen = torch.Generator().manual_seed(out_features)
+        codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=gen)
+        packed = packer(codes, 8)
+        for _ in range(2):
+            assert torch.equal(primitives.int4unpack(packed, out_features, in_features, 8), codes)
+    expected_rows = 64 if packer is _fake_tiled_pack else 200
+    assert primitives._verified_rows[(torch.device("cpu"), 200, 128, 8)] == expected_rows

@@ -156,10 +156,16 @@ def load_weights(model: R1VModel, ckpt: Checkpoint, device: torch.device, dtype:
         model.language_model.tie_weights()
 
 
+def rotary_embedding(qwen2_config, device: torch.device):
+    """Rotary frequencies are computed, not stored, so they are rebuilt on the target device."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    with torch.device(device):
+        return Qwen2RotaryEmbedding(qwen2_config)
+
+
 def _refresh_rotary(model: R1VModel, device: torch.device) -> None:
-    # Rotary frequencies are computed, not stored: rebuild them off the meta device.
-    inner = model.language_model.model
-    inner.rotary_emb = type(inner.rotary_emb)(config=model.language_model.config, device=device)
+    model.language_model.model.rotary_emb = rotary_embedding(model.language_model.config, device)
 
 
 def load_model(spec, device: str | None = None, dtype: str | torch.dtype = "bf16", with_tokenizer: bool = True) -> Loaded:
@@ -180,11 +186,18 @@ def load_model(spec, device: str | None = None, dtype: str | torch.dtype = "bf16
 
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # Our own loader never runs the checkpoint's remote code; transformers would ask, then warn about
+    # the unfamiliar model type, neither of which concerns the tokenizer.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - many tokenizer formats, one message
         raise UserError(f"{path} has no tokenizer that transformers can load ({type(e).__name__}).") from None
+    finally:
+        hf_logging.set_verbosity(level)
     if tok.convert_tokens_to_ids(IMG_CONTEXT) in (None, tok.unk_token_id):
         raise UserError(f"the tokenizer in {path} lacks the {IMG_CONTEXT} token that images need.")
     return tok

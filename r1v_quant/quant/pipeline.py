@@ -138,10 +138,9 @@ class LayerRunner:
     """Runs one decoder layer over variable-length samples, one sample at a time (no padding anywhere)."""
 
     def __init__(self, cfg: R1VConfig, device: torch.device):
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+        from r1v_quant.model.r1v import rotary_embedding
 
-        qcfg = cfg.qwen2_config()
-        self.rotary = Qwen2RotaryEmbedding(config=qcfg, device=device)
+        self.rotary = rotary_embedding(cfg.qwen2_config(), device)
         self.device = device
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

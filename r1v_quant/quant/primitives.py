@@ -190,6 +190,11 @@ def int4pack_cuda(codes: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
 
 
+def int4pack(codes: torch.Tensor, inner_k_tiles: int = 8) -> torch.Tensor:
+    """Codes [out, in] -> the int4 matmul's weight layout for the codes' device (CPU or CUDA)."""
+    return int4pack_cpu(codes) if codes.device.type == "cpu" else int4pack_cuda(codes, inner_k_tiles)
+
+
 def awq_to_int4pack(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, inner_k_tiles: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,5 +204,89 @@ def awq_to_int4pack(
     """
     q, z = awq_codes(qweight, qzeros)
     table = tinygemm_scales_and_zeros(scales, z.t(), dtype)
-    packed = int4pack_cpu(q) if qweight.device.type == "cpu" else int4pack_cuda(q, inner_k_tiles)
-    return packed, table
+    return int4pack(q, inner_k_tiles), table
+
+
+# Rows probed at a time when recovering codes from a packed weight. Both packers lay out row
+# blocks of this size one after another (CPU: blocks of 16, 32 or 64 rows; CUDA: tiles of 8).
+_UNPACK_BLOCK_ROWS = 64
+_code_sources: dict[tuple, torch.Tensor] = {}
+_verified_rows: dict[tuple, int] = {}
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Every 4-bit field of a packed tensor, uint8 [2 * bytes], low nibble of each byte first."""
+    b = packed.contiguous().view(torch.uint8).reshape(-1)
+    return torch.stack((b & 0xF, b >> 4), dim=1).reshape(-1)
+
+
+def _code_source(rows: int, in_features: int, device: torch.device, inner_k_tiles: int) -> torch.Tensor:
+    """int64 [rows * in]: for code n * in + k of a [rows, in] block, the index of the nibble of
+    int4pack(block) that holds it.
+
+    Packing moves nibbles without looking at their values, so packing codes that spell out
+    their own position (4 bits per probe) shows where every position goes, in any layout.
+    """
+    key = (device, rows, in_features, inner_k_tiles)
+    source = _code_sources.get(key)
+    if source is not None:
+        return source
+    n = rows * in_features
+    position = torch.arange(n, device=device, dtype=torch.int64)
+    order = torch.zeros(n, device=device, dtype=torch.int64)  # nibble j holds code order[j]
+    for digit in range(((n - 1).bit_length() + 3) // 4):
+        probe = ((position >> (4 * digit)) & 0xF).to(torch.int32).reshape(rows, in_features)
+        nibbles = _nibbles(int4pack(probe, inner_k_tiles))
+        if nibbles.numel() != n:
+            raise RuntimeError(f"int4 packing of [{rows}, {in_features}] gave {nibbles.numel()} nibbles.")
+        order |= nibbles.to(torch.int64) << (4 * digit)
+    if not torch.equal(torch.sort(order).values, position):
+        raise RuntimeError(f"int4 packing of [{rows}, {in_features}] is not a permutation of nibbles.")
+    source = torch.empty_like(order)
+    source[order] = position
+    if rows <= _UNPACK_BLOCK_ROWS:  # small; whole-matrix tables are rebuilt when needed
+        _code_sources[key] = source
+    return source
+
+
+def _unpack_rows(nibbles: torch.Tensor, out_features: int, in_features: int, device: torch.device,
+                 inner_k_tiles: int, rows: int) -> torch.Tensor:
+    """Codes [out, in] from nibbles laid out as consecutive packed blocks of `rows` rows (and a shorter last one)."""
+    full = out_features // rows * rows
+    parts = []
+    if full:
+        source = _code_source(rows, in_features, device, inner_k_tiles)
+        blocks = nibbles[: full * in_features].view(full // rows, rows * in_features)
+        parts.append(blocks.index_select(1, source).reshape(full, in_features))
+    if full < out_features:
+        tail = out_features - full
+        source = _code_source(tail, in_features, device, inner_k_tiles)
+        parts.append(nibbles[full * in_features:][source].reshape(tail, in_features))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def int4unpack(packed: torch.Tensor, out_features: int, in_features: int, inner_k_tiles: int = 8) -> torch.Tensor:
+    """The inverse of `int4pack`: uint8 codes [out, in] of a packed weight, on its device.
+
+    The layout is learnt from the packer itself (see `_code_source`) rather than restated, so it
+    holds for every CPU capability and for the CUDA tensor-core layout. The first call for each
+    (device, shape, tiles) re-packs its result and checks that it equals the input.
+    """
+    nibbles = _nibbles(packed)
+    if nibbles.numel() != out_features * in_features:
+        raise RuntimeError(f"packed weight holds {nibbles.numel()} 4-bit values, not {out_features} x {in_features}.")
+    key = (packed.device, out_features, in_features, inner_k_tiles)
+    rows = _verified_rows.get(key)
+    if rows is not None:
+        return _unpack_rows(nibbles, out_features, in_features, packed.device, inner_k_tiles, rows)
+    # Row blocks first (small tables); if the packer does not lay rows out block by block,
+    # learn the whole matrix's order instead.
+    for rows in dict.fromkeys((min(_UNPACK_BLOCK_ROWS, out_features), out_features)):
+        try:
+            codes = _unpack_rows(nibbles, out_features, in_features, packed.device, inner_k_tiles, rows)
+        except RuntimeError:
+            continue
+        if torch.equal(int4pack(codes, inner_k_tiles), packed):
+            _verified_rows[key] = rows
+            return codes
+    raise RuntimeError(f"could not invert the int4 packing of a [{out_features}, {in_features}] weight.")

@@ -54,22 +54,10 @@ class AWQResult:
         return out
 
 
-def export_bytes_estimate(ckpt: Checkpoint, group_size: int) -> int:
-    """Bytes the export's tensors will take: 4-bit codes plus fp16 scales and packed zeros for quantised linears."""
-    from r1v_quant.layout import is_quant_linear
+def export_bytes(cfg, group_size: int) -> int:
+    from r1v_quant.plan import export_tensor_specs, spec_bytes
 
-    total = 0
-    for name in ckpt.names():
-        shape = ckpt.shape_of(name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if name.endswith(".weight") and is_quant_linear(name.removesuffix(".weight")):
-            out_f, in_f = shape
-            total += in_f * out_f // 2 + (in_f // group_size) * out_f * (2 + 0.5)
-        else:
-            total += numel * {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}.get(ckpt.dtype_of(name), 2)
-    return int(total)
+    return sum(spec_bytes(shape, dtype) for shape, dtype in export_tensor_specs(cfg, group_size).values())
 
 
 def load_samples(choice: CalibChoice, settings: AWQSettings, model_dir: Path, device: str | None):
@@ -114,7 +102,7 @@ def quantize_checkpoint(
     validate_group_size(cfg, settings.group_size)
     out = Path(out)
     check_out_dir(out, force, source=src)
-    check_free_space(out.parent if not out.exists() else out, export_bytes_estimate(ckpt, settings.group_size))
+    check_free_space(out.parent if not out.exists() else out, export_bytes(cfg, settings.group_size))
     dev = pick_device(device)
     tok = load_tokenizer(src)
 

@@ -1,4 +1,4 @@
-"""TEST-ONLY: make vLLM's InternVL image processor importable without torchvision (see torchvision/__init__.py).
+"""TEST-ONLY: make vLLM's InternVL image processor importable without torchvision (see standin/torchvision/__init__.py).
 
 The stand-in must be visible to exactly one import, `vllm.transformers_utils.processors.internvl`:
 transformers decides whether torchvision exists with `importlib.util.find_spec("torchvision")`
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-STUB_ROOT = str(Path(__file__).resolve().parent)
+STUB_ROOT = str(Path(__file__).resolve().parent / "standin")
 PROCESSOR_MODULE = "vllm.transformers_utils.processors.internvl"
 
 
@@ -72,7 +72,6 @@ def install() -> None:
 
 if __name__ == "__main__":
     # Started by vLLM's registry in place of `python -m vllm.model_executor.models.registry`.
-    sys.path.remove(STUB_ROOT) if STUB_ROOT in sys.path else None
     import_internvl_processor()
     from vllm.model_executor.models.registry import _run
 

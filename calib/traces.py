@@ -1,0 +1,230 @@
+"""Reasoning-aware calibration: the full-precision model's own replies to the calibration prompts.
+
+A reasoning model spends most of its tokens inside its ``<think>`` chain, so activations
+measured on prompts alone under-represent what the quantised model will mostly compute.
+:func:`add_self_traces` lets the full-precision model answer every visual prompt first
+(greedy, so the same model and settings always give the same reply) and stores the reply as
+the sample's ``response``; the calibration encoder then feeds prompt + response + eos.
+
+The stored response is exactly the text the model generated after the rendered generation
+prompt (end-of-sequence token left out, and any image-block token dropped, which only
+an untrained model writes): whether the chat template already opens the
+``<think>`` block or the model writes it itself, prompt + response is the sequence the
+model saw and produced.
+
+Replies are cached on disk, one JSON file per model identity, settings and sample set,
+written atomically after every reply: a rerun reads the file without loading the model,
+and an interrupted run resumes with the replies still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from r1v_quant.errors import UserError
+
+from .sample import Sample
+
+CACHE_FORMAT = 1
+CACHE_ENV = "R1V_QUANT_CACHE"
+DTYPE = "bf16"  # what load_model uses by default; part of the settings a trace depends on
+
+# files beside the weights whose content decides how prompts are rendered and replies decoded
+_TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.json", "chat_template.jinja",
+                    "special_tokens_map.json", "generation_config.json")
+_TOKENIZER_SIZED = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+Progress = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$R1V_QUANT_CACHE/traces`` when the variable is set, else ``~/.cache/r1v-quant/traces``."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "r1v-quant") / "traces"
+
+
+def model_identity(model_dir: Path) -> dict:
+    """What tells one checkpoint from another without reading its weights.
+
+    The resolved folder, a hash of config.json and of the safetensors index, the size of
+    every weight file, and the tokenizer's rendering and decoding settings.
+    """
+    folder = Path(model_dir).resolve()
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(f"{folder} has no config.json, so its replies cannot be generated.")
+    files = {}
+    for name in _TOKENIZER_FILES + ("model.safetensors.index.json",):
+        if (folder / name).is_file():
+            files[name] = _sha256((folder / name).read_bytes())
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+    sizes.update({n: (folder / n).stat().st_size for n in _TOKENIZER_SIZED if (folder / n).is_file()})
+    return {"path": str(folder), "config": _sha256(config.read_bytes()), "files": files, "sizes": sizes}
+
+
+def trace_settings(max_trace_tokens: int) -> dict:
+    return {"max_trace_tokens": int(max_trace_tokens), "decoding": "greedy", "dtype": DTYPE}
+
+
+def sample_key(sample: Sample) -> str:
+    """A hash of what the model is shown: the sample's id, prompt text and picture pixels."""
+    h = hashlib.sha256()
+    h.update(sample.id.encode("utf-8") + b"\0" + sample.prompt.encode("utf-8") + b"\0")
+    for image in sample.images:
+        h.update(f"{image.mode}:{image.size[0]}x{image.size[1]}\0".encode())
+        h.update(hashlib.sha256(image.tobytes()).digest())
+    return h.hexdigest()
+
+
+def cache_file(cache_dir: Path, identity: dict, settings: dict, keys: Sequence[str]) -> Path:
+    payload = json.dumps({"format": CACHE_FORMAT, "model": identity, "settings": settings, "samples": list(keys)},
+                         sort_keys=True)
+    name = Path(identity["path"]).name or "model"
+    return cache_dir / f"{name}-{_sha256(payload.encode())[:24]}.json"
+
+
+# ---------------------------------------------------------------- the cache file
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """The replies already stored under ``path``; an unreadable file counts as empty."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("traces"), dict):
+        return {}
+    return {k: v for k, v in data["traces"].items() if isinstance(v, dict) and isinstance(v.get("response"), str)}
+
+
+def _cache_error(path: Path, error: OSError) -> UserError:
+    return UserError(
+        f"could not write the trace cache {path} ({error.strerror or error}); set {CACHE_ENV} to a writable folder."
+    )
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cache_error(path, error) from None
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    _make_folder(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        raise _cache_error(path, error) from None
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generate_trace(loaded, sample: Sample, max_trace_tokens: int) -> dict:
+    """The model's greedy reply to one sample: the text after the generation prompt, eos left out."""
+    from r1v_quant.generate import Conversation, Sampling, reply_to
+    from r1v_quant.prompt import IMG_CONTEXT, IMG_END, IMG_START
+
+    conv = Conversation()
+    conv.add_user(sample.prompt, sample.images)
+    reply = reply_to(loaded, conv, Sampling(greedy=True, max_new_tokens=max_trace_tokens))
+    body = reply.token_ids[:-1] if reply.finished else reply.token_ids
+    # image-block tokens in a reply would be read as image slots when the sample is encoded;
+    # a trained model never writes them, an untrained one might
+    tok = loaded.tokenizer
+    markers = {tok.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, IMG_START, IMG_END)}
+    body = [t for t in body if t not in markers]
+    # decoded here rather than taken from reply.text so no clean-up pass can alter spacing
+    text = tok.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return {"id": sample.id, "response": text, "tokens": len(body), "finished": bool(reply.finished)}
+
+
+def add_self_traces(
+    samples: Sequence[Sample],
+    model_dir,
+    max_trace_tokens: int,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> list[Sample]:
+    """Copies of ``samples`` whose ``response`` is the full-precision model's own greedy reply.
+
+    Text samples (``kind == "text"``) are returned as they are.  Replies come from the cache
+    under ``cache_dir`` (default :func:`default_cache_dir`) when present; the model is loaded
+    only if some reply is missing, and each new reply is stored as soon as it is generated.
+    ``progress(done, total)`` is called after each generated reply, ``total`` counting only
+    the replies that were missing.
+    """
+    from r1v_quant.checkpoint import resolve_model
+
+    if max_trace_tokens < 1:
+        raise UserError(f"--max-trace-tokens must be at least 1 (got {max_trace_tokens}).")
+    samples = list(samples)
+    wanted = [i for i, s in enumerate(samples) if s.kind != "text"]
+    if not wanted:
+        return samples
+
+    folder = resolve_model(model_dir)
+    identity = model_identity(folder)
+    settings = trace_settings(max_trace_tokens)
+    keys = {i: sample_key(samples[i]) for i in wanted}
+    path = cache_file(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), identity, settings,
+                      [keys[i] for i in wanted])
+    traces = _read_cache(path)
+    missing = [i for i in wanted if keys[i] not in traces]
+
+    if missing:
+        from r1v_quant.model.r1v import load_model
+
+        _make_folder(path)  # before minutes of generation, not after the first reply
+        record = {"format": CACHE_FORMAT, "model": identity, "settings": settings, "traces": traces}
+        loaded = load_model(folder, device=device)
+        try:
+            for done, i in enumerate(missing, start=1):
+                traces[keys[i]] = generate_trace(loaded, samples[i], max_trace_tokens)
+                _write_atomic(path, record)
+                if progress is not None:
+                    progress(done, len(missing))
+        finally:
+            del loaded
+            _free_device_memory()
+
+    out = list(samples)
+    for i in wanted:
+        out[i] = dataclasses.replace(samples[i], response=traces[keys[i]]["response"])
+    return out
+
+
+def _free_device_memory() -> None:
+    """Give the full-precision model's memory back before quantisation needs it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,156 @@
+"""`r1v-quant eval`: what the quantisation cost, reference against candidate on the same questions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+# Exit status when the candidate lost more accuracy than --max-drop allows (2 is bad input).
+DROP_EXCEEDED = 1
+
+
+def _progress_columns() -> tuple:
+    return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn())
+
+
+class ModelBars:
+    """One bar per model, made on the model's first report; steps are questions generated
+    and questions teacher-forced."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+
+def _print_text_suite(results, console: Console) -> None:
+    from r1v_quant.evals.run import text_table
+
+    headers, rows = text_table(results)
+    table = Table(title=f"{results.suite}: {results.candidate} vs {results.reference}")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < 2 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _text_markdown(results) -> str:
+    from r1v_quant.evals.run import text_table
+
+    headers, rows = text_table(results)
+    lines = [f"## {results.suite}: {results.candidate} vs {results.reference}", "",
+             "| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Written under a temporary name and renamed, so a crash leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_reports(run, json_out: Path | None, markdown: Path | None, plot: Path | None, console: Console) -> None:
+    from r1v_quant.evals import report
+
+    results, is_text = run.results, run.suite.kind == "text"
+    if json_out:
+        console.print(f"wrote {report.to_json(results, json_out)}")
+    if markdown:
+        text = _text_markdown(results) if is_text else report.to_markdown(results)
+        console.print(f"wrote {_write_text(Path(markdown), text)}")
+    if plot:
+        console.print(f"wrote {report.plot_per_subject(results, plot)}")
+
+
+def _check_options(suite: str, data_path: Path | None, max_drop: float | None, plot: Path | None) -> None:
+    """Refuse options a text suite cannot honour before hours of generation, not after."""
+    from r1v_quant.evals.run import suite_loader
+
+    from r1v_quant.errors import UserError
+
+    _, kind, _ = suite_loader(suite, data_path)
+    if kind == "text" and max_drop is not None:
+        raise UserError(f"--max-drop needs a suite with answers; {suite} measures perplexity only.")
+    if kind == "text" and plot is not None:
+        raise UserError(f"--plot draws accuracy per subject, which the text suite {suite} does not have.")
+
+
+def _check_drop(run, max_drop: float | None, console: Console) -> None:
+    from r1v_quant.evals.run import accuracy_drop
+
+    if max_drop is None:
+        return
+    drop = accuracy_drop(run.results)
+    if drop > max_drop:
+        console.print(f"[bold red]accuracy drop {drop:.1f} points exceeds --max-drop {max_drop:g}[/]")
+        raise typer.Exit(DROP_EXCEEDED)
+    console.print(f"[green]accuracy drop {drop:.1f} points is within --max-drop {max_drop:g}[/]")
+
+
+def command(
+    reference: str = typer.Option(..., "--reference", "-r", help="Full-precision checkpoint folder or Hugging Face id."),
+    candidate: str = typer.Option(..., "--candidate", "-c", help="Quantised export (or any checkpoint) to compare with it."),
+    suite: str = typer.Option("builtin", help="builtin (held-out built-in questions), mmmu-sample, text:PATH (perplexity), or a folder / .parquet file in MMMU's layout."),
+    data_path: Path | None = typer.Option(None, "--data-path", "--calib-path", help="Local MMMU data (folder or parquet files) for --suite mmmu-sample."),
+    limit: int | None = typer.Option(None, min=1, help="Questions to use (default: 64 for builtin and text suites, all for MMMU)."),
+    baseline: list[str] = typer.Option([], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 (bitsandbytes); repeatable."),
+    max_new_tokens: int = typer.Option(2048, min=1, help="Longest reply; replies cut here without an answer count as runaway."),
+    greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding (default: reproducible and cacheable) or the vendor's sampling (temperature 0.6, top_p 0.95)."),
+    seed: int = typer.Option(0, help="Seed for choosing questions and for --sample."),
+    batch_size: int = typer.Option(4, min=1, help="Questions generated at once."),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
+    dtype: str = typer.Option("bf16", help="Activation dtype: bf16, fp16 or fp32."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here."),
+    markdown: Path | None = typer.Option(None, "--markdown", help="Write the tables as Markdown here."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of accuracy per subject here."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="Exit with status 1 when the candidate's accuracy is more than this many points below the reference's."),
+    cache_dir: Path | None = typer.Option(None, help="Where reference outputs are cached (default: $R1V_QUANT_CACHE/eval or ~/.cache/r1v-quant/eval)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the reference cache."),
+) -> None:
+    """Compare a quantised model with its reference: accuracy, agreement, KL, reasoning length."""
+    from r1v_quant.evals import report
+    from r1v_quant.evals.run import EvalSettings, evaluate
+
+    _check_options(suite, data_path, max_drop, plot)
+    settings = EvalSettings(suite=suite, data_path=data_path, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
+                            greedy=greedy, batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
+                            use_cache=not no_cache)
+    console = Console()
+    console.print(f"[dim]decoding: {settings.describe()['decoding']}"
+                  f"{' (deterministic; --sample for the vendor settings)' if greedy else ''}, "
+                  f"up to {max_new_tokens} new tokens[/]")
+    with Progress(*_progress_columns(), console=console) as progress:
+        run = evaluate(reference, candidate, settings, baseline, progress=ModelBars(progress))
+    for warning in run.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+    if run.suite.kind == "text":
+        _print_text_suite(run.results, console)
+    else:
+        report.print_report(run.results, console)
+    if run.cache_dir is not None:
+        console.print(f"[dim]reference outputs: {run.reference_reused} cached, {run.reference_generated} new "
+                      f"({run.cache_dir})[/]")
+    _write_reports(run, json_out, markdown, plot, console)
+    _check_drop(run, max_drop, console)

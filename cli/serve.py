@@ -1,0 +1,78 @@
+"""`r1v-quant serve`: check an export, then run `vllm serve` on it with the flags this model needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from r1v_quant.errors import UserError
+from r1v_quant.serve import DEFAULT_IMAGES_PER_PROMPT, DEFAULT_UTIL
+
+# Register with: app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
+# so that options typer does not know (vLLM's) reach the command as ctx.args.
+CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def refuse_failing(folder: Path) -> None:
+    """UserError naming the first failed vLLM-contract check of the export, if any."""
+    from r1v_quant.inspect_export import inspect
+
+    report = inspect(folder)
+    if report.ok:
+        return
+    failed = report.failures
+    first = failed[0]
+    others = f" (and {len(failed) - 1} more failed checks)" if len(failed) > 1 else ""
+    raise UserError(f"{folder} fails the vLLM check '{first.name}'{others}: {first.message.rstrip('.')}; "
+                    f"`r1v-quant inspect {folder}` shows the full report.")
+
+
+def command(
+    ctx: typer.Context,
+    folder: Annotated[Path, typer.Argument(help="Export folder written by `r1v-quant awq`.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the vllm command instead of running it.")] = False,
+    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Plan --max-model-len for this card size (e.g. 80GiB, 49140MiB) instead of the GPU found.")] = None,
+    util: Annotated[float, typer.Option("--util", help="vLLM --gpu-memory-utilization, also what the plan assumes.")] = DEFAULT_UTIL,
+    images: Annotated[int, typer.Option("--images", min=0, help="Images allowed per prompt (0 = text only, which leaves more room for the KV cache).")] = DEFAULT_IMAGES_PER_PROMPT,
+) -> None:
+    """Run `vllm serve` on an export with --trust-remote-code, --dtype bfloat16, a --max-model-len that fits
+    the GPU, and images per prompt; any further arguments go to vLLM and win over ours
+    (r1v-quant serve r1v-38b-awq --port 8000 --kv-cache-dtype fp8)."""
+    from r1v_quant.config import load_config
+    from r1v_quant.plan import parse_size
+    from r1v_quant.serve import (
+        build_serve,
+        command_line,
+        exec_vllm,
+        find_vllm,
+        gpu_memory,
+    )
+
+    err = Console(stderr=True)
+    extra = list(ctx.args)
+    refuse_failing(folder)
+    cfg = load_config(folder)
+
+    if gpu_mem is not None:
+        gpu_bytes, label = parse_size(gpu_mem), f"{gpu_mem} card"
+    else:
+        found = gpu_memory()
+        gpu_bytes, label = (found[0], f"{found[1]} ({found[0] / 1024**3:.1f} GiB)") if found else (None, None)
+    cmd = build_serve(folder, cfg, gpu_bytes, extra, util=util, images_per_prompt=images, gpu_label=label)
+
+    vllm = find_vllm(required=not dry_run)
+    if vllm is None:
+        vllm = ["vllm"]
+        cmd.notes.append("vLLM is not installed here; the command is for a machine that has it.")
+    argv = vllm + cmd.args
+    for note in cmd.notes:
+        err.print(f"[dim]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    if dry_run:
+        typer.echo(command_line(argv))
+        return
+    err.print(f"running: {command_line(argv)}", highlight=False, soft_wrap=True, markup=False)
+    exec_vllm(argv)

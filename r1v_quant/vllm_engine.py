@@ -1,0 +1,151 @@
+"""One-shot chat through vLLM's Python API (`r1v-quant chat --engine vllm`).
+
+The prompt is rendered with the checkpoint tokenizer's own chat template. Images go to vLLM as
+`multi_modal_data={"image": [PIL images]}`, and the user text carries one `<image>` per image:
+vLLM's Skywork-R1V processor (the InternVL one) replaces each `<image>` with `<img>`, 256
+`<IMG_CONTEXT>` per tile and `</img>`, in order. Without markers in the text, one `<image>\\n` per
+image goes in front of it, as in the vendor's chat.
+
+The engine is built with what this model needs: `trust_remote_code`, bfloat16 activations (the
+fp16 AWQ kernels overflow on Qwen2), a `max_model_len` that `r1v_quant.plan` predicts for the GPU
+found, and `limit_mm_per_prompt` set to the number of images (0 for text only, so that no vision
+activations are profiled, and recent vLLM does not even load the vision tower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from r1v_quant.errors import UserError
+from r1v_quant.serve import VLLM_MISSING
+
+IMAGE_PLACEHOLDER = "<image>"   # vLLM's SkyworkR1VChatModel.get_placeholder_str("image", i)
+
+
+def import_vllm():
+    """The vllm module, or UserError saying how to get it."""
+    try:
+        import vllm
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "vllm":
+            raise UserError(VLLM_MISSING) from None
+        raise UserError(f"vLLM is installed but does not import here: module {e.name} is missing.") from None
+    except Exception as e:  # noqa: BLE001 - broken native deps surface as many error types
+        raise UserError(f"vLLM is installed but does not import here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+    return vllm
+
+
+def with_placeholders(prompt: str, n_images: int) -> str:
+    """The user text with exactly one `<image>` per image: kept where the user wrote them, else prepended."""
+    found = prompt.count(IMAGE_PLACEHOLDER)
+    if found == 0:
+        return f"{IMAGE_PLACEHOLDER}\n" * n_images + prompt
+    if found != n_images:
+        raise UserError(f"the prompt has {found} {IMAGE_PLACEHOLDER} markers but {n_images} images were given; "
+                        f"use one marker per image, or none to put the images first.")
+    return prompt
+
+
+def open_images(paths: Sequence[str | Path]) -> list[Any]:
+    """PIL RGB images; UserError naming the first file that is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise UserError(f"image {path} does not exist.")
+        try:
+            with Image.open(path) as im:
+                out.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"image {path} could not be read ({type(e).__name__}).") from None
+    return out
+
+
+def render_prompt(tokenizer, user_text: str, system: str | None = None) -> str:
+    """The chat-template rendering of one user turn (and a system prompt), ready for the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the checkpoint's tokenizer has no chat template, so the prompt cannot be rendered.")
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": user_text})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def load_tokenizer(model: str):
+    """The checkpoint's own tokenizer (a folder or a Hugging Face id)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model), trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001 - missing files, bad remote code and hub errors all end the same way
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"the tokenizer of {model} could not be loaded ({type(e).__name__}: {detail[:200]}).") from None
+
+
+def sampling_kwargs(sampling) -> dict[str, Any]:
+    """vLLM SamplingParams arguments for an `r1v_quant.generate.Sampling`; greedy is temperature 0."""
+    kwargs: dict[str, Any] = {"max_tokens": int(sampling.max_new_tokens)}
+    if sampling.greedy:
+        kwargs.update(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+    else:
+        kwargs.update(temperature=float(sampling.temperature), top_p=float(sampling.top_p),
+                      repetition_penalty=float(sampling.repetition_penalty))
+    if sampling.seed is not None:
+        kwargs["seed"] = int(sampling.seed)
+    return kwargs
+
+
+@dataclass
+class EngineSettings:
+    kwargs: dict[str, Any]
+    note: str
+
+
+def engine_kwargs(model: str, n_images: int, gpu_bytes: int | None = None, max_model_len: int | None = None,
+                  util: float = 0.9) -> EngineSettings:
+    """`vllm.LLM` arguments for this model; max_model_len from the plan when a GPU is known."""
+    kwargs: dict[str, Any] = {"model": str(model), "trust_remote_code": True, "dtype": "bfloat16",
+                              "limit_mm_per_prompt": {"image": n_images}, "gpu_memory_utilization": util}
+    if max_model_len is not None:
+        kwargs["max_model_len"] = int(max_model_len)
+        return EngineSettings(kwargs, f"max_model_len {max_model_len} as given")
+    if gpu_bytes is None:
+        from r1v_quant.serve import gpu_memory
+
+        found = gpu_memory()
+        gpu_bytes = found[0] if found else None
+    if gpu_bytes is None:
+        return EngineSettings(kwargs, "no CUDA GPU found: max_model_len left to vLLM")
+    from r1v_quant.plan import make_plan, resolve_config
+
+    cfg, source = resolve_config(str(model))
+    card = make_plan(cfg, source=source, util=util, gpu_mems=[("GPU", gpu_bytes)], images=n_images > 0).cards[0]
+    if card.max_model_len <= 0:
+        raise UserError(f"{model} does not fit this {gpu_bytes / 1024**3:.1f} GiB GPU ({card.reason}); "
+                        "`r1v-quant plan` shows what would fit.")
+    kwargs["max_model_len"] = card.max_model_len
+    return EngineSettings(kwargs, f"max_model_len {card.max_model_len} from the plan")
+
+
+def chat_once(model: str | Path, prompt: str, image_paths: Sequence[str | Path], sampling, system: str | None = None,
+              *, gpu_bytes: int | None = None, max_model_len: int | None = None) -> str:
+    """Answer one prompt (with images) through vLLM and return the generated text (reasoning included)."""
+    vllm = import_vllm()
+    images = open_images(image_paths)
+    tokenizer = load_tokenizer(str(model))
+    text = render_prompt(tokenizer, with_placeholders(prompt, len(images)), system)
+    settings = engine_kwargs(str(model), len(images), gpu_bytes=gpu_bytes, max_model_len=max_model_len)
+    llm = vllm.LLM(**settings.kwargs)
+    request: dict[str, Any] = {"prompt": text}
+    if images:
+        request["multi_modal_data"] = {"image": images}
+    try:
+        outputs = llm.generate([request], vllm.SamplingParams(**sampling_kwargs(sampling)), use_tqdm=False)
+    except ValueError as e:   # vLLM's request validation (prompt longer than max_model_len, ...)
+        first = str(e).strip().split(". ")[0].rstrip(".")
+        raise UserError(f"vLLM rejected the request: {first}.") from None
+    return outputs[0].outputs[0].text
