@@ -9,6 +9,8 @@ exactly `N` new tokens each (end-of-sequence suppressed). A streamer timestamps 
 so prefill is reported apart and decode tokens/s counts only the tokens after the first.
 The two models alternate repeat by repeat so that both see the same machine load; with
 `--one-at-a-time` each is loaded, measured and freed in turn (for GPUs that cannot hold both).
+On a CPU shared with other work, pass `--threads` at most the number of idle cores: torch's
+threads wait for each other at every op, so one descheduled thread stalls them all.
 
 `--synthetic DIR` first writes a wider random model (DIR/bf16, via `r1v_quant.tiny.make_tiny`)
 and its export (DIR/awq, via `r1v-quant awq --samples 4 --no-kl-check`), reusing them if present,
@@ -21,6 +23,7 @@ import argparse
 import gc
 import itertools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -247,6 +250,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
         "tokens": args.tokens,
         "prompt_tokens": args.prompt_tokens,

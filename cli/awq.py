@@ -41,6 +41,7 @@ def command(
     grid: int = typer.Option(20, min=2, help="Grid points for the scale and clip searches."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the clipping search."),
     propagate: str = typer.Option("quantized", help="Inputs of layer i+1: outputs of the quantized or the float layer i."),
+    balance: bool = typer.Option(True, "--balance/--no-balance", help="Weigh image and text tokens equally in the searches."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration set."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
     offload_dir: Path | None = typer.Option(None, help="Spill calibration activations here when they outgrow RAM."),
@@ -60,7 +61,7 @@ def command(
         raise UserError(f"--propagate {propagate} is not one of quantized, float.")
     if group_size <= 0:
         raise UserError(f"--group-size {group_size} must be positive.")
-    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate,
+    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
                            seq_len=seq_len, max_tokens=max_tokens, samples=samples, seed=seed)
     choice = CalibChoice(calib, calib_path, _mix(mix), traces, max_trace_tokens)
     console = Console()

@@ -84,12 +84,13 @@ def _write_reports(run, json_out: Path | None, markdown: Path | None, plot: Path
         console.print(f"wrote {report.plot_per_subject(results, plot)}")
 
 
-def _check_options(suite: str, data_path: Path | None, max_drop: float | None, plot: Path | None) -> None:
-    """Refuse options a text suite cannot honour before hours of generation, not after."""
-    from r1v_quant.evals.run import suite_loader
-
+def _check_options(suite: str, data_path: Path | None, dtype: str, max_drop: float | None, plot: Path | None) -> None:
+    """Refuse bad options before hours of generation, not after."""
     from r1v_quant.errors import UserError
+    from r1v_quant.evals.run import suite_loader
+    from r1v_quant.model.r1v import parse_dtype
 
+    parse_dtype(dtype)
     _, kind, _ = suite_loader(suite, data_path)
     if kind == "text" and max_drop is not None:
         raise UserError(f"--max-drop needs a suite with answers; {suite} measures perplexity only.")
@@ -116,7 +117,7 @@ def command(
     data_path: Path | None = typer.Option(None, "--data-path", "--calib-path", help="Local MMMU data (folder or parquet files) for --suite mmmu-sample."),
     limit: int | None = typer.Option(None, min=1, help="Questions to use (default: 64 for builtin and text suites, all for MMMU)."),
     baseline: list[str] = typer.Option([], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 (bitsandbytes); repeatable."),
-    max_new_tokens: int = typer.Option(2048, min=1, help="Longest reply; replies cut here without an answer count as runaway."),
+    max_new_tokens: int = typer.Option(2048, min=1, help="Longest reply (the vendor allows up to 64000); replies cut here without an answer count as runaway."),
     greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding (default: reproducible and cacheable) or the vendor's sampling (temperature 0.6, top_p 0.95)."),
     seed: int = typer.Option(0, help="Seed for choosing questions and for --sample."),
     batch_size: int = typer.Option(4, min=1, help="Questions generated at once."),
@@ -133,22 +134,21 @@ def command(
     from r1v_quant.evals import report
     from r1v_quant.evals.run import EvalSettings, evaluate
 
-    _check_options(suite, data_path, max_drop, plot)
+    _check_options(suite, data_path, dtype, max_drop, plot)
     settings = EvalSettings(suite=suite, data_path=data_path, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
                             greedy=greedy, batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
                             use_cache=not no_cache)
     console = Console()
-    console.print(f"[dim]decoding: {settings.describe()['decoding']}"
-                  f"{' (deterministic; --sample for the vendor settings)' if greedy else ''}, "
-                  f"up to {max_new_tokens} new tokens[/]")
     with Progress(*_progress_columns(), console=console) as progress:
-        run = evaluate(reference, candidate, settings, baseline, progress=ModelBars(progress))
-    for warning in run.warnings:
-        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+        run = evaluate(reference, candidate, settings, baseline, progress=ModelBars(progress),
+                       on_warning=lambda w: console.print(f"[bold yellow]warning:[/] {w}", highlight=False))
     if run.suite.kind == "text":
         _print_text_suite(run.results, console)
     else:
         report.print_report(run.results, console)
+        console.print(f"[dim]decoding: {settings.describe()['decoding']}"
+                      f"{' (deterministic; --sample for the vendor settings)' if greedy else ''}, "
+                      f"up to {max_new_tokens} new tokens[/]")
     if run.cache_dir is not None:
         console.print(f"[dim]reference outputs: {run.reference_reused} cached, {run.reference_generated} new "
                       f"({run.cache_dir})[/]")

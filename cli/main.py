@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,10 +20,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from r1v_quant.cli import awq, chat, inspect, make_tiny, plan, serve
+    from r1v_quant.cli import awq, chat, eval, inspect, make_tiny, plan, serve
 
     app.command("awq")(awq.command)
     app.command("chat")(chat.command)
+    app.command("eval")(eval.command)
     app.command("plan")(plan.command)
     app.command("inspect")(inspect.command)
     app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
@@ -35,22 +35,16 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point: usage errors are typer's; our own errors print one sentence and exit 2."""
     err = Console(stderr=True)
     try:
-        code = app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="r1v-quant")
     except UserError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        err.print("interrupted")
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -34,20 +34,15 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from r1v_quant.calib.sample import Sample
-from r1v_quant.evals import report
-from r1v_quant.evals.scoring import (
-    THINK_CLOSE,
-    extract_answer,
-    is_correct,
-    reasoning_length,
-)
 
+from r1v_quant.calib.sample import Sample
 from r1v_quant.errors import UserError
+from r1v_quant.evals import report
+from r1v_quant.evals.scoring import THINK_CLOSE, extract_answer, is_correct, reasoning_length
 
 CACHE_FORMAT = 1
 CACHE_ENV = "R1V_QUANT_CACHE"
@@ -140,8 +135,18 @@ def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[
 
 
 def load_suite(settings: EvalSettings) -> Suite:
+    from r1v_quant.calib.mmmu import NO_DATA_MESSAGE
+
     name, kind, load = suite_loader(settings.suite, settings.data_path)
-    samples = load(settings.limit, settings.seed)
+    try:
+        samples = load(settings.limit, settings.seed)
+    except UserError as error:
+        if str(error) != NO_DATA_MESSAGE:
+            raise
+        # the calibration wording names awq's flags; say it with this command's
+        raise UserError("MMMU validation data is not available offline and the Hugging Face Hub cannot be reached; "
+                        "download the MMMU/MMMU parquet files on a connected machine and pass their folder with "
+                        "--data-path (or use --suite builtin).") from None
     if not samples:
         raise UserError(f"suite {settings.suite!r} has no questions.")
     if kind == "qa":
@@ -294,6 +299,9 @@ class RefDist:
     nll: torch.Tensor       # [P] float32, -log p(actual next token)
 
 
+_DIST_FIELDS = ("logp", "ids", "tail", "top1", "nll")
+
+
 @dataclass
 class Closeness:
     """One model against the reference on one sequence, summed over positions."""
@@ -330,12 +338,12 @@ def position_logprobs(loaded, prompt_embeds: torch.Tensor, prompt_ids: torch.Ten
     embeds = prompt_embeds
     if reply.numel():
         embeds = torch.cat([embeds, lm.get_input_embeddings()(reply.to(loaded.device)).to(embeds.dtype)])
-    tokens = torch.cat([prompt_ids.cpu(), reply])
+    tokens = torch.cat([prompt_ids.cpu(), reply]).to(loaded.device)
     hidden = lm.model(inputs_embeds=embeds[None], use_cache=False).last_hidden_state[0]
     for lo in range(start, start + count, _LOGIT_CHUNK):
         hi = min(lo + _LOGIT_CHUNK, start + count)
-        logits = lm.lm_head(hidden[lo:hi]).float()
-        yield torch.log_softmax(logits, dim=-1).cpu(), tokens[lo + 1:hi + 1]
+        # stays on the device: only the top-k summary or a few sums ever leave it
+        yield torch.log_softmax(lm.lm_head(hidden[lo:hi]).float(), dim=-1), tokens[lo + 1:hi + 1]
 
 
 def _tail(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -343,16 +351,17 @@ def _tail(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def summarize(logp: torch.Tensor, targets: torch.Tensor, k: int) -> RefDist:
+    """The reference's summary of some positions, moved to the CPU for the cache."""
     values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    return RefDist(values, ids, _tail(logp, ids), logp.argmax(dim=-1),
-                   -logp.gather(1, targets[:, None]).squeeze(1))
+    dist = RefDist(values, ids, _tail(logp, ids), logp.argmax(dim=-1), -logp.gather(1, targets[:, None]).squeeze(1))
+    return RefDist(*(getattr(dist, f).cpu() for f in _DIST_FIELDS))
 
 
 def concat_dists(parts: Sequence[RefDist], k: int) -> RefDist:
     if not parts:
         empty = torch.empty(0)
         return RefDist(empty.reshape(0, k), empty.reshape(0, k).long(), empty, empty.long(), empty)
-    return RefDist(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logp", "ids", "tail", "top1", "nll")))
+    return RefDist(*(torch.cat([getattr(p, f) for p in parts]) for f in _DIST_FIELDS))
 
 
 # Tail log-masses below this are treated alike on both sides: exp(-80) is far below any
@@ -375,7 +384,7 @@ def closeness(ref: RefDist, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]])
     out, at = Closeness(), 0
     for logp, targets in chunks:
         n = logp.shape[0]
-        part = RefDist(*(getattr(ref, f)[at:at + n] for f in ("logp", "ids", "tail", "top1", "nll")))
+        part = RefDist(*(getattr(ref, f)[at:at + n].to(logp.device) for f in _DIST_FIELDS))
         out.kl += float(coarse_kl(part, logp).double().sum())
         out.top1_same += int((logp.argmax(dim=-1) == part.top1).sum())
         out.nll += float(-logp.gather(1, targets[:, None]).double().sum())
@@ -543,13 +552,19 @@ def build_rtn(reference: Path, group_size: int, device: str | None, dtype: str):
     return loaded
 
 
-def build_nf4(reference: Path, device: str | None, dtype: str):
-    """The reference with every quantised linear in bitsandbytes NF4 (4 bits, blocks of 64)."""
+def _bitsandbytes():
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes
     except ImportError:
         raise UserError("--baseline nf4 needs bitsandbytes: pip install 'r1v-quant[nf4]'.") from None
+    return bitsandbytes
+
+
+def build_nf4(reference: Path, device: str | None, dtype: str):
+    """The reference with every quantised linear in bitsandbytes NF4 (4 bits, blocks of 64)."""
     from r1v_quant.model.r1v import load_model
+
+    bnb = _bitsandbytes()
 
     loaded = load_model(reference, device=device, dtype=dtype)
     try:
@@ -592,6 +607,7 @@ def model_specs(reference: Path, ref_name: str, candidate: Path, cand_name: str,
             specs.append(ModelSpec(f"RTN w4 g{group}", "baseline",
                                    lambda g=group: build_rtn(reference, g, settings.device, settings.dtype)))
         elif base == "nf4":
+            _bitsandbytes()  # missing: say so now, not after the reference has run
             specs.append(ModelSpec("NF4 (bitsandbytes)", "baseline",
                                    lambda: build_nf4(reference, settings.device, settings.dtype)))
         else:
@@ -788,11 +804,24 @@ class EvalRun:
     items: dict[str, list[ItemResult]]
 
 
-def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: Sequence[str] = (),
-             progress: ProgressFn | None = None) -> EvalRun:
-    """Reference, candidate and baselines on the same suite, one model at a time."""
-    from r1v_quant.calib.traces import model_identity
+def _run_models(specs: Sequence[ModelSpec], suite: Suite, settings: EvalSettings, key: dict,
+                progress: ProgressFn | None) -> tuple[dict[str, tuple[str, list[ItemResult]]], int, Path]:
+    """Every model in turn, the reference first: (label -> (role, items), reference items
+    reused from the cache, the cache folder)."""
+    with _cache_root(settings) as root:
+        cache = ReferenceCache.open(root, key)
+        ref_items, reused = run_reference(specs[0], suite, settings, cache, progress)
+        runs = {specs[0].label: ("reference", reference_results(ref_items))}
+        for spec in specs[1:]:
+            runs[spec.label] = (spec.role, run_model(spec, suite, settings, ref_items, progress))
+    return runs, reused, cache.folder
 
+
+def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: Sequence[str] = (),
+             progress: ProgressFn | None = None, on_warning: Callable[[str], None] | None = None) -> EvalRun:
+    """Reference, candidate and baselines on the same suite, one model at a time.
+    ``on_warning`` hears each warning before the long work starts."""
+    from r1v_quant.calib.traces import model_identity
     from r1v_quant.checkpoint import resolve_model
 
     check_settings(settings)
@@ -802,23 +831,23 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
     ref_path, cand_path = resolve_model(reference), resolve_model(candidate)
     suite = load_suite(settings)
     warnings = [w for w in [calibration_overlap(cand_path, suite, settings.data_path)] if w]
+    for warning in warnings if on_warning else ():
+        on_warning(warning)
     specs = model_specs(ref_path, display_name(reference, ref_path), cand_path, display_name(candidate, cand_path),
                         baselines, settings)
-    key = cache_key(model_identity(ref_path), suite, settings)
-    with _cache_root(settings) as root:
-        cache = ReferenceCache.open(root, key)
-        ref_items, reused = run_reference(specs[0], suite, settings, cache, progress)
-        runs = {specs[0].label: ("reference", reference_results(ref_items))}
-        for spec in specs[1:]:
-            runs[spec.label] = (spec.role, run_model(spec, suite, settings, ref_items, progress))
-    think_close = _think_close_id(ref_path)
-    models, comparisons = (qa_results(suite, runs, think_close) if suite.kind == "qa" else text_results(suite, runs))
+    runs, reused, folder = _run_models(specs, suite, settings, cache_key(model_identity(ref_path), suite, settings),
+                                       progress)
+    if suite.kind == "qa":
+        models, comparisons = qa_results(suite, runs, _think_close_id(ref_path))
+    else:
+        models, comparisons = text_results(suite, runs)
+    cache_dir = folder if settings.use_cache else None
     results = report.EvalResults(
         suite=suite.name, reference=specs[0].label, candidate=specs[1].label, models=models, comparisons=comparisons,
-        baselines=[s.label for s in specs[2:]], settings={**settings.describe(), "warnings": warnings,
-                                                          "reference_cache": str(cache.folder) if settings.use_cache else None})
-    return EvalRun(results, suite, warnings, cache.folder if settings.use_cache else None, reused,
-                   len(ref_items) - reused, {label: items for label, (_, items) in runs.items()})
+        baselines=[s.label for s in specs[2:]],
+        settings={**settings.describe(), "warnings": warnings, "reference_cache": cache_dir and str(cache_dir)})
+    return EvalRun(results, suite, warnings, cache_dir, reused, len(suite.samples) - reused,
+                   {label: items for label, (_, items) in runs.items()})
 
 
 @contextmanager
@@ -845,7 +874,8 @@ def _think_close_id(model_dir: Path) -> int | None:
 def accuracy_drop(results: report.EvalResults) -> float | None:
     """Reference minus candidate accuracy, in points (positive: the candidate lost)."""
     comparison = results.comparison(results.candidate)
-    return None if comparison is None or comparison.diff is None else -comparison.diff
+    # 0.0 - diff rather than -diff: no "-0.0" when nothing changed
+    return None if comparison is None or comparison.diff is None else 0.0 - comparison.diff
 
 
 def text_table(results: report.EvalResults) -> tuple[list[str], list[list[str]]]:
@@ -857,15 +887,3 @@ def text_table(results: report.EvalResults) -> tuple[list[str], list[list[str]]]
                      "-" if c is None or c.mean_kl is None else f"{c.mean_kl:.4g}",
                      "-" if c is None or c.top1_agreement is None else f"{c.top1_agreement:.1f}%"])
     return ["model", "role", "texts", "perplexity", "KL (nats)", "top-1 agree"], rows
-
-
-def item_records(run: EvalRun) -> list[dict]:
-    """Per-question outputs of every model, for debugging and tests."""
-    out = []
-    for label, items in run.items.items():
-        for item in items:
-            record = {"model": label, "id": item.sample_id, **asdict(item.close)}
-            if item.reply is not None:
-                record.update(text=item.reply.text, finished=item.reply.finished, tokens=len(item.reply.ids))
-            out.append(record)
-    return out

@@ -18,7 +18,7 @@ def tiny_export(tiny_dir, tmp_path_factory):
     from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
 
     out = tmp_path_factory.mktemp("export") / "r1v-tiny-awq"
-    settings = AWQSettings(group_size=128, samples=8, seq_len=512, max_tokens=4096, grid=10)
+    settings = AWQSettings(group_size=128, samples=8, seq_len=2048, max_tokens=6144, grid=10)
     quantize_checkpoint(str(tiny_dir), out, settings, CalibChoice("builtin"), device="cpu")
     return out
 

@@ -333,3 +333,27 @@ def test_qweight_assigned_over_packed_codes_wins():
     assert torch.equal(m.state_dict()["qweight"], other.qweight)
     expected = F.linear(x.float(), awq_dequantize(other.qweight, m.qzeros, m.scales, 128), m.bias.float())
     assert _close_bf16(m(x), expected) and m.prepared
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
+def test_loaded_export_holds_its_codes_once(tiny_export):
+    from r1v_quant.checkpoint import Checkpoint
+    from r1v_quant.model.r1v import load_model
+
+    loaded = load_model(tiny_export, device="cpu")  # bf16, as chat and eval run it
+    ids = loaded.tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        logits = loaded.model(ids).logits
+    layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, AWQLinear)}
+    assert layers
+    for name, m in layers.items():
+        assert m.prepared and m.qweight is None, name
+        qweight_bytes = m.in_features * m.out_features // 2
+        assert [b for b in _held_storage_bytes(m).values() if b >= qweight_bytes // 4] == [qweight_bytes], name
+    ckpt = Checkpoint(tiny_export)
+    sd = loaded.model.state_dict()
+    for name in layers:
+        for leaf in ("qweight", "qzeros", "scales"):
+            assert torch.equal(sd[f"{name}.{leaf}"], ckpt.get(f"{name}.{leaf}")), f"{name}.{leaf}"
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, logits)

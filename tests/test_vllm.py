@@ -51,11 +51,17 @@ def _run_vllm(reference: Path, *extra: str) -> dict:
     assert out.exists(), f"vLLM run failed (exit {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}"
     summary = json.loads(out.read_text())
     for case in summary["cases"]:
-        assert case["prompt_len"]["vllm"] == case["prompt_len"]["reference"] and case["prompt_ids_equal"], (
+        assert case["prompt_ids_equal"], (
             f"{case['name']}: vLLM built different prompt ids from ours (lengths {case['prompt_len']})")
-        assert case["vllm_output_ids"] == case["reference_output_ids"], (
-            f"{case['name']}: vLLM greedy ids {case['vllm_output_ids']} != ours {case['reference_output_ids']} "
-            f"(first difference at {case['first_difference']}; set-up {summary['setup']})")
+        forced = case["teacher_forced"]
+        assert forced["same_ids"], f"{case['name']}: vLLM did not accept our reply as a continuation of the prompt"
+        # Each of our greedy tokens is vLLM's choice too, or a bf16 near-tie with it, and both
+        # engines give it the same log-probability (see TIE_TOL / LOGPROB_TOL in vllm_check.py).
+        assert case["ok"], (
+            f"{case['name']}: vLLM disagrees with our runtime: greedy {case['vllm_output_ids']} vs ours "
+            f"{case['reference_output_ids']}; along our reply {forced}; LLM.chat agrees: "
+            f"{case['chat_same_prompt_and_reply']}; criteria {summary['criteria']}; "
+            f"set-up {summary['setup']}")
     assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
     return summary
 
@@ -70,3 +76,14 @@ def test_vllm_avx2_build_with_reference_op(reference):
     """vLLM's AVX2 library, which lacks cpu_gemm_wna16, with r1v_quant.vllm_cpu_op standing in for it."""
     summary = _run_vllm(reference, "--emulate-avx2")
     assert summary["setup"]["gemm_op"].startswith("reference")
+
+
+def test_reference_op_matches_vllm_layout(tmp_path):
+    """r1v_quant.vllm_cpu_op inverts vLLM's own AWQ weight conversion exactly (and matches its kernel where present)."""
+    out = tmp_path / "op.json"
+    proc = subprocess.run([str(VLLM_PYTHON), str(CHECK), "op", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert out.exists(), f"op check failed (exit {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}"
+    summary = json.loads(out.read_text())
+    assert summary["ok"], json.dumps(summary, indent=2)
+    assert proc.returncode == 0

@@ -12,10 +12,21 @@ Steps of the default `all`:
    prompt and an image prompt, written to `reference.json`;
 2. `vllm`, in this process: `vllm.LLM(model=export, trust_remote_code=True, dtype="bfloat16",
    distributed_executor_backend="uni", enforce_eager=True, ...)` with the engine in-process
-   (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), greedy generation on the same prompts, and a
-   comparison of prompt ids and reply ids. Exit status 0 only when every case matches.
+   (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), greedy generation on the same prompts, then our
+   reply fed back to vLLM as a prompt (teacher forcing) for its log-probabilities.
+   A case passes when vLLM builds the same prompt ids (chat template, `<image>` expansion,
+   tiling) and every token of our greedy reply is vLLM's greedy choice too, or a bf16
+   near-tie with it (<= TIE_TOL nats), with vLLM's log-probability of it within LOGPROB_TOL
+   of ours; and `LLM.chat` (vLLM's own chat templating and image placement, what `vllm
+   serve` runs) builds the same prompt ids. `--strict` also demands identical free-running
+   replies. Exit status 0 only when every case passes. (Measured: identical replies and log-probabilities within 0.035 nats
+   with vLLM's own kernels; one 0.0625-nat bf16 tie with its AVX2 kernels; an export with one
+   layer's nibbles in the wrong order misses by 3.7 nats, a mirrored image by 1.4 nats.)
 
-The two halves can also be run apart (`prepare` with the project Python, `vllm` with this one).
+The two halves can also be run apart (`prepare` with the project Python, `vllm` with this one);
+`--model EXPORT` checks an existing export instead of making a tiny one. A third step, `op`,
+checks `r1v_quant.vllm_cpu_op` alone: vLLM's own AWQ weight conversion, inverted exactly, and
+its output against vLLM's native kernel where this machine's vLLM library has one.
 
 What this process changes, and why (all of it test-only):
 - `VLLM_CPU_INT4_W4A8=0`: on CPUs with AMX, vLLM by default runs 4-bit linears with int8
@@ -110,6 +121,7 @@ def reference_cases(model_dir: Path, image: Path, max_new_tokens: int) -> list[d
         cases.append({
             "name": name,
             "prompt": prompt,
+            "user_text": conv.turns[0].text,
             "prompt_pieces": [loaded.tokenizer(piece, add_special_tokens=False).input_ids
                               for piece in prompt.split(IMAGE_PLACEHOLDER)],
             "placeholder_ids": loaded.tokenizer(IMAGE_PLACEHOLDER, add_special_tokens=False).input_ids,
@@ -124,20 +136,21 @@ def reference_cases(model_dir: Path, image: Path, max_new_tokens: int) -> list[d
     return cases
 
 
-def prepare(workdir: Path, max_new_tokens: int, awq_args: str, python: str | None = None) -> Path:
-    """make-tiny + awq + image + reference.json in `workdir`; returns the reference file."""
+def prepare(workdir: Path, max_new_tokens: int, awq_args: str, python: str | None = None,
+            model: Path | None = None) -> Path:
+    """make-tiny + awq (unless `model` names an export) + image + reference.json in `workdir`."""
     python = python or sys.executable
     workdir.mkdir(parents=True, exist_ok=True)
-    src, export = workdir / "tiny", workdir / "tiny-awq"
+    src, export = (None, model.resolve()) if model else (workdir / "tiny", workdir / "tiny-awq")
     timings = {}
-    if not (src / "config.json").is_file():
+    if src is not None and not (src / "config.json").is_file():
         timings["make_tiny_s"] = round(_cli(python, "make-tiny", str(src)), 2)
-    if not (export / "config.json").is_file():
+    if src is not None and not (export / "config.json").is_file():
         timings["awq_s"] = round(_cli(python, "awq", "--model", str(src), "--calib", "builtin", "--out", str(export),
                                       *awq_args.split()), 2)
     image = write_test_image(workdir / "image.png")
     ref = {
-        "source": str(src),
+        "source": None if src is None else str(src),
         "export": str(export),
         "max_new_tokens": max_new_tokens,
         "timings": timings,
@@ -227,6 +240,18 @@ def _generate(llm, case: dict, max_new_tokens: int):
     return llm.generate([request], params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})[0]
 
 
+def _chat(llm, case: dict, max_new_tokens: int):
+    """The same request through `LLM.chat` (vLLM applies the chat template, as `vllm serve` does)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                            max_tokens=max_new_tokens, detokenize=False)
+    text = case["user_text"].replace("<image>\n", "")
+    content: list[dict] = [{"type": "image_pil", "image_pil": im} for im in _images(case)]
+    content.append({"type": "text", "text": text})
+    return llm.chat([{"role": "user", "content": content}], params, use_tqdm=False)[0]
+
+
 def _teacher_forced(llm, case: dict) -> dict:
     """vLLM's log-probabilities along our reply: prompt (with `<image>` unexpanded) + our reply as one prompt."""
     from vllm import SamplingParams
@@ -275,6 +300,8 @@ def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, str
         gen_s = time.perf_counter() - t1
         got_prompt, got = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
         forced = _teacher_forced(llm, case)
+        chat = _chat(llm, case, ref["max_new_tokens"])
+        chat_ok = list(chat.prompt_token_ids) == case["prompt_ids"] and list(chat.outputs[0].token_ids) == got
         prompt_ok = got_prompt == case["prompt_ids"]
         exact = prompt_ok and got == case["output_ids"]
         close = (forced["same_ids"] and forced["max_deficit"] <= TIE_TOL and forced["max_logprob_diff"] <= LOGPROB_TOL)
@@ -288,7 +315,10 @@ def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, str
             "exact": exact,
             "first_difference": _first_difference(got, case["output_ids"]),
             "teacher_forced": {k: v for k, v in forced.items() if k not in ("deficit", "logprob_diff")},
-            "ok": exact and close if strict else prompt_ok and close,
+            # LLM.chat (vLLM's own chat template and image placement) must build our prompt ids
+            # and so give the same reply as generate.
+            "chat_same_prompt_and_reply": chat_ok,
+            "ok": (exact if strict else prompt_ok) and close and chat_ok,
             "seconds": round(gen_s, 2),
         }
         results.append(r)
@@ -297,7 +327,7 @@ def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, str
             _log(f"{case['name']}: prompt ids differ at {i}: vllm {got_prompt[max(0, (i or 0) - 5):(i or 0) + 5]} "
                  f"ours {case['prompt_ids'][max(0, (i or 0) - 5):(i or 0) + 5]}")
         _log(f"{case['name']}: {'OK' if r['ok'] else 'FAIL'} ({'identical replies' if exact else 'replies differ at step ' + str(r['first_difference'])}); "
-             f"along our reply: {r['teacher_forced']}")
+             f"along our reply: {r['teacher_forced']}; LLM.chat agrees: {chat_ok}")
         _log(f"{case['name']}: vllm {got}")
         _log(f"{case['name']}: ours {case['output_ids']}")
     return {
@@ -311,13 +341,91 @@ def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, str
     }
 
 
+# --------------------------------------------------------------------------- op (vLLM env)
+
+OP_NATIVE_REL_TOL = 2.0**-7  # one bf16 rounding step, relative to the output's largest value
+OP_SHAPES = ((256, 512, 128, 5), (768, 256, 128, 1), (128, 96, 32, 3), (512, 1536, 128, 17))  # K, N, group, M
+
+
+def check_op() -> dict:
+    """r1v_quant.vllm_cpu_op against vLLM's own weight conversion, AWQ dequantisation and (if present) its kernel.
+
+    Each AWQ layer goes through vLLM's real `AutoAWQMarlinLinearMethod.process_weights_after_loading`
+    (AWQ -> GPTQ-like -> CPU blocked layout); the reference op's output must equal, bit for bit,
+    x @ dequantised AWQ weight (scales rounded to bf16, as vLLM stores them), and vLLM's native
+    `_C.cpu_gemm_wna16` where this machine's vLLM library has one.
+    """
+    os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
+    import socket
+
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig, AutoAWQMarlinLinearMethod
+
+    from r1v_quant import vllm_cpu_op
+    from r1v_quant.quant.primitives import awq_dequantize, awq_tensors
+
+    native = vllm_cpu_op.native_op_present()
+    isas = []
+    if native:
+        isas.append("vec")
+        if torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx():
+            isas.append("amx")
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    rows = []
+    with set_current_vllm_config(VllmConfig()):
+        # vLLM's weight parameters ask for the tensor-parallel rank: a group of one.
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
+        initialize_model_parallel(1, 1)
+        gen = torch.Generator().manual_seed(0)
+        for k, n, g, m in OP_SHAPES:
+            w = torch.randn(n, k, generator=gen) * 0.05
+            t = awq_tensors(w, g)
+            method = AutoAWQMarlinLinearMethod(AutoAWQConfig.from_config(
+                {"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": True}))
+            layer = torch.nn.Module()
+            method.create_weights(layer, k, [n], k, n, torch.bfloat16, weight_loader=None)
+            layer.qweight.data.copy_(t["qweight"])
+            layer.qzeros.data.copy_(t["qzeros"])
+            layer.scales.data.copy_(t["scales"].to(torch.bfloat16))
+            method.process_weights_after_loading(layer)
+            x = (torch.randn(m, k, generator=gen)).to(torch.bfloat16)
+            bias = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+            ref = torch.empty(m, n, dtype=torch.bfloat16)
+            vllm_cpu_op.cpu_gemm_wna16_reference(x, layer.qweight, ref, layer.scales, layer.qzeros, bias, 8, "vec")
+            # The layout inversion, exactly: the weight the reference op multiplies by is the
+            # AWQ checkpoint's own dequantised weight (with the bf16 scales vLLM keeps).
+            dq = awq_dequantize(t["qweight"], t["qzeros"], t["scales"].to(torch.bfloat16).to(torch.float16), g)
+            mine = vllm_cpu_op.dequantize(layer.qweight, layer.scales, layer.qzeros, torch.float32)
+            row = {"K": k, "N": n, "group": g, "M": m, "blocked_weight": list(layer.qweight.shape),
+                   "weight_equals_awq_dequant": torch.equal(mine, dq.t())}
+            scale = ref.float().abs().max().item()
+            for isa in isas:
+                got = torch.empty(m, n, dtype=torch.bfloat16)
+                torch.ops._C.cpu_gemm_wna16(x, layer.qweight, got, layer.scales, layer.qzeros, bias, 8, isa)
+                # Same weights; only the float32 summation order may differ (AMX tiles), which
+                # can move a bf16 result by one rounding step.
+                diff = (ref.float() - got.float()).abs().max().item()
+                row[f"native_{isa}_identical"] = torch.equal(ref, got)
+                row[f"native_{isa}_max_rel_diff"] = round(diff / scale, 6)
+            rows.append(row)
+            _log(f"op {row}")
+    ok = all(r["weight_equals_awq_dequant"] for r in rows) and all(
+        v <= OP_NATIVE_REL_TOL for r in rows for key, v in r.items() if key.endswith("_max_rel_diff"))
+    return {"native_op_present": native, "native_isas_compared": isas, "shapes": rows, "ok": ok}
+
+
 # --------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", nargs="?", default="all", choices=["all", "prepare", "vllm"])
+    p.add_argument("step", nargs="?", default="all", choices=["all", "prepare", "vllm", "op"])
     p.add_argument("--workdir", type=Path, help="Where the tiny checkpoint, export and reference go (default: a temp folder).")
-    p.add_argument("--model", type=Path, help="vllm step: the export to load (default: the reference's).")
+    p.add_argument("--model", type=Path, help="An existing export to check (default: a tiny one made by prepare).")
     p.add_argument("--reference", type=Path, help="vllm step: reference.json written by prepare.")
     p.add_argument("--project-python", default=str(DEFAULT_PROJECT_PYTHON),
                    help="all: the project's Python, which runs prepare (default .venv/bin/python).")
@@ -331,14 +439,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="Write the summary here.")
     a = p.parse_args(argv)
 
+    if a.step == "op":
+        summary = check_op()
+        print(json.dumps(summary, indent=2))
+        if a.json:
+            a.json.write_text(json.dumps(summary, indent=2) + "\n")
+        return 0 if summary["ok"] else 1
+
     if a.step == "prepare":
-        prepare(a.workdir or Path(tempfile.mkdtemp(prefix="r1v-vllm-")), a.max_new_tokens, a.awq_args)
+        prepare(a.workdir or Path(tempfile.mkdtemp(prefix="r1v-vllm-")), a.max_new_tokens, a.awq_args, model=a.model)
         return 0
 
     if a.step == "all":
         workdir = a.workdir or Path(tempfile.mkdtemp(prefix="r1v-vllm-"))
         cmd = [a.project_python, str(Path(__file__).resolve()), "prepare", "--workdir", str(workdir),
-               "--max-new-tokens", str(a.max_new_tokens), "--awq-args", a.awq_args]
+               "--max-new-tokens", str(a.max_new_tokens), f"--awq-args={a.awq_args}"]
+        if a.model:
+            cmd += ["--model", str(a.model.resolve())]
         _log("$ " + " ".join(cmd))
         subprocess.run(cmd, check=True)
         a.reference = workdir / "reference.json"

@@ -16,13 +16,38 @@ from torch import nn
 from r1v_quant.quant.primitives import fake_quantize
 
 
-def masked_mean_abs(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean |x| per channel over real tokens only: [..., T, C] with mask [..., T] -> [C]."""
+def masked_mean_abs(x: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |x| per channel over real tokens only: [..., T, C] with mask [..., T] -> [C].
+
+    `weights` (one per real token, summing to 1) turns it into a weighted mean.
+    """
     flat = x.reshape(-1, x.shape[-1]).float()
-    if mask is None:
+    if mask is not None:
+        flat = flat[mask.reshape(-1).bool()]
+    if weights is None:
         return flat.abs().mean(0)
-    keep = mask.reshape(-1).bool()
-    return flat[keep].abs().mean(0)
+    return (flat.abs() * weights.reshape(-1, 1).to(flat)).sum(0)
+
+
+def token_weights(is_image: torch.Tensor, balance: bool = True) -> torch.Tensor:
+    """Per-token weights summing to 1; balanced, image and text tokens each carry half.
+
+    Image tokens outnumber text tokens many times over in multimodal calibration, and their
+    activations differ; without balancing, scales fitted to image tokens can hurt text.
+    """
+    is_image = is_image.reshape(-1).bool()
+    n = is_image.numel()
+    n_img = int(is_image.sum())
+    if not balance or n_img in (0, n):
+        return torch.full((n,), 1.0 / n)
+    return torch.where(is_image, 0.5 / n_img, 0.5 / (n - n_img))
+
+
+def weighted_mse(out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> float:
+    err = (out.float() - target.float()).pow(2).reshape(-1, out.shape[-1]).mean(-1)
+    if weights is None:
+        return err.mean().item()
+    return (err * weights.to(err)).sum().item()
 
 
 def weight_magnitude(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -58,6 +83,7 @@ def search_scales(
     group_size: int,
     grid: int = 20,
     duo: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> ScaleResult:
     """Grid-search alpha in [0, 1) for scales s = mean|x|^a / mean|w|^(1-a) minimising block output MSE.
 
@@ -68,7 +94,7 @@ def search_scales(
     originals = [lin.weight.data.clone() for lin in linears]
     with torch.no_grad():
         target = block(x).float()
-        x_mean = masked_mean_abs(x)
+        x_mean = masked_mean_abs(x, weights=weights)
         w_mean = weight_magnitude(originals, group_size)
         best: ScaleResult | None = None
         losses: list[float] = []
@@ -77,7 +103,7 @@ def search_scales(
             s = candidate_scales(x_mean, w_mean, alpha, duo).to(originals[0].dtype)
             for lin, w in zip(linears, originals):
                 lin.weight.data = fake_quantize(w * s, group_size).to(w.dtype) / s
-            loss = (block(x).float() - target).pow(2).mean().item()
+            loss = weighted_mse(block(x), target, weights)
             losses.append(loss)
             if best is None or loss < best.loss:
                 best = ScaleResult(s.clone(), alpha, loss, 0.0)
@@ -113,6 +139,7 @@ def search_clip(
     max_shrink: float = 0.5,
     tokens: int = 512,
     out_chunk: int = 256,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per (output channel, group) clipping threshold minimising the group's partial-output error.
 
@@ -120,7 +147,10 @@ def search_clip(
     """
     out_features, in_features = weight.shape
     step = max(1, x.shape[0] // tokens)
-    xs = x[::step][:tokens].float().reshape(-1, in_features // group_size, group_size)  # [t, g, gs]
+    idx = torch.arange(0, x.shape[0], step, device=x.device)[:tokens]
+    xs = x[idx].float().reshape(-1, in_features // group_size, group_size)  # [t, g, gs]
+    w_tok = torch.full((idx.numel(),), 1.0 / idx.numel(), device=x.device) if weights is None else weights.to(x.device)[idx].float()
+    w_tok = (w_tok / w_tok.sum()).reshape(1, -1, 1)
     best_all = []
     for start in range(0, out_features, out_chunk):
         w = weight[start:start + out_chunk].float().reshape(-1, in_features // group_size, group_size)  # [o, g, gs]
@@ -131,7 +161,7 @@ def search_clip(
         for i in range(int(max_shrink * grid)):
             cur = org_max * (1 - i / grid)
             q = fake_quantize(torch.clamp(w, -cur, cur).reshape(w.shape[0], -1), group_size).reshape(w.shape)
-            err = (torch.einsum("tgk,ogk->otg", xs, q) - ref).pow(2).mean(dim=1)  # [o, g]
+            err = ((torch.einsum("tgk,ogk->otg", xs, q) - ref).pow(2) * w_tok).sum(dim=1)  # [o, g]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, cur.squeeze(-1), best_max)

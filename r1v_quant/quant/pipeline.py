@@ -25,7 +25,7 @@ from r1v_quant.checkpoint import Checkpoint
 from r1v_quant.config import R1VConfig
 from r1v_quant.errors import UserError
 from r1v_quant.layout import llm_linear_shapes
-from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales
+from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales, token_weights
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_group_size, fake_quantize
 
 NO_CLIP = ("q_proj", "k_proj")  # softmax amplifies their errors, so AWQ leaves their range alone
@@ -38,6 +38,7 @@ class AWQSettings:
     clip: bool = True
     duo: bool = True
     propagate: str = "quantized"  # feed layer i+1 with layer i's quantised ("quantized") or float ("float") outputs
+    balance: bool = True  # image and text tokens weigh half each in the searches
     seq_len: int = 2048
     max_tokens: int = 65536
     samples: int = 128
@@ -194,10 +195,16 @@ def _relative_error(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 
 
 def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore, s: AWQSettings,
-                   dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerReport]:
-    """AWQ on one decoder layer. Returns its export tensors (by name inside the layer), the next inputs, a report."""
+                   dtype: torch.dtype, weights: torch.Tensor | None = None
+                   ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerReport]:
+    """AWQ on one decoder layer. Returns its export tensors (by name inside the layer), the next inputs, a report.
+
+    `weights` gives each calibration token's share of the search objectives (uniform when None).
+    """
     start = time.perf_counter()
     feats, fp_out, lengths = capture_inputs(runner, layer, store, dtype)
+    if weights is not None:
+        weights = weights.to(runner.device)
     lin = _linears(layer)
     originals = {k: m.weight.data.clone() for k, m in lin.items()}
 
@@ -228,7 +235,7 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
             ("down", layer.mlp.up_proj, [layer.mlp.down_proj], "down", layer.mlp.down_proj),
         ]
         for tag, prev, targets, feat_key, block in groups:
-            result = search_scales(targets, feats[feat_key], block, s.group_size, s.grid, s.duo)
+            result = search_scales(targets, feats[feat_key], block, s.group_size, s.grid, s.duo, weights)
             fold_scales(prev, targets, result.scales)
             feats[feat_key] = feats[feat_key] / result.scales.to(feats[feat_key].dtype)
             alphas[tag] = result.alpha
@@ -237,7 +244,7 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
             for name, m in lin.items():
                 if name in NO_CLIP:
                     continue
-                max_val = search_clip(m.weight.data, feats[feat_of[name]], s.group_size, s.grid)
+                max_val = search_clip(m.weight.data, feats[feat_of[name]], s.group_size, s.grid, weights=weights)
                 m.weight.data = apply_clip(m.weight.data, max_val, s.group_size)
     del feats
 
@@ -316,28 +323,39 @@ class WorkFolder:
         return [LayerReport(**json.loads((self.path / f"layer-{i:04d}.json").read_text())) for i in range(count)]
 
 
-def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterable[torch.Tensor]], settings: AWQSettings,
+def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+            settings: AWQSettings,
             work: WorkFolder, device: torch.device, resume: bool = False, offload_dir: Path | None = None,
             dtype: torch.dtype = torch.float32, progress: Callable[[int, int, LayerReport | None], None] | None = None,
             stop_after: int | None = None) -> list[LayerReport]:
-    """Quantise every decoder layer in order; results land in `work`. `stop_after` simulates an interruption."""
+    """Quantise every decoder layer in order; results land in `work`. `stop_after` simulates an interruption.
+
+    `first_inputs` yields, per sample, its input embeddings [1, T, D] and which of its T tokens are image tokens.
+    """
     validate_group_size(cfg, settings.group_size)
     begin = work.start(resume)
     acts = ActivationStore(offload_dir, tag="in")
+    masks_file = work.path / "image_masks.safetensors"
     if begin == 0:
-        for x in first_inputs():
+        masks = []
+        for x, is_image in first_inputs():
             acts.append(x)
+            masks.append(is_image.reshape(-1).to(torch.bool).cpu())
         if len(acts) == 0 or acts.tokens() == 0:
             raise UserError("the calibration set produced no tokens to calibrate on.")
+        save_file({f"s{i}": m for i, m in enumerate(masks)}, str(masks_file))
     else:
         acts.load(work.path / "acts.safetensors")
+        stored = load_file(str(masks_file))
+        masks = [stored[f"s{i}"] for i in range(len(stored))]
+    weights = token_weights(torch.cat(masks), settings.balance)
     runner = LayerRunner(cfg, device)
     total = cfg.num_layers
     for i in range(begin, total):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         layer = load_decoder_layer(cfg, ckpt, i, device, dtype)
-        tensors, nxt, report = quantize_layer(runner, layer, acts, settings, dtype)
+        tensors, nxt, report = quantize_layer(runner, layer, acts, settings, dtype, weights)
         report.index = i
         del layer
         acts.clear()

@@ -113,7 +113,9 @@ def quantize_checkpoint(
     def first_inputs():
         front = load_front(cfg, ckpt, dev, torch.float32 if dev.type == "cpu" else torch.bfloat16)
         front.img_context_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
-        yield from embed_encoded(front, encoded, dev)
+        context = front.img_context_id
+        for enc, x in zip(encoded, embed_encoded(front, encoded, dev)):
+            yield x, torch.tensor(enc.ids) == context
 
     work = WorkFolder(work_dir or out.parent / f".{out.name}.awq-work", settings.fingerprint(src, calib.spec))
     reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
@@ -123,12 +125,15 @@ def quantize_checkpoint(
     recipe = {
         "source": str(model),
         "calibration set": calib.spec + (f" + self traces (<= {calib.max_trace_tokens} tokens)" if calib.traces == "self" else ""),
+        "samples requested": settings.samples,
+        "mix": calib.mix,
         "samples / tokens": f"{len(encoded)} / {tokens}",
         "group size": settings.group_size,
         "grid": settings.grid,
         "duo scaling": settings.duo,
         "clipping": settings.clip,
         "layer inputs": settings.propagate,
+        "image/text tokens balanced": settings.balance,
         "seed": settings.seed,
     }
     with staged_dir(out, force=force) as tmp:
