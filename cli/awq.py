@@ -49,11 +49,13 @@ def command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the per-layer work folder after success."),
     kl_check: bool = typer.Option(True, "--kl-check/--no-kl-check", help="Measure KL(source || export) on held-out prompts at the end."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard of the export, e.g. 5GB or 500MiB."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
     json_out: Path | None = typer.Option(None, "--json", help="Write a JSON report here."),
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
     from r1v_quant.errors import UserError
+    from r1v_quant.plan import parse_size
     from r1v_quant.quant.pipeline import AWQSettings
     from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
 
@@ -84,6 +86,7 @@ def command(
 
         result = quantize_checkpoint(model, out, settings, choice, force=force, device=device, work_dir=work_dir,
                                      resume=resume, offload_dir=offload_dir, keep_work=keep_work,
+                                     max_shard_bytes=parse_size(max_shard_size, "--max-shard-size", 2**20),
                                      progress=on_layer, kl_check=check)
 
     table = Table(title="per-layer relative output error (lower is better)")

@@ -97,6 +97,10 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.shard_of)
 
+    def release(self) -> None:
+        """Close the shard mappings: pages read so far stop counting as this process's memory."""
+        self._handles.clear()
+
     def get(self, name: str) -> torch.Tensor:
         try:
             return self._handle(self.shard_of[name]).get_tensor(name)

@@ -52,6 +52,7 @@ def write_tensors(ckpt: Checkpoint, layer_file, out_dir: Path, max_shard_bytes: 
             continue
         index, rest = int(m.group(1)), m.group(2)
         if cached is None or cached[0] != index:
+            ckpt.release()
             cached = (index, load_file(str(layer_file(index))))
         tensors = cached[1]
         module = name.removesuffix(".weight")

@@ -358,14 +358,14 @@ def human_bytes(n: int) -> str:
     return f"{n:,d} B"
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--gpu-mem entry", minimum: int = GiB) -> int:
     """'24GiB' -> bytes; GB/MB are decimal, GiB/MiB binary; a bare number is GiB (a card's nominal size)."""
     m = _SIZE.match(text)
     if not m:
-        raise UserError(f"--gpu-mem entry {text!r} is not a size such as 24GiB, 30GB or 81559MiB.")
+        raise UserError(f"{flag} {text!r} is not a size such as 24GiB, 30GB or 81559MiB.")
     value = float(m.group(1)) * _UNIT[(m.group(2) or "").lower()]
-    if value < GiB:
-        raise UserError(f"--gpu-mem entry {text!r} is under 1 GiB; write the unit, e.g. 24GiB.")
+    if value < minimum:
+        raise UserError(f"{flag} {text!r} is under {human_bytes(minimum)}; write the unit, e.g. 24GiB.")
     return int(value)
 
 

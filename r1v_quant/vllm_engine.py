@@ -131,13 +131,20 @@ def engine_kwargs(model: str, n_images: int, gpu_bytes: int | None = None, max_m
     return EngineSettings(kwargs, f"max_model_len {card.max_model_len} from the plan")
 
 
+def drop_leading_bos(tokenizer, text: str) -> str:
+    """vLLM tokenizes prompts with special tokens on; a template that already wrote BOS would get two."""
+    bos = tokenizer.bos_token
+    adds_bos = bool(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+
 def chat_once(model: str | Path, prompt: str, image_paths: Sequence[str | Path], sampling, system: str | None = None,
               *, gpu_bytes: int | None = None, max_model_len: int | None = None) -> str:
     """Answer one prompt (with images) through vLLM and return the generated text (reasoning included)."""
     vllm = import_vllm()
     images = open_images(image_paths)
     tokenizer = load_tokenizer(str(model))
-    text = render_prompt(tokenizer, with_placeholders(prompt, len(images)), system)
+    text = drop_leading_bos(tokenizer, render_prompt(tokenizer, with_placeholders(prompt, len(images)), system))
     settings = engine_kwargs(str(model), len(images), gpu_bytes=gpu_bytes, max_model_len=max_model_len)
     llm = vllm.LLM(**settings.kwargs)
     request: dict[str, Any] = {"prompt": text}

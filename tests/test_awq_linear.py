@@ -357,3 +357,14 @@ def test_loaded_export_holds_its_codes_once(tiny_export):
             assert torch.equal(sd[f"{name}.{leaf}"], ckpt.get(f"{name}.{leaf}")), f"{name}.{leaf}"
     with torch.inference_mode():
         assert torch.equal(loaded.model(ids).logits, logits)
+
+
+@pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
+def test_qweight_is_rebuilt_in_chunks(monkeypatch):
+    from r1v_quant.quant import linear
+
+    monkeypatch.setattr(linear, "_REBUILD_CODES", 256 * 3)  # 3 input channels at a time, ragged end
+    m = _layer()
+    qweight = m.qweight.clone()
+    assert m.prepare()
+    assert torch.equal(m.awq_qweight(), qweight)

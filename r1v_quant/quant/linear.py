@@ -42,8 +42,8 @@ from r1v_quant.quant.primitives import (
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # Introduced in torch 2.6, when the CUDA packer also switched to the byte layout int4pack_cuda writes.
 _HAS_INT4_OPS = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
-# Input channels re-packed into AutoAWQ form at a time when qweight is rebuilt (bounds the int64 scratch).
-_REBUILD_ROWS = 4096
+# Codes re-packed into AutoAWQ form at a time when qweight is rebuilt (bounds pack_awq's int64 scratch to 128 MiB).
+_REBUILD_CODES = 1 << 24
 
 
 def _cuda_inner_k_tiles(in_features: int) -> int | None:
@@ -185,8 +185,9 @@ class AWQLinear(nn.Module):
         with torch.no_grad(), torch.inference_mode(False):
             codes_t = self.codes().t()
             qweight = torch.empty(self.in_features, self.out_features // PACK, dtype=torch.int32, device=codes_t.device)
-            for r in range(0, self.in_features, _REBUILD_ROWS):
-                qweight[r: r + _REBUILD_ROWS] = pack_awq(codes_t[r: r + _REBUILD_ROWS])
+            rows = max(1, _REBUILD_CODES // self.out_features)
+            for r in range(0, self.in_features, rows):
+                qweight[r: r + rows] = pack_awq(codes_t[r: r + rows])
         return qweight
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

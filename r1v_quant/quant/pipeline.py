@@ -129,6 +129,8 @@ def load_decoder_layer(cfg: R1VConfig, ckpt: Checkpoint, index: int, device: tor
     prefix = f"language_model.model.layers.{index}."
     for name in ckpt.with_prefix(prefix):
         assign_tensor(layer, name[len(prefix):], ckpt.get(name).to(device=device, dtype=dtype))
+    # Streaming only works if what was read is let go: otherwise mapped shard pages pile up with depth.
+    ckpt.release()
     missing = [n for n, p in layer.state_dict(keep_vars=True).items() if p.is_meta]
     if missing:
         raise UserError(f"{ckpt.dir} lacks {prefix}{missing[0]}.")

@@ -1,0 +1,729 @@
+"""Quality and calibration cost of r1v-quant's AWQ against the tools users would otherwise pick.
+
+    python benchmarks/peers.py                      # the trained small model (models/r1v-mini), ~20 min on 2 cores
+    python benchmarks/peers.py --quick              # smoke run on a random tiny checkpoint, a few minutes
+    python benchmarks/peers.py --model DIR --json out.json --markdown out.md
+
+Run it with the project's environment; the peers run in their own (`benchmarks/peers-env.sh`
+makes `.venv-autoawq`, `.venv-llmc` and, with --nf4, the bitsandbytes folder `.venv-nf4`).
+A peer whose environment is missing or whose run fails is reported as such, with the reason.
+
+What it does, in one process:
+1. Writes the language model of the R1V checkpoint as a standalone transformers Qwen2
+   folder (the `language_model.` prefix dropped, config from `llm_config`, tokenizer copied):
+   the peers know Qwen2, not InternVL/Skywork-R1V.
+2. Builds one text calibration set: N sequences of exactly L tokens (the built-in calibration
+   questions as chat text without their pictures, each followed by its reference reasoning
+   reply, concatenated). The token ids go to AutoAWQ and llm-compressor as ids; r1v-quant
+   gets the same texts with `--calib text:FILE`, and the script checks that its encoder gives
+   exactly the same ids.
+3. Quantises, each in its own measured process (wall time, CPU time and peak RSS from
+   `os.wait4`, so one tool's memory never mixes with another's): r1v-quant on the text set;
+   AutoAWQ 0.2.9 and llm-compressor's AWQModifier on the same tokens; and r1v-quant on its
+   multimodal built-in set and on that set with the model's own reasoning traces
+   (`--traces self`), with the same cap on calibration tokens.
+4. Converts the peers' outputs into the R1V layout: AutoAWQ already writes GEMM
+   qweight/qzeros/scales, which are renamed; llm-compressor's compressed-tensors int4
+   codes, zero points and scales are turned into the same GEMM tensors losslessly (no
+   dequantise-requantise). The vision encoder, `mlp1`, embeddings, final norm and `lm_head`
+   come from the source byte for byte; the decoder norms come from each tool (AWQ folds
+   its scales into them).
+5. Evaluates every variant against the full-precision reference with the project's eval
+   library on held-out built-in questions (they never appear in any calibration set):
+   coarse-grained top-64 KL and top-1 agreement on the reference's own replies, accuracy
+   with Wilson intervals, and the paired bootstrap interval of the change; plus RTN (same
+   bits and groups, no scaling) and NF4 (bitsandbytes) baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVERS = Path(__file__).resolve().parent / "peers"
+AUTOAWQ_PY = ROOT / ".venv-autoawq" / "bin" / "python"
+LLMC_PY = ROOT / ".venv-llmc" / "bin" / "python"
+NF4_DIR = ROOT / ".venv-nf4"
+GROUP = 128
+LLM = "language_model."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    model: Path
+    work: Path
+    samples: int = 64                # calibration sequences
+    seq_len: int = 512               # tokens per text sequence (AutoAWQ's default length)
+    questions: int = 64              # held-out questions evaluated
+    max_new_tokens: int = 256        # per reply
+    trace_tokens: int = 256          # longest self-generated trace
+    batch_size: int = 8
+    threads: int = 2
+    seed: int = 0
+    skip: tuple[str, ...] = ()
+    reuse: bool = False              # keep quantised outputs already in the work folder
+
+    @property
+    def calib_tokens(self) -> int:
+        return self.samples * self.seq_len
+
+
+QUICK = dict(samples=8, seq_len=128, questions=8, max_new_tokens=48, trace_tokens=48, batch_size=8)
+
+
+# ---------------------------------------------------------------- models and machine
+
+
+def default_model() -> Path | None:
+    """The trained small model when it exists (r1v_quant.mini, else its usual folder)."""
+    try:
+        from r1v_quant.mini import mini_path  # type: ignore[import-not-found]
+
+        path = Path(mini_path())
+    except Exception:  # noqa: BLE001 - the module may be absent or unable to say
+        path = ROOT / "models" / "r1v-mini"
+    return path if (path / "config.json").is_file() else None
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": mem, "os": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__}
+
+
+def thread_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[key] = str(threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def say(msg: str) -> None:
+    print(f"[peers] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- 1. the language model alone
+
+
+def extract_llm(src: Path, dst: Path) -> Path:
+    """`src`'s language model as a transformers Qwen2ForCausalLM folder (tensors renamed, nothing else changed)."""
+    from safetensors.torch import save_file
+
+    from r1v_quant.checkpoint import Checkpoint
+    from r1v_quant.config import load_config
+
+    stamp = dst / "source.json"
+    ident = {"source": str(src.resolve()), "mtime": max(p.stat().st_mtime for p in src.glob("*.safetensors"))}
+    if stamp.is_file() and json.loads(stamp.read_text()) == ident:
+        return dst
+    cfg, ckpt = load_config(src), Checkpoint(src)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    qcfg = cfg.qwen2_config()
+    qcfg.architectures = ["Qwen2ForCausalLM"]
+    qcfg.dtype = cfg.llm.get("torch_dtype", "bfloat16")
+    qcfg.use_cache = False
+    qcfg.save_pretrained(tmp)
+    tensors = {name[len(LLM):]: ckpt.get(name).contiguous() for name in ckpt.names() if name.startswith(LLM)}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    stamp_tmp = tmp / "source.json"
+    stamp_tmp.write_text(json.dumps(ident))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
+
+
+# ---------------------------------------------------------------- 2. one set of calibration tokens
+
+
+def calibration_text(src: Path, n: int, seq_len: int, seed: int, out: Path) -> dict:
+    """N texts whose r1v-quant encoding is exactly seq_len tokens; writes text.jsonl and tokens.json."""
+    from r1v_quant.calib.builtin import builtin_item, reference_response, sample_id
+    from r1v_quant.calib.encode import encode_sample
+    from r1v_quant.calib.mmmu import pose_question
+    from r1v_quant.calib.sample import Sample
+    from r1v_quant.config import load_config
+    from r1v_quant.model.r1v import load_tokenizer
+    from r1v_quant.prompt import IMAGE_PLACEHOLDER, THINK_START, render_chat
+
+    tok, cfg = load_tokenizer(src), load_config(src)
+    bos = tok.bos_token or ""
+    index = 0
+
+    def piece() -> str:
+        nonlocal index
+        item = builtin_item("calib", seed, index)
+        sample = Sample(id=sample_id("calib", seed, index), prompt="", answer=item.answer)
+        index += 1
+        question = pose_question(item.question, item.options)
+        question = question.replace(IMAGE_PLACEHOLDER + " ", "").replace(IMAGE_PLACEHOLDER, "").strip()
+        prompt, reply = render_chat(tok, [{"role": "user", "content": question}]), reference_response(sample)
+        if prompt.rstrip().endswith(THINK_START) and reply.startswith(THINK_START):
+            reply = reply[len(THINK_START):].lstrip("\n")  # the template already opened the reasoning block
+        return prompt + reply + tok.eos_token
+
+    texts, sequences = [], []
+    for _ in range(n):
+        text = piece()
+        if bos and text.startswith(bos):
+            text = text[len(bos):]  # the text encoder adds the BOS itself
+        while len(tok(text, add_special_tokens=True).input_ids) < seq_len + 8:
+            text += piece()
+        # r1v-quant's own encoder, as `awq --calib text:FILE --seq-len L` runs it: it cuts to L tokens.
+        ids = encode_sample(Sample(id="t", prompt=text, kind="text"), cfg, tok, seq_len).ids
+        if len(ids) != seq_len:
+            raise SystemExit(f"calibration text encoded to {len(ids)} tokens, not {seq_len}")
+        texts.append(text)
+        sequences.append(ids)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "text.jsonl", "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    (out / "tokens.json").write_text(json.dumps({"sequences": sequences}))
+    # The check that makes the comparison fair: what `--calib text:FILE` will read back.
+    from r1v_quant.calib.sets import load_calibration
+
+    again = [encode_sample(s, cfg, tok, seq_len).ids
+             for s in load_calibration(f"text:{out / 'text.jsonl'}", n=n, seed=seed)]
+    if again != sequences:
+        raise SystemExit("r1v-quant's text loader does not give back the calibration tokens written")
+    return {"sequences": n, "seq_len": seq_len, "tokens": n * seq_len, "questions_used": index,
+            "text": str(out / "text.jsonl"), "token_ids": str(out / "tokens.json")}
+
+
+# ---------------------------------------------------------------- 3. measured runs
+
+
+@dataclass
+class Run:
+    name: str
+    tool: str
+    calibration: str
+    out: Path
+    command: list[str] = field(default_factory=list)
+    status: str = "not run"          # ok | failed | skipped | reused
+    reason: str = ""
+    wall_s: float | None = None      # the whole process
+    cpu_s: float | None = None       # user + system time of the process and its children
+    peak_rss_mb: float | None = None
+    quantize_s: float | None = None  # the tool's own quantisation call, as it reports it
+    tokens: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float, float]:
+    """(exit status, wall s, CPU s, peak RSS MiB) of one child process, from its own rusage."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def last_error(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln or "Exception" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def result_line(log: Path) -> dict:
+    for ln in reversed(log.read_text(errors="replace").splitlines()):
+        if ln.startswith("RESULT "):
+            return json.loads(ln[len("RESULT "):])
+    return {}
+
+
+def execute(run: Run, s: Settings, done_marker: str) -> Run:
+    log = s.work / "logs" / f"{run.name}.log"
+    if s.reuse and (run.out / done_marker).is_file() and (s.work / "logs" / f"{run.name}.json").is_file():
+        saved = json.loads((s.work / "logs" / f"{run.name}.json").read_text())
+        for k in ("wall_s", "cpu_s", "peak_rss_mb", "quantize_s", "tokens", "extra"):
+            setattr(run, k, saved.get(k))
+        run.status = "reused"
+        say(f"{run.name}: reusing {run.out}")
+        return run
+    say(f"{run.name}: {' '.join(map(str, run.command))}")
+    shutil.rmtree(run.out, ignore_errors=True)
+    rc, run.wall_s, run.cpu_s, run.peak_rss_mb = measured([str(c) for c in run.command], thread_env(s.threads), log)
+    if rc != 0:
+        run.status, run.reason = "failed", f"exit {rc}: {last_error(log)} (log: {log.relative_to(s.work)})"
+        say(f"{run.name}: FAILED {run.reason}")
+        return run
+    run.status = "ok"
+    say(f"{run.name}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, peak RSS {run.peak_rss_mb:.0f} MiB")
+    return run
+
+
+def save_run(run: Run, s: Settings) -> None:
+    (s.work / "logs" / f"{run.name}.json").write_text(json.dumps(
+        {k: v for k, v in asdict(run).items() if k not in ("out",)}, default=str, indent=1))
+
+
+def ours(s: Settings, name: str, calib: str, label: str, extra_args: list[str]) -> Run:
+    out = s.work / name
+    report = s.work / "logs" / f"{name}.awq.json"
+    cmd = [sys.executable, "-m", "r1v_quant.cli.main", "awq", "--model", s.model, "--out", out, "--calib", calib,
+           "--samples", s.samples, "--max-tokens", s.calib_tokens, "--group-size", GROUP, "--device", "cpu",
+           "--seed", s.seed, "--no-kl-check", "--force", "--json", report, *extra_args]
+    run = execute(Run(name, "r1v-quant", label, out, cmd), s, "config.json")
+    if run.status == "ok":
+        data = json.loads(report.read_text())
+        run.quantize_s = data["seconds"]
+        run.tokens = int(data["summary"]["calibration tokens"])
+        run.extra = {"image-token share": data["summary"]["image-token share"]}
+        save_run(run, s)
+    return run
+
+
+def peer(s: Settings, name: str, tool: str, python: Path, driver: str, llm: Path, tokens: Path) -> Run:
+    raw = s.work / f"{name}-raw"
+    run = Run(name, tool, "text (same token ids)", s.work / name,
+              [python, DRIVERS / driver, "--model", llm, "--tokens", tokens, "--out", raw, "--group-size", GROUP,
+               "--threads", s.threads])
+    if name in s.skip:
+        run.status, run.reason = "skipped", "--skip"
+        return run
+    if not python.is_file():
+        run.status, run.reason = "skipped", f"{python.relative_to(ROOT)} missing: run benchmarks/peers-env.sh"
+        return run
+    if s.reuse and (run.out / "config.json").is_file():
+        return execute(run, s, "config.json")
+    run = execute(run, s, "config.json")
+    if run.status != "ok":
+        return run
+    info = result_line(s.work / "logs" / f"{name}.log")
+    run.quantize_s, run.tokens = info.get("quantize_s"), s.calib_tokens
+    run.extra = info
+    try:
+        if name == "autoawq":
+            run.extra["conversion"] = convert_autoawq(raw, s.model, run.out, tool)
+        else:
+            run.extra["conversion"] = convert_llmc(raw, s.model, run.out, tool)
+    except Exception as error:  # noqa: BLE001 - any conversion failure is reported, not hidden
+        run.status, run.reason = "failed", f"conversion to the R1V layout: {type(error).__name__}: {error}"
+        say(f"{name}: FAILED {run.reason}")
+        return run
+    save_run(run, s)
+    return run
+
+
+# ---------------------------------------------------------------- 4. peers' outputs -> the R1V layout
+
+
+def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name != "check.safetensors" and not f.name.startswith("codes"):
+            tensors.update(load_file(str(f)))
+    return tensors
+
+
+def write_r1v(src: Path, dst: Path, llm: dict[str, torch.Tensor], recipe: dict) -> dict:
+    """An R1V export of AWQ GEMM tensors `llm` (names as in a Qwen2ForCausalLM), the rest from `src`.
+
+    Vision, mlp1, embeddings, final norm and lm_head are the source's bytes; the peer's copies
+    of them are only compared (they may have been cast). Decoder norms come from the peer,
+    because AWQ folds its scales into them.
+    """
+    from r1v_quant.checkpoint import Checkpoint, ShardWriter
+    from r1v_quant.config import load_config
+    from r1v_quant.export import copy_side_files, export_config
+    from r1v_quant.layout import is_quant_linear
+    from r1v_quant.output import staged_dir
+
+    cfg, ckpt = load_config(src), Checkpoint(src)
+    worst_copy, taken = 0.0, 0
+    with staged_dir(dst, force=True) as tmp:
+        writer = ShardWriter(tmp, 5 * 1000**3)
+        for name in ckpt.names():
+            if not name.startswith(LLM):
+                writer.add(name, ckpt.get(name))
+                continue
+            inner, module = name[len(LLM):], name.removesuffix(".weight")
+            if name.endswith(".weight") and is_quant_linear(module):
+                base = inner.removesuffix(".weight")
+                for suffix in ("qweight", "qzeros", "scales"):
+                    writer.add(f"{module}.{suffix}", llm[f"{base}.{suffix}"].contiguous())
+                taken += 1
+            elif ".layers." in name:  # decoder norms (scaled by AWQ) and q/k/v biases
+                source = ckpt.get(name)
+                writer.add(name, llm[inner].to(source.dtype).contiguous())
+            else:
+                source = ckpt.get(name)
+                if inner in llm:
+                    worst_copy = max(worst_copy, float((llm[inner].float() - source.float()).abs().max()))
+                writer.add(name, source)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(export_config(cfg, GROUP), indent=2) + "\n")
+        copy_side_files(src, tmp)
+        (tmp / "r1v_quant_report.json").write_text(json.dumps({"recipe": recipe}, indent=2) + "\n")
+    return {"linears": taken, "untouched tensors max |peer - source|": worst_copy}
+
+
+def _check_dense(dst_dir: Path, check: Path, module: str) -> float:
+    """Max |our reading of the converted tensors - the peer's own dequantised weight| for one linear."""
+    from safetensors.torch import load_file
+
+    from r1v_quant.checkpoint import Checkpoint
+    from r1v_quant.quant.primitives import awq_dequantize
+
+    ck = Checkpoint(dst_dir)
+    name = f"{LLM}{module}"
+    mine = awq_dequantize(ck.get(f"{name}.qweight"), ck.get(f"{name}.qzeros"), ck.get(f"{name}.scales"), GROUP)
+    theirs = load_file(str(check))["weight"].float()
+    return float((mine - theirs).abs().max())
+
+
+def convert_autoawq(raw: Path, src: Path, dst: Path, tool: str) -> dict:
+    """AutoAWQ writes GEMM qweight/qzeros/scales already: names get the `language_model.` prefix back."""
+    llm = _read_folder(raw)
+    info = write_r1v(src, dst, llm, {"calibration set": "text (peers' token ids)", "tool": tool, "group size": GROUP})
+    info["max |dequantised - AutoAWQ's dequantize_gemm| (layer 0 q_proj)"] = _check_dense(
+        dst, raw / "check.safetensors", "model.layers.0.self_attn.q_proj")
+    return info
+
+
+def convert_llmc(raw: Path, src: Path, dst: Path, tool: str) -> dict:
+    """llm-compressor writes compressed-tensors (pack-quantized int4). Its driver also writes, with
+    compressed-tensors' own unpacking, the unsigned codes [out, in], zero points [out, in/g] and
+    scales [out, in/g] of every quantised linear (codes-GROUPS.safetensors); w = (q - z) * s in both
+    formats, so they become AWQ GEMM tensors exactly: only the nibble order and transposition differ,
+    and the scales become float16 (they are checked to be float16-exact)."""
+    from safetensors.torch import load_file
+
+    from r1v_quant.quant.primitives import pack_awq
+
+    llm = {k: v for k, v in _read_folder(raw).items()
+           if not k.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"))}
+    codes = load_file(str(raw / "codes.safetensors"))
+    modules = sorted({k.rsplit(".", 1)[0] for k in codes})
+    worst_scale = 0.0
+    for m in modules:
+        q, z, s = codes[f"{m}.codes"], codes[f"{m}.zeros"], codes[f"{m}.scales"].float()
+        s16 = s.to(torch.float16)
+        worst_scale = max(worst_scale, float(((s16.float() - s).abs() / s.abs().clamp_min(1e-30)).max()))
+        llm[f"{m}.qweight"] = pack_awq(q.t().contiguous())
+        llm[f"{m}.qzeros"] = pack_awq(z.t().contiguous())
+        llm[f"{m}.scales"] = s16.t().contiguous()
+    info = write_r1v(src, dst, llm, {"calibration set": "text (peers' token ids)", "tool": tool, "group size": GROUP})
+    info["linears from compressed-tensors codes"] = len(modules)
+    info["max relative change of a scale to float16"] = worst_scale
+    info["max |dequantised - compressed-tensors' dequantize| (layer 0 q_proj)"] = _check_dense(
+        dst, raw / "check.safetensors", "model.layers.0.self_attn.q_proj")
+    return info
+
+
+# ---------------------------------------------------------------- 5. evaluation
+
+
+def _bitsandbytes_ready() -> str | None:
+    try:
+        import bitsandbytes  # noqa: F401
+
+        return None
+    except ImportError:
+        pass
+    if NF4_DIR.is_dir():
+        sys.path.append(str(NF4_DIR))
+        try:
+            import bitsandbytes  # noqa: F401
+
+            return None
+        except ImportError as error:
+            return f"bitsandbytes in {NF4_DIR.name} does not import ({error})"
+    return "bitsandbytes is not installed: pip install 'r1v-quant[nf4]' or benchmarks/peers-env.sh --nf4"
+
+
+def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
+    from r1v_quant.calib.traces import model_identity
+    from r1v_quant.evals import run as ev
+
+    settings = ev.EvalSettings(suite="builtin", limit=s.questions, seed=s.seed, max_new_tokens=s.max_new_tokens,
+                               batch_size=s.batch_size, device="cpu", dtype="bf16", cache_dir=s.work / "eval-cache")
+    suite = ev.load_suite(settings)
+    from r1v_quant.model.r1v import load_model
+
+    specs = [ev.ModelSpec("reference (bf16)", "reference", lambda: load_model(s.model, "cpu", "bf16"))]
+    for r in runs:
+        if r.status in ("ok", "reused"):
+            specs.append(ev.ModelSpec(r.name, "candidate", lambda p=r.out: load_model(p, "cpu", "bf16")))
+    skipped = {}
+    for base in baselines:
+        if base == "rtn":
+            specs.append(ev.ModelSpec("rtn", "baseline", lambda: ev.build_rtn(s.model, GROUP, "cpu", "bf16")))
+        elif base == "nf4":
+            why = _bitsandbytes_ready()
+            if why:
+                skipped["nf4"] = why
+            else:
+                specs.append(ev.ModelSpec("nf4", "baseline", lambda: ev.build_nf4(s.model, "cpu", "bf16")))
+
+    def progress(label, done, total):
+        if done in (0, total) or done % max(1, total // 4) == 0:
+            say(f"eval {label}: {done}/{total}")
+
+    key = ev.cache_key(model_identity(s.model), suite, settings)
+    cache = ev.ReferenceCache.open(settings.cache_dir, key)
+    start = time.perf_counter()
+    ref_items, reused = ev.run_reference(specs[0], suite, settings, cache, progress)
+    runs_out = {specs[0].label: ("reference", ev.reference_results(ref_items))}
+    seconds = {specs[0].label: time.perf_counter() - start}
+    failed = {}
+    for spec in specs[1:]:
+        start = time.perf_counter()
+        try:
+            runs_out[spec.label] = (spec.role, ev.run_model(spec, suite, settings, ref_items, progress))
+        except Exception as error:  # noqa: BLE001 - one model failing must not lose the others
+            failed[spec.label] = f"{type(error).__name__}: {str(error)[:300]}"
+            say(f"eval {spec.label}: FAILED {failed[spec.label]}")
+            continue
+        seconds[spec.label] = time.perf_counter() - start
+    tok = load_model  # noqa: F841 - keep the import used above obvious
+    from r1v_quant.model.r1v import load_tokenizer
+
+    close_id = load_tokenizer(s.model).convert_tokens_to_ids("</think>")
+    models, comparisons = ev.qa_results(suite, runs_out, close_id)
+    return {"models": {m.name: asdict(m) for m in models}, "comparisons": {c.model: asdict(c) for c in comparisons},
+            "seconds": seconds, "failed": failed, "skipped": skipped, "reference_reused": reused,
+            "questions": len(suite.samples), "settings": settings.describe()}
+
+
+# ---------------------------------------------------------------- tables
+
+
+LABELS = {
+    "reference (bf16)": ("reference, bf16", "-"),
+    "ours-builtin": ("r1v-quant AWQ", "built-in multimodal (images + text)"),
+    "ours-traces": ("r1v-quant AWQ", "built-in multimodal + own reasoning traces"),
+    "ours-text": ("r1v-quant AWQ", "text, same token ids as the peers"),
+    "autoawq": ("AutoAWQ 0.2.9", "text, same token ids"),
+    "llmc": ("llm-compressor 0.14.0.1 AWQModifier", "text, same token ids"),
+    "rtn": ("round-to-nearest w4 g128", "none"),
+    "nf4": ("bitsandbytes NF4", "none"),
+}
+
+
+def _f(x, fmt: str, none: str = "-") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def quality_rows(results: dict, runs: list[Run]) -> list[list[str]]:
+    ev = results["eval"]
+    models, comps = ev["models"], ev["comparisons"]
+    base_kl = (comps.get("ours-text") or {}).get("mean_kl")
+    tokens = {r.name: r.tokens for r in runs}
+    rows = []
+    order = ["reference (bf16)", "ours-builtin", "ours-traces", "ours-text", "autoawq", "llmc", "rtn", "nf4"]
+    for name in order:
+        tool, calib = LABELS[name]
+        if name not in models:
+            why = ev["failed"].get(name) or ev["skipped"].get(name) or next(
+                (f"{r.status}: {r.reason}" for r in runs if r.name == name), None)
+            if why:
+                rows.append([tool, calib, "-", "-", "-", "-", "-", "-", f"not measured ({why})"])
+            continue
+        m, c = models[name], comps.get(name) or {}
+        kl = c.get("mean_kl", 0.0 if name.startswith("reference") else None)
+        ratio = "-" if kl is None or not base_kl else f"{kl / base_kl:.2f}"
+        acc = f"{m['accuracy']:.1f} [{m['accuracy_lo']:.1f}, {m['accuracy_hi']:.1f}]"
+        diff = "-" if not c else f"{c['diff']:+.1f} [{c['diff_lo']:+.1f}, {c['diff_hi']:+.1f}]"
+        top1 = "100.0" if name.startswith("reference") else _f(c.get("top1_agreement"), ".1f")
+        rows.append([tool, calib, _f(tokens.get(name), "d"), _f(kl, ".4f"), ratio, top1, acc, diff, ""])
+    return rows
+
+
+QUALITY_HEAD = ["tool", "calibration", "calib tokens", "KL (nats/token)", "KL ÷ r1v-quant text", "top-1 agree %",
+                "accuracy % [95% CI]", "Δ vs reference, points [95% CI]", "note"]
+COST_HEAD = ["tool", "wall s", "÷ r1v-quant", "CPU s", "÷ r1v-quant", "peak RSS MiB", "÷ r1v-quant",
+             "tool's own quantise call s", "note"]
+
+
+def cost_rows(runs: list[Run]) -> list[list[str]]:
+    base = next((r for r in runs if r.name == "ours-text" and r.wall_s), None)
+    rows = []
+    for r in runs:
+        if r.name not in ("ours-text", "autoawq", "llmc"):
+            continue
+        tool = LABELS[r.name][0]
+        if r.wall_s is None:
+            rows.append([tool, "-", "-", "-", "-", "-", "-", "-", f"{r.status}: {r.reason}"])
+            continue
+
+        def ratio(a, b):
+            return "-" if not base or not b else f"{a / b:.2f}"
+
+        note = "reused from an earlier run" if r.status == "reused" else ("" if r.status == "ok" else r.reason)
+        rows.append([tool, f"{r.wall_s:.1f}", ratio(r.wall_s, base and base.wall_s), f"{r.cpu_s:.1f}",
+                     ratio(r.cpu_s, base and base.cpu_s), f"{r.peak_rss_mb:.0f}",
+                     ratio(r.peak_rss_mb, base and base.peak_rss_mb), _f(r.quantize_s, ".1f"), note])
+    return rows
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_table(title: str, head: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i < 2 or i == len(head) - 1 else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="full-precision R1V checkpoint (default: models/r1v-mini, the trained small model)")
+    p.add_argument("--work", type=Path, help="work folder (default: runs/peers or runs/peers-quick)")
+    p.add_argument("--quick", action="store_true", help="smoke run: a random tiny checkpoint unless --model, few samples and questions")
+    p.add_argument("--samples", type=int, help="calibration sequences (default 64; quick 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per text calibration sequence (default 512; quick 128)")
+    p.add_argument("--questions", type=int, help="held-out built-in questions evaluated (default 64; quick 8)")
+    p.add_argument("--max-new-tokens", type=int, help="longest reply in the evaluation (default 256; quick 48)")
+    p.add_argument("--trace-tokens", type=int, help="longest self-generated reasoning trace (default 256; quick 48)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for every tool (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", default="", help="comma list of: ours-builtin, ours-traces, autoawq, llmc, rtn, nf4")
+    p.add_argument("--reuse", action="store_true", help="reuse quantised outputs (and their measurements) in the work folder")
+    p.add_argument("--json", type=Path, help="write all results as JSON here")
+    p.add_argument("--markdown", type=Path, help="write the two tables and the machine as Markdown here")
+    a = p.parse_args(argv)
+    preset = QUICK if a.quick else {}
+    model = a.model
+    work = a.work or ROOT / "runs" / ("peers-quick" if a.quick else "peers")
+    if model is None:
+        model = default_model()
+        if model is None and a.quick:
+            model = work / "tiny"
+            if not (model / "config.json").is_file():
+                from r1v_quant.tiny import TinySizes, make_tiny
+
+                say(f"writing a random tiny checkpoint to {model}")
+                make_tiny(model, seed=a.seed, sizes=TinySizes(llm_layers=2), force=True)
+        elif model is None:
+            raise SystemExit("no --model given and models/r1v-mini does not exist; pass --model DIR "
+                             "(for a smoke run on a random checkpoint: --quick)")
+    s = Settings(model=Path(model).resolve(), work=Path(work).resolve(), threads=a.threads, seed=a.seed,
+                 skip=tuple(x.strip() for x in a.skip.split(",") if x.strip()), reuse=a.reuse)
+    for key, default in (("samples", None), ("seq_len", None), ("questions", None), ("max_new_tokens", None),
+                         ("trace_tokens", None)):
+        value = getattr(a, key)
+        if value is not None:
+            setattr(s, key, value)
+        elif key in preset:
+            setattr(s, key, preset[key])
+    if a.quick:
+        s.batch_size = QUICK["batch_size"]
+    return s, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    s, a = parse(argv)
+    torch.set_num_threads(s.threads)
+    s.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("R1V_QUANT_CACHE", str(s.work / "cache"))  # traces cached per work folder
+    t_all = time.perf_counter()
+    say(f"model {s.model}, work folder {s.work}")
+    llm = extract_llm(s.model, s.work / "llm")
+    calib = calibration_text(s.model, s.samples, s.seq_len, s.seed, s.work / "calib")
+    say(f"calibration: {calib['sequences']} x {calib['seq_len']} tokens from {calib['questions_used']} built-in questions")
+
+    runs: list[Run] = []
+    runs.append(ours(s, "ours-text", f"text:{calib['text']}", "text, same token ids as the peers",
+                     ["--seq-len", s.seq_len]))
+    runs.append(peer(s, "autoawq", "AutoAWQ 0.2.9", AUTOAWQ_PY, "autoawq_quant.py", llm, Path(calib["token_ids"])))
+    runs.append(peer(s, "llmc", "llm-compressor 0.14.0.1", LLMC_PY, "llmc_quant.py", llm, Path(calib["token_ids"])))
+    for name, extra, label in (("ours-builtin", [], "built-in multimodal"),
+                               ("ours-traces", ["--traces", "self", "--max-trace-tokens", s.trace_tokens],
+                                "built-in multimodal + self traces")):
+        if name in s.skip:
+            runs.append(Run(name, "r1v-quant", label, s.work / name, status="skipped", reason="--skip"))
+        else:
+            runs.append(ours(s, name, "builtin", label, extra))
+    baselines = [b for b in ("rtn", "nf4") if b not in s.skip]
+
+    say("evaluating every variant against the reference")
+    results = {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+               "calibration": calib, "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    results["eval"] = evaluate(s, runs, baselines)
+    results["runs"] = [{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(r).items() if k != "command"}
+                       | {"command": " ".join(map(str, r.command))} for r in runs]
+    results["seconds"] = time.perf_counter() - t_all
+
+    q_rows, c_rows = quality_rows(results, runs), cost_rows(runs)
+    print_table(f"Quality on {results['eval']['questions']} held-out built-in questions (reference: {s.model.name})",
+                QUALITY_HEAD, q_rows)
+    print_table(f"Calibration cost: {s.samples} x {s.seq_len} text tokens, {s.threads} threads, whole process",
+                COST_HEAD, c_rows)
+    say(f"total {results['seconds'] / 60:.1f} min")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        say(f"wrote {a.json}")
+    if a.markdown:
+        m = results["machine"]
+        text = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, "
+                f"torch {m['torch']}, transformers {m['transformers']} (project environment).\n\n"
+                f"Command: `{results['command']}` ({results['seconds'] / 60:.1f} min)\n\n"
+                + markdown_table(QUALITY_HEAD, q_rows) + "\n\n" + markdown_table(COST_HEAD, c_rows) + "\n")
+        a.markdown.write_text(text)
+        say(f"wrote {a.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
