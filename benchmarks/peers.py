@@ -85,7 +85,7 @@ class Settings:
         return self.samples * self.seq_len
 
 
-QUICK = dict(samples=8, seq_len=128, questions=8, max_new_tokens=48, trace_tokens=48, batch_size=8)
+QUICK = {"samples": 8, "seq_len": 128, "questions": 8, "max_new_tokens": 48, "trace_tokens": 48, "batch_size": 8}
 
 
 # ---------------------------------------------------------------- models and machine
@@ -118,7 +118,17 @@ def machine() -> dict:
                 mem = round(int(line.split()[1]) / 1024**2, 1)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": mem, "os": platform.platform(),
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 BF16", "avx512_bf16"),
+                                   ("AMX", "amx_tile")) if flag in flags]
+    return {"cpu": cpu, "isa": isa, "cores": len(os.sched_getaffinity(0)), "memory_gib": mem, "os": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": __import__("transformers").__version__}
 
@@ -181,6 +191,7 @@ def calibration_text(src: Path, n: int, seq_len: int, seed: int, out: Path) -> d
     from r1v_quant.calib.encode import encode_sample
     from r1v_quant.calib.mmmu import pose_question
     from r1v_quant.calib.sample import Sample
+
     from r1v_quant.config import load_config
     from r1v_quant.model.r1v import load_tokenizer
     from r1v_quant.prompt import IMAGE_PLACEHOLDER, THINK_START, render_chat
@@ -247,6 +258,7 @@ class Run:
     peak_rss_mb: float | None = None
     quantize_s: float | None = None  # the tool's own quantisation call, as it reports it
     tokens: int | None = None
+    load: list[float] = field(default_factory=list)  # 1-minute load average before and after the run
     extra: dict = field(default_factory=dict)
 
 
@@ -281,14 +293,16 @@ def execute(run: Run, s: Settings, done_marker: str) -> Run:
     log = s.work / "logs" / f"{run.name}.log"
     if s.reuse and (run.out / done_marker).is_file() and (s.work / "logs" / f"{run.name}.json").is_file():
         saved = json.loads((s.work / "logs" / f"{run.name}.json").read_text())
-        for k in ("wall_s", "cpu_s", "peak_rss_mb", "quantize_s", "tokens", "extra"):
+        for k in ("wall_s", "cpu_s", "peak_rss_mb", "quantize_s", "tokens", "load", "extra"):
             setattr(run, k, saved.get(k))
         run.status = "reused"
         say(f"{run.name}: reusing {run.out}")
         return run
     say(f"{run.name}: {' '.join(map(str, run.command))}")
     shutil.rmtree(run.out, ignore_errors=True)
+    load_before = os.getloadavg()[0]
     rc, run.wall_s, run.cpu_s, run.peak_rss_mb = measured([str(c) for c in run.command], thread_env(s.threads), log)
+    run.load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     if rc != 0:
         run.status, run.reason = "failed", f"exit {rc}: {last_error(log)} (log: {log.relative_to(s.work)})"
         say(f"{run.name}: FAILED {run.reason}")
@@ -464,7 +478,7 @@ def convert_llmc(raw: Path, src: Path, dst: Path, tool: str) -> dict:
 
 def _bitsandbytes_ready() -> str | None:
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
 
         return None
     except ImportError:
@@ -524,7 +538,6 @@ def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
             say(f"eval {spec.label}: FAILED {failed[spec.label]}")
             continue
         seconds[spec.label] = time.perf_counter() - start
-    tok = load_model  # noqa: F841 - keep the import used above obvious
     from r1v_quant.model.r1v import load_tokenizer
 
     close_id = load_tokenizer(s.model).convert_tokens_to_ids("</think>")
@@ -570,7 +583,7 @@ def quality_rows(results: dict, runs: list[Run]) -> list[list[str]]:
             continue
         m, c = models[name], comps.get(name) or {}
         kl = c.get("mean_kl", 0.0 if name.startswith("reference") else None)
-        ratio = "-" if kl is None or not base_kl else f"{kl / base_kl:.2f}"
+        ratio = "-" if kl is None or not base_kl or name.startswith("reference") else f"{kl / base_kl:.2f}"
         acc = f"{m['accuracy']:.1f} [{m['accuracy_lo']:.1f}, {m['accuracy_hi']:.1f}]"
         diff = "-" if not c else f"{c['diff']:+.1f} [{c['diff_lo']:+.1f}, {c['diff_hi']:+.1f}]"
         top1 = "100.0" if name.startswith("reference") else _f(c.get("top1_agreement"), ".1f")
@@ -716,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"wrote {a.json}")
     if a.markdown:
         m = results["machine"]
-        text = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, "
+        text = (f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, "
                 f"torch {m['torch']}, transformers {m['transformers']} (project environment).\n\n"
                 f"Command: `{results['command']}` ({results['seconds'] / 60:.1f} min)\n\n"
                 + markdown_table(QUALITY_HEAD, q_rows) + "\n\n" + markdown_table(COST_HEAD, c_rows) + "\n")

@@ -44,7 +44,8 @@ def command(
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Weigh image and text tokens equally in the searches."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration set."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
-    offload_dir: Path | None = typer.Option(None, help="Spill calibration activations here when they outgrow RAM."),
+    offload_dir: Path | None = typer.Option(None, help="Spill calibration activations here when they outgrow --offload-above."),
+    offload_above: str = typer.Option("8GiB", help="RAM kept for calibration activations before spilling to --offload-dir."),
     work_dir: Path | None = typer.Option(None, help="Per-layer state for --resume (default: beside --out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the per-layer work folder after success."),
@@ -80,14 +81,18 @@ def command(
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("awq", total=None, note="preparing calibration inputs")
 
+        def on_trace(done, total):
+            bar.update(task, note=f"self traces {done}/{total}")
+
         def on_layer(i, total, report):
             bar.update(task, total=total, completed=i + 1,
                        note=f"err {report.rel_err_awq:.4f} (RTN {report.rel_err_rtn:.4f})")
 
         result = quantize_checkpoint(model, out, settings, choice, force=force, device=device, work_dir=work_dir,
                                      resume=resume, offload_dir=offload_dir, keep_work=keep_work,
+                                     offload_above=parse_size(offload_above, "--offload-above", 0),
                                      max_shard_bytes=parse_size(max_shard_size, "--max-shard-size", 2**20),
-                                     progress=on_layer, kl_check=check)
+                                     progress=on_layer, kl_check=check, trace_progress=on_trace)
 
     table = Table(title="per-layer relative output error (lower is better)")
     for col in ("layer", "AWQ", "round-to-nearest", "AWQ / RTN", "seconds", "peak MB"):

@@ -133,7 +133,9 @@ def test_resume_gives_a_byte_identical_export(tiny_dir, tmp_path):
                             work_dir=work, stop_after=1)
     assert not resumed.exists()
     assert json.loads((work / "state.json").read_text())["done"] == 1
-    quantize_checkpoint(str(tiny_dir), resumed, SMALL, CalibChoice("builtin"), device="cpu", work_dir=work, resume=True)
+    # The resumed half also spills every activation to disk: neither may change a byte.
+    quantize_checkpoint(str(tiny_dir), resumed, SMALL, CalibChoice("builtin"), device="cpu", work_dir=work, resume=True,
+                        offload_dir=tmp_path / "spill", offload_above=0)
     names = sorted(p.name for p in full.iterdir())
     assert names == sorted(p.name for p in resumed.iterdir())
     for n in names:
@@ -185,3 +187,49 @@ def test_bad_inputs(tiny_dir, tmp_path, capsys, monkeypatch):
 def test_already_quantized_source_is_refused(tiny_export, tmp_path):
     with pytest.raises(UserError, match="already quantised"):
         quantize_checkpoint(str(tiny_export), tmp_path / "x", SMALL, CalibChoice("builtin"), device="cpu")
+
+
+def test_plan_predicts_the_export_bytes_exactly_and_inspect_passes(tiny_export):
+    from safetensors import safe_open
+
+    from r1v_quant.config import load_config
+    from r1v_quant.inspect_export import inspect
+    from r1v_quant.plan import make_plan
+
+    real = 0
+    for shard in tiny_export.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                t = f.get_slice(name)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                real += n * {"BF16": 2, "F16": 2, "I32": 4, "F32": 4}[t.get_dtype()]
+    plan = make_plan(load_config(tiny_export), source=str(tiny_export))
+    assert sum(c.export_bytes for c in plan.components) == real
+    report = inspect(tiny_export)
+    assert report.ok, [c for c in report.checks if not c.ok]
+
+
+def test_mmmu_without_data_says_how_to_provide_it(tiny_dir, tmp_path, capsys, monkeypatch):
+    from r1v_quant.calib import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    code, _, err = run_cli(["awq", "--model", tiny_dir, "--calib", "mmmu-sample", "--out", tmp_path / "x",
+                            "--no-kl-check"], capsys)
+    assert code == 2 and "--calib-path" in err and not (tmp_path / "x").exists()
+
+
+def test_activations_spill_to_disk_and_read_back(tmp_path):
+    from r1v_quant.quant.pipeline import ActivationStore
+
+    store = ActivationStore(tmp_path / "spill", threshold_bytes=1000)
+    xs = [torch.randn(1, n, 16) for n in (5, 40, 50)]
+    for x in xs:
+        store.append(x)
+    assert sum(isinstance(i, Path) for i in store.items) == 2  # all but the first exceed the RAM budget
+    assert all(torch.equal(a, b) for a, b in zip(store, xs))
+    store.clear()
+    assert not list((tmp_path / "spill").iterdir())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,7 +41,7 @@ def main() -> None:
     from awq import AutoAWQForCausalLM, __version__
     from transformers import AutoTokenizer
 
-    sequences = json.load(open(a.tokens))["sequences"]
+    sequences = json.loads(Path(a.tokens).read_text())["sequences"]
     seq_len = len(sequences[0])
     if any(len(s) != seq_len for s in sequences):
         raise SystemExit("every calibration sequence must have the same length")
@@ -58,9 +59,8 @@ def main() -> None:
     t4 = time.perf_counter()
 
     # AutoAWQ's own reading of one packed linear, for the converter to check its unpacking against.
-    from safetensors.torch import save_file
-
     from awq.utils.packing_utils import dequantize_gemm
+    from safetensors.torch import save_file
 
     layer = model.model.get_submodule(a.check_layer)
     dense = dequantize_gemm(layer.qweight, layer.qzeros, layer.scales.float(), 4, a.group_size)  # [in, out], float32

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -53,7 +54,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
-    sequences = json.load(open(a.tokens))["sequences"]
+    sequences = json.loads(Path(a.tokens).read_text())["sequences"]
     seq_len = len(sequences[0])
     t1 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
@@ -70,14 +71,12 @@ def main() -> None:
     t4 = time.perf_counter()
 
     # Read the saved checkpoint back with compressed-tensors' own helpers.
-    from pathlib import Path
-
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.quantization.lifecycle.forward import dequantize
     from safetensors.torch import load_file, save_file
 
-    qconfig = QuantizationConfig.model_validate(json.load(open(f"{a.out}/config.json"))["quantization_config"])
+    qconfig = QuantizationConfig.model_validate(json.loads(Path(a.out, "config.json").read_text())["quantization_config"])
     weight_args = next(iter(qconfig.config_groups.values())).weights
 
     saved: dict[str, torch.Tensor] = {}

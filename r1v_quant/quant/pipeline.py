@@ -328,7 +328,7 @@ class WorkFolder:
 def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
             settings: AWQSettings,
             work: WorkFolder, device: torch.device, resume: bool = False, offload_dir: Path | None = None,
-            dtype: torch.dtype = torch.float32, progress: Callable[[int, int, LayerReport | None], None] | None = None,
+            offload_above: int = 8 * 1024**3, dtype: torch.dtype = torch.float32, progress: Callable[[int, int, LayerReport | None], None] | None = None,
             stop_after: int | None = None) -> list[LayerReport]:
     """Quantise every decoder layer in order; results land in `work`. `stop_after` simulates an interruption.
 
@@ -336,7 +336,7 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
     """
     validate_group_size(cfg, settings.group_size)
     begin = work.start(resume)
-    acts = ActivationStore(offload_dir, tag="in")
+    acts = ActivationStore(offload_dir, offload_above, tag="in")
     masks_file = work.path / "image_masks.safetensors"
     if begin == 0:
         masks = []

@@ -60,7 +60,7 @@ def export_bytes(cfg, group_size: int) -> int:
     return sum(spec_bytes(shape, dtype) for shape, dtype in export_tensor_specs(cfg, group_size).values())
 
 
-def load_samples(choice: CalibChoice, settings: AWQSettings, model_dir: Path, device: str | None):
+def load_samples(choice: CalibChoice, settings: AWQSettings, model_dir: Path, device: str | None, progress=None):
     from r1v_quant.calib.sets import load_calibration
 
     samples = load_calibration(choice.spec, n=settings.samples, seed=settings.seed,
@@ -68,7 +68,8 @@ def load_samples(choice: CalibChoice, settings: AWQSettings, model_dir: Path, de
     if choice.traces == "self":
         from r1v_quant.calib.traces import add_self_traces
 
-        samples = add_self_traces(samples, model_dir, choice.max_trace_tokens, cache_dir=choice.trace_cache, device=device)
+        samples = add_self_traces(samples, model_dir, choice.max_trace_tokens, cache_dir=choice.trace_cache, device=device,
+                                  progress=progress)
     elif choice.traces != "none":
         raise UserError(f"--traces {choice.traces} is not one of none, self.")
     return samples
@@ -84,11 +85,13 @@ def quantize_checkpoint(
     work_dir: Path | None = None,
     resume: bool = False,
     offload_dir: Path | None = None,
+    offload_above: int = 8 * 1024**3,
     keep_work: bool = False,
     max_shard_bytes: int = 5 * 1000**3,
     progress: Callable[[int, int, LayerReport | None], None] | None = None,
     stop_after: int | None = None,
     kl_check: Callable[[Path, Path], dict] | None = None,
+    trace_progress: Callable[[int, int], None] | None = None,
 ) -> AWQResult:
     from r1v_quant.calib.encode import embed_encoded, encode_samples, image_token_share
     from r1v_quant.model.r1v import load_front, load_tokenizer, pick_device
@@ -106,7 +109,7 @@ def quantize_checkpoint(
     dev = pick_device(device)
     tok = load_tokenizer(src)
 
-    samples = load_samples(calib, settings, src, device)
+    samples = load_samples(calib, settings, src, device, trace_progress)
     encoded = encode_samples(samples, cfg, tok, settings.seq_len, settings.max_tokens)
     tokens = sum(len(e.ids) for e in encoded)
 
@@ -119,6 +122,7 @@ def quantize_checkpoint(
 
     work = WorkFolder(work_dir or out.parent / f".{out.name}.awq-work", settings.fingerprint(src, calib.spec))
     reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
+                      offload_above=offload_above,
                       progress=progress, stop_after=stop_after)
     result = AWQResult(out, reports, len(encoded), tokens, image_token_share(encoded, tok), time.perf_counter() - start)
 

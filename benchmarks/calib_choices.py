@@ -1,0 +1,102 @@
+"""How `awq`'s own choices move accuracy: image/text balancing and what feeds each layer.
+
+Quantises one checkpoint four ways (round-to-nearest, and AWQ unbalanced, balanced, balanced with
+float propagation) and prints the mean KL(source || export) per token on held-out builtin prompts,
+with their images and text-only, all measured in this run.
+
+    python benchmarks/calib_choices.py [--model DIR] [--samples 8] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from r1v_quant.calib.builtin import builtin_samples
+from r1v_quant.generate import Conversation, encode_conversation
+from r1v_quant.layout import is_quant_linear
+from r1v_quant.model.r1v import load_model
+from r1v_quant.quant.linear import AWQLinear
+from r1v_quant.quant.pipeline import AWQSettings
+from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+from r1v_quant.tiny import make_tiny
+
+VARIANTS = {
+    "AWQ, unbalanced, quantised propagation": dict(balance=False, propagate="quantized"),
+    "AWQ, balanced, quantised propagation (default)": dict(balance=True, propagate="quantized"),
+    "AWQ, balanced, float propagation": dict(balance=True, propagate="float"),
+}
+
+
+def held_out_prompts(loaded, n: int):
+    with_images, text_only = [], []
+    for s in builtin_samples(n, seed=0, split="eval"):
+        conv = Conversation()
+        conv.add_user(s.prompt, s.images)
+        ids, pixels, _ = encode_conversation(loaded.config, loaded.tokenizer, conv)
+        with_images.append((ids, pixels.to(loaded.dtype)))
+        conv = Conversation()
+        conv.add_user(s.prompt.replace("<image>", "").strip())
+        text_only.append((encode_conversation(loaded.config, loaded.tokenizer, conv)[0], None))
+    return with_images, text_only
+
+
+@torch.no_grad()
+def mean_kl(ref, cand, prompts) -> float:
+    total, count = 0.0, 0
+    for ids, pixels in prompts:
+        p = torch.log_softmax(ref.model(ids, pixels).logits.float(), -1)
+        q = torch.log_softmax(cand.model(ids, pixels).logits.float(), -1)
+        total += (p.exp() * (p - q)).sum().item()
+        count += ids.numel()
+    return total / count
+
+
+def round_to_nearest(model_dir: Path, group_size: int):
+    loaded = load_model(model_dir, device="cpu")
+    for name, module in list(loaded.model.named_modules()):
+        if is_quant_linear(name):
+            parent, _, child = name.rpartition(".")
+            setattr(loaded.model.get_submodule(parent), child, AWQLinear.from_linear(module, group_size))
+    return loaded
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="Checkpoint (default: a make-tiny checkpoint built here).")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = args.model or make_tiny(root / "tiny", seed=0)
+        ref = load_model(model, device="cpu")
+        with_images, text_only = held_out_prompts(ref, args.prompts)
+        rows = {}
+        rtn = round_to_nearest(model, 128)
+        rows["round-to-nearest"] = (mean_kl(ref, rtn, text_only), mean_kl(ref, rtn, with_images))
+        del rtn
+        for index, (label, opts) in enumerate(VARIANTS.items()):
+            out = root / f"variant-{index}"
+            settings = AWQSettings(samples=args.samples, seq_len=2048, max_tokens=args.max_tokens, grid=10, **opts)
+            quantize_checkpoint(str(model), out, settings, CalibChoice("builtin"), device="cpu")
+            cand = load_model(out, device="cpu")
+            rows[label] = (mean_kl(ref, cand, text_only), mean_kl(ref, cand, with_images))
+            print(f"{label}: text {rows[label][0]:.4f}  images {rows[label][1]:.4f}", flush=True)
+    base_text, base_img = rows["round-to-nearest"]
+    print(f"\n{'calibration':<48} {'KL text':>9} {'KL images':>10} {'vs RTN text':>12} {'vs RTN images':>14}")
+    for label, (t, i) in rows.items():
+        print(f"{label:<48} {t:>9.4f} {i:>10.4f} {t / base_text:>12.2f} {i / base_img:>14.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({k: {"kl_text": t, "kl_images": i} for k, (t, i) in rows.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
