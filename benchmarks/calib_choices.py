@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from r1v_quant.calib.builtin import builtin_samples
+from r1v_quant.evals.run import build_rtn
 from r1v_quant.generate import Conversation, encode_conversation
-from r1v_quant.layout import is_quant_linear
 from r1v_quant.model.r1v import load_model
-from r1v_quant.quant.linear import AWQLinear
 from r1v_quant.quant.pipeline import AWQSettings
 from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
 from r1v_quant.tiny import make_tiny
@@ -56,15 +55,6 @@ def mean_kl(ref, cand, prompts) -> float:
     return total / count
 
 
-def round_to_nearest(model_dir: Path, group_size: int):
-    loaded = load_model(model_dir, device="cpu")
-    for name, module in list(loaded.model.named_modules()):
-        if is_quant_linear(name):
-            parent, _, child = name.rpartition(".")
-            setattr(loaded.model.get_submodule(parent), child, AWQLinear.from_linear(module, group_size))
-    return loaded
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="Checkpoint (default: a make-tiny checkpoint built here).")
@@ -80,7 +70,7 @@ def main() -> None:
         ref = load_model(model, device="cpu")
         with_images, text_only = held_out_prompts(ref, args.prompts)
         rows = {}
-        rtn = round_to_nearest(model, 128)
+        rtn = build_rtn(model, 128, "cpu", "bf16")
         rows["round-to-nearest"] = (mean_kl(ref, rtn, text_only), mean_kl(ref, rtn, with_images))
         del rtn
         for index, (label, opts) in enumerate(VARIANTS.items()):

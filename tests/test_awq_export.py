@@ -93,16 +93,12 @@ def test_export_is_closer_to_the_source_than_round_to_nearest(tiny_dir, tiny_exp
     """
     from r1v_quant.calib.builtin import builtin_samples
     from r1v_quant.generate import Conversation, encode_conversation
+    from r1v_quant.evals.run import build_rtn
     from r1v_quant.model.r1v import load_model
-    from r1v_quant.quant.linear import AWQLinear
 
     src = load_model(tiny_dir, device="cpu")
     awq = load_model(tiny_export, device="cpu")
-    rtn = load_model(tiny_dir, device="cpu")
-    for name, module in list(rtn.model.named_modules()):
-        if is_quant_linear(name):
-            parent, _, child = name.rpartition(".")
-            setattr(rtn.model.get_submodule(parent), child, AWQLinear.from_linear(module, 128))
+    rtn = build_rtn(tiny_dir, 128, "cpu", "bf16")
     with_images, text_only = [], []
     for s in builtin_samples(4, seed=0, split="eval"):
         conv = Conversation()

@@ -31,19 +31,7 @@ from r1v_quant.serve import (
     user_flags,
 )
 
-try:
-    from r1v_quant.generate import Sampling
-except ImportError:     # generate.py needs the image and prompt modules; chat_once reads only these fields
-    from dataclasses import dataclass
-
-    @dataclass
-    class Sampling:
-        temperature: float = 0.6
-        top_p: float = 0.95
-        repetition_penalty: float = 1.05
-        max_new_tokens: int = 2048
-        greedy: bool = False
-        seed: int | None = None
+from r1v_quant.generate import Sampling
 
 
 def plan_len(cfg, gpu_bytes, **kw) -> int:

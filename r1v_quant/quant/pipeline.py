@@ -26,7 +26,7 @@ from r1v_quant.config import R1VConfig
 from r1v_quant.errors import UserError
 from r1v_quant.layout import llm_linear_shapes
 from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales, token_weights
-from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_group_size, fake_quantize
+from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
 
 NO_CLIP = ("q_proj", "k_proj")  # softmax amplifies their errors, so AWQ leaves their range alone
 
@@ -282,9 +282,7 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
 
 def validate_group_size(cfg: R1VConfig, group_size: int) -> None:
     for name, (out_f, in_f) in llm_linear_shapes(cfg, 0).items():
-        check_group_size(in_f, group_size, name)
-        if out_f % 8:
-            raise UserError(f"{name} has {out_f} outputs, which AWQ's 8-per-int32 packing cannot hold.")
+        check_awq_shape(out_f, in_f, group_size, name.split(".", 4)[-1])
 
 
 class WorkFolder:
