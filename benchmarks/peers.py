@@ -431,7 +431,10 @@ def _check_dense(dst_dir: Path, check: Path, module: str) -> float:
     name = f"{LLM}{module}"
     mine = awq_dequantize(ck.get(f"{name}.qweight"), ck.get(f"{name}.qzeros"), ck.get(f"{name}.scales"), GROUP)
     theirs = load_file(str(check))["weight"].float()
-    return float((mine - theirs).abs().max())
+    worst = float((mine - theirs).abs().max())
+    if worst > 0:
+        raise ValueError(f"{module}: the converted tensors differ from the tool's own dequantisation by up to {worst:g}")
+    return worst
 
 
 def convert_autoawq(raw: Path, src: Path, dst: Path, tool: str) -> dict:

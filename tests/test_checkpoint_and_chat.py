@@ -132,3 +132,32 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(case, tiny_dir, tmp_path, 
     assert expect in " ".join(err.split())
     assert "Traceback" not in err and err.count("error:") == 1
 
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tiny_dir, tmp_path, monkeypatch):
+    from r1v_quant.checkpoint import resolve_model
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--Skywork--Skywork-R1V-38B"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    shutil.copytree(tiny_dir, repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    path = resolve_model("Skywork/Skywork-R1V-38B")
+    assert (path / "config.json").is_file() and path.name.startswith("0123456789")
+
+
+def test_hub_id_offline_and_not_cached_is_one_sentence(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    code, _, err = run_cli(["chat", "--model", "Skywork/Skywork-R1V-38B", "--prompt", "hi"], capsys)
+    assert code == 2
+    assert "not in the local Hugging Face cache" in " ".join(err.split())
