@@ -20,7 +20,7 @@ mkdir -p out
 r1v-quant awq --model "$model" --calib builtin --samples 32 --out out/r1v-mini-awq --force
 r1v-quant inspect out/r1v-mini-awq
 r1v-quant eval --reference "$model" --candidate out/r1v-mini-awq --suite builtin --limit 48 \
-  --baseline rtn --json out/eval.json --markdown out/eval.md --plot out/eval.png
+  --baseline rtn --max-new-tokens 160 --json out/eval.json --markdown out/eval.md --plot out/eval.png
 python - <<'PY'
 from PIL import Image, ImageDraw
 im = Image.new("RGB", (448, 448), "white")
