@@ -69,7 +69,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class Settings:
     model: Path
     work: Path
-    samples: int = 64                # calibration sequences
+    samples: int = 16                # calibration sequences
     seq_len: int = 512               # tokens per text sequence (AutoAWQ's default length)
     questions: int = 64              # held-out questions evaluated
     max_new_tokens: int = 256        # per reply
@@ -79,6 +79,8 @@ class Settings:
     seed: int = 0
     skip: tuple[str, ...] = ()
     reuse: bool = False              # keep quantised outputs already in the work folder
+    peer_dtype: str = "bfloat16"     # what AutoAWQ and llm-compressor load and compute in
+    cost_only: bool = False          # only the three text-calibrated runs, no evaluation
 
     @property
     def calib_tokens(self) -> int:
@@ -337,7 +339,7 @@ def peer(s: Settings, name: str, tool: str, python: Path, driver: str, llm: Path
     raw = s.work / f"{name}-raw"
     run = Run(name, tool, "text (same token ids)", s.work / name,
               [python, DRIVERS / driver, "--model", llm, "--tokens", tokens, "--out", raw, "--group-size", GROUP,
-               "--threads", s.threads])
+               "--threads", s.threads, "--dtype", s.peer_dtype])
     if name in s.skip:
         run.status, run.reason = "skipped", "--skip"
         return run
@@ -647,7 +649,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--model", type=Path, help="full-precision R1V checkpoint (default: models/r1v-mini, the trained small model)")
     p.add_argument("--work", type=Path, help="work folder (default: runs/peers or runs/peers-quick)")
     p.add_argument("--quick", action="store_true", help="smoke run: a random tiny checkpoint unless --model, few samples and questions")
-    p.add_argument("--samples", type=int, help="calibration sequences (default 64; quick 8)")
+    p.add_argument("--samples", type=int, help="calibration sequences (default 16; quick 8)")
     p.add_argument("--seq-len", type=int, help="tokens per text calibration sequence (default 512; quick 128)")
     p.add_argument("--questions", type=int, help="held-out built-in questions evaluated (default 64; quick 8)")
     p.add_argument("--max-new-tokens", type=int, help="longest reply in the evaluation (default 256; quick 48)")
@@ -656,6 +658,10 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma list of: ours-builtin, ours-traces, autoawq, llmc, rtn, nf4")
     p.add_argument("--reuse", action="store_true", help="reuse quantised outputs (and their measurements) in the work folder")
+    p.add_argument("--peer-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="dtype AutoAWQ and llm-compressor load the model in (default bfloat16, the checkpoint's)")
+    p.add_argument("--cost-only", action="store_true",
+                   help="only the calibration cost: r1v-quant, AutoAWQ and llm-compressor on the text set, no evaluation")
     p.add_argument("--json", type=Path, help="write all results as JSON here")
     p.add_argument("--markdown", type=Path, help="write the two tables and the machine as Markdown here")
     a = p.parse_args(argv)
@@ -675,7 +681,8 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
             raise SystemExit("no --model given and models/r1v-mini does not exist; pass --model DIR "
                              "(for a smoke run on a random checkpoint: --quick)")
     s = Settings(model=Path(model).resolve(), work=Path(work).resolve(), threads=a.threads, seed=a.seed,
-                 skip=tuple(x.strip() for x in a.skip.split(",") if x.strip()), reuse=a.reuse)
+                 skip=tuple(x.strip() for x in a.skip.split(",") if x.strip()), reuse=a.reuse,
+                 peer_dtype=a.peer_dtype, cost_only=a.cost_only)
     for key, default in (("samples", None), ("seq_len", None), ("questions", None), ("max_new_tokens", None),
                          ("trace_tokens", None)):
         value = getattr(a, key)
@@ -707,35 +714,47 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra, label in (("ours-builtin", [], "built-in multimodal"),
                                ("ours-traces", ["--traces", "self", "--max-trace-tokens", s.trace_tokens],
                                 "built-in multimodal + self traces")):
+        if s.cost_only:
+            continue
         if name in s.skip:
             runs.append(Run(name, "r1v-quant", label, s.work / name, status="skipped", reason="--skip"))
         else:
             runs.append(ours(s, name, "builtin", label, extra))
     baselines = [b for b in ("rtn", "nf4") if b not in s.skip]
 
-    say("evaluating every variant against the reference")
     results = {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
                "calibration": calib, "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    results["eval"] = evaluate(s, runs, baselines)
+    if not s.cost_only:
+        say("evaluating every variant against the reference")
+        results["eval"] = evaluate(s, runs, baselines)
     results["runs"] = [{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(r).items() if k != "command"}
                        | {"command": " ".join(map(str, r.command))} for r in runs]
     results["seconds"] = time.perf_counter() - t_all
 
-    q_rows, c_rows = quality_rows(results, runs), cost_rows(runs)
-    print_table(f"Quality on {results['eval']['questions']} held-out built-in questions (reference: {s.model.name})",
-                QUALITY_HEAD, q_rows)
-    print_table(f"Calibration cost: {s.samples} x {s.seq_len} text tokens, {s.threads} threads, whole process",
-                COST_HEAD, c_rows)
+    c_rows = cost_rows(runs)
+    cost_title = (f"Calibration cost: {s.samples} x {s.seq_len} text tokens, {s.threads} threads, whole process "
+                  f"(r1v-quant computes in float32 on CPU, the peers in {s.peer_dtype})")
+    blocks = []
+    if not s.cost_only:
+        q_rows = quality_rows(results, runs)
+        print_table(f"Quality on {results['eval']['questions']} held-out built-in questions (reference: {s.model.name})",
+                    QUALITY_HEAD, q_rows)
+        blocks.append(markdown_table(QUALITY_HEAD, q_rows))
+        results["quality_table"] = [dict(zip(QUALITY_HEAD, row)) for row in q_rows]
+    print_table(cost_title, COST_HEAD, c_rows)
+    blocks.append(markdown_table(COST_HEAD, c_rows))
+    results["cost_table"] = [dict(zip(COST_HEAD, row)) for row in c_rows]
     say(f"total {results['seconds'] / 60:.1f} min")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
         say(f"wrote {a.json}")
     if a.markdown:
         m = results["machine"]
-        text = (f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, "
-                f"torch {m['torch']}, transformers {m['transformers']} (project environment).\n\n"
+        text = (f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['memory_gib']} GiB; "
+                f"{m['os']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']} "
+                f"(project environment).\n\n"
                 f"Command: `{results['command']}` ({results['seconds'] / 60:.1f} min)\n\n"
-                + markdown_table(QUALITY_HEAD, q_rows) + "\n\n" + markdown_table(COST_HEAD, c_rows) + "\n")
+                + "\n\n".join(blocks) + "\n")
         a.markdown.write_text(text)
         say(f"wrote {a.markdown}")
     return 0

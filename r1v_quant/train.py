@@ -60,6 +60,7 @@ CHANCE = {
     "shape_name": 1 / 4,        # four options
     "shape_sides": 1 / 4,       # 3, 4, 5 or 6
     "count_red": 1 / 6,         # 1 to 6
+    "bar_tallest": 1 / 4, "bar_value": 1 / 39, "rect_area": 1 / 4, "table_lookup": 1 / 20, "table_sum": 1 / 4,
     "add": 1 / 41, "sub": 1 / 31, "mul": 1 / 36, "largest": 1 / 4, "sides_open": 1 / 4, "sides_choice": 1 / 4,
 }
 SHAPES = {"circle": 0, "triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}
@@ -160,9 +161,11 @@ def encode_example(cfg: R1VConfig, tok, sample: Sample, reply: str, family: str)
 
 def image_samples(families: Sequence[str], split: str, seed: int, start: int = 0) -> Iterator[tuple[Sample, str]]:
     """Built-in questions of the chosen families, in index order; endless."""
-    unknown = [f for f in families if f not in CHANCE or f in TEXT_FAMILIES]
+    from r1v_quant.calib.builtin import FAMILIES
+
+    unknown = [f for f in families if f not in FAMILIES]
     if unknown:
-        raise UserError(f"unknown picture family {unknown[0]!r}; choose from {', '.join(IMAGE_FAMILIES)}.")
+        raise UserError(f"unknown picture family {unknown[0]!r}; choose from {', '.join(FAMILIES)}.")
     index = start
     while True:
         item = builtin_item(split, seed, index)
@@ -360,32 +363,35 @@ def train(settings: TrainSettings, tokenizer_dir: Path, on_step: StepFn | None =
 # ---------------------------------------------------------------- saving
 
 
-def save_checkpoint(trained: Trained, out_dir: Path, force: bool = False, max_shard_bytes: int = 4 * 1024**2,
-                    record: dict | None = None) -> Path:
-    """Write the model as a bf16 checkpoint in the real layout: config, shards and index,
-    tokenizer, side files, and ``training.json`` with how it was made."""
+def write_checkpoint(trained: Trained, folder: Path, max_shard_bytes: int = 4 * 1024**2) -> None:
+    """Write the model into ``folder`` as a bf16 checkpoint in the real layout: config,
+    shards and index through the exporter's ShardWriter, tokenizer and side files."""
     from r1v_quant.tokenizer_build import build_r1_tokenizer
 
-    out = Path(out_dir)
+    folder = Path(folder)
     cfg = parse_config(trained.config)
     state = trained.model.state_dict()
     names = checkpoint_shapes(cfg)
     if set(names) != set(state):
-        extra = sorted(set(state) ^ set(names))
-        raise RuntimeError(f"the model's tensors and the checkpoint layout disagree (first: {extra[0]})")
+        odd = sorted(set(state) ^ set(names))
+        raise RuntimeError(f"the model's tensors and the checkpoint layout disagree (first: {odd[0]})")
+    build_r1_tokenizer(folder, seed=TOKENIZER_SEED)
+    (folder / "config.json").write_text(json.dumps(trained.config, indent=2) + "\n")
+    writer = ShardWriter(folder, max_shard_bytes)
+    for name, shape in names.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"{name} has shape {list(tensor.shape)}, the layout says {list(shape)}")
+        writer.add(name, tensor.detach().to(torch.bfloat16))
+    writer.close()
+    write_side_files(folder, special_ids(trained.tokenizer))
+
+
+def save_checkpoint(trained: Trained, out_dir: Path, force: bool = False) -> Path:
+    """``write_checkpoint`` into a folder that appears whole or not at all."""
+    out = Path(out_dir)
     with staged_dir(out, force=force) as tmp:
-        build_r1_tokenizer(tmp, seed=TOKENIZER_SEED)
-        (tmp / "config.json").write_text(json.dumps(trained.config, indent=2) + "\n")
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for name, shape in names.items():
-            tensor = state[name]
-            if tuple(tensor.shape) != tuple(shape):
-                raise RuntimeError(f"{name} has shape {list(tensor.shape)}, the layout says {list(shape)}")
-            writer.add(name, tensor.detach().to(torch.bfloat16))
-        writer.close()
-        write_side_files(tmp, special_ids(trained.tokenizer))
-        if record is not None:
-            (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_checkpoint(trained, tmp)
     return out
 
 
