@@ -1,8 +1,10 @@
 """Quality and calibration cost of r1v-quant's AWQ against the tools users would otherwise pick.
 
-    python benchmarks/peers.py                      # the trained small model (models/r1v-mini), ~20 min on 2 cores
-    python benchmarks/peers.py --quick              # smoke run on a random tiny checkpoint, a few minutes
+    benchmarks/peers-env.sh --autoawq --llmc --nf4  # once: the peers' environments
+    python benchmarks/peers.py                      # the trained small model (models/r1v-mini), a few minutes on 2 cores
+    python benchmarks/peers.py --quick              # smoke run on a random tiny checkpoint, ~5 min
     python benchmarks/peers.py --model DIR --json out.json --markdown out.md
+    python benchmarks/peers.py --cost-only --samples 64 --repeats 3   # calibration cost only, medians of 3
 
 Run it with the project's environment; the peers run in their own (`benchmarks/peers-env.sh`
 makes `.venv-autoawq`, `.venv-llmc` and, with --nf4, the bitsandbytes folder `.venv-nf4`).
@@ -42,6 +44,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -71,9 +74,10 @@ class Settings:
     work: Path
     samples: int = 16                # calibration sequences
     seq_len: int = 512               # tokens per text sequence (AutoAWQ's default length)
-    questions: int = 64              # held-out questions evaluated
-    max_new_tokens: int = 256        # per reply
-    trace_tokens: int = 256          # longest self-generated trace
+    questions: int = 240             # held-out questions evaluated
+    suite: str = "r1v-mini"          # r1v-quant eval suite the questions come from
+    max_new_tokens: int = 128        # per reply (r1v-mini answers in well under 100 tokens)
+    trace_tokens: int = 128          # longest self-generated trace
     batch_size: int = 8
     threads: int = 2
     seed: int = 0
@@ -81,13 +85,14 @@ class Settings:
     reuse: bool = False              # keep quantised outputs already in the work folder
     peer_dtype: str = "bfloat16"     # what AutoAWQ and llm-compressor load and compute in
     cost_only: bool = False          # only the three text-calibrated runs, no evaluation
+    repeats: int = 1                 # runs of each text-calibrated tool, order rotated; medians reported
 
     @property
     def calib_tokens(self) -> int:
         return self.samples * self.seq_len
 
 
-QUICK = {"samples": 8, "seq_len": 128, "questions": 8, "max_new_tokens": 48, "trace_tokens": 48, "batch_size": 8}
+QUICK = {"samples": 8, "seq_len": 128, "questions": 8, "suite": "builtin", "max_new_tokens": 48, "trace_tokens": 48, "batch_size": 8}
 
 
 # ---------------------------------------------------------------- models and machine
@@ -319,11 +324,11 @@ def save_run(run: Run, s: Settings) -> None:
         {k: v for k, v in asdict(run).items() if k not in ("out",)}, default=str, indent=1))
 
 
-def ours(s: Settings, name: str, calib: str, label: str, extra_args: list[str]) -> Run:
+def ours(s: Settings, name: str, calib: str, label: str, extra_args: list[str], samples: int | None = None) -> Run:
     out = s.work / name
     report = s.work / "logs" / f"{name}.awq.json"
     cmd = [sys.executable, "-m", "r1v_quant.cli.main", "awq", "--model", s.model, "--out", out, "--calib", calib,
-           "--samples", s.samples, "--max-tokens", s.calib_tokens, "--group-size", GROUP, "--device", "cpu",
+           "--samples", samples or s.samples, "--max-tokens", s.calib_tokens, "--group-size", GROUP, "--device", "cpu",
            "--seed", s.seed, "--no-kl-check", "--force", "--json", report, *extra_args]
     run = execute(Run(name, "r1v-quant", label, out, cmd), s, "config.json")
     if run.status == "ok":
@@ -365,6 +370,38 @@ def peer(s: Settings, name: str, tool: str, python: Path, driver: str, llm: Path
         return run
     save_run(run, s)
     return run
+
+
+def text_runs(s: Settings, llm: Path, calib: dict) -> list[Run]:
+    """r1v-quant, AutoAWQ and llm-compressor on the same text tokens; with repeats, the order
+    rotates every round (so none always runs first on a shared machine) and medians are kept."""
+    tokens = Path(calib["token_ids"])
+    makers = {
+        "ours-text": lambda: ours(s, "ours-text", f"text:{calib['text']}", "text, same token ids as the peers",
+                                  ["--seq-len", s.seq_len]),
+        "autoawq": lambda: peer(s, "autoawq", "AutoAWQ 0.2.9", AUTOAWQ_PY, "autoawq_quant.py", llm, tokens),
+        "llmc": lambda: peer(s, "llmc", "llm-compressor 0.14.0.1", LLMC_PY, "llmc_quant.py", llm, tokens),
+    }
+    names = list(makers)
+    last: dict[str, Run] = {}
+    measured_runs: dict[str, list[list[float]]] = {n: [] for n in names}
+    for round_ in range(1 if s.reuse else s.repeats):
+        k = round_ % len(names)
+        for name in names[k:] + names[:k]:
+            if name in last and last[name].status in ("failed", "skipped"):
+                continue
+            run = makers[name]()
+            last[name] = run
+            if run.status == "ok":
+                measured_runs[name].append([run.wall_s, run.cpu_s, run.peak_rss_mb, run.quantize_s or 0.0])
+    for name, rows in measured_runs.items():
+        run = last[name]
+        if len(rows) > 1:
+            run.wall_s, run.cpu_s, run.peak_rss_mb, run.quantize_s = (
+                statistics.median(r[i] for r in rows) for i in range(4))
+            run.extra["repeats (wall s, CPU s, peak RSS MiB, quantise s)"] = rows
+            save_run(run, s)
+    return [last[n] for n in names]
 
 
 # ---------------------------------------------------------------- 4. peers' outputs -> the R1V layout
@@ -503,7 +540,7 @@ def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
     from r1v_quant.calib.traces import model_identity
     from r1v_quant.evals import run as ev
 
-    settings = ev.EvalSettings(suite="builtin", limit=s.questions, seed=s.seed, max_new_tokens=s.max_new_tokens,
+    settings = ev.EvalSettings(suite=s.suite, limit=s.questions, seed=s.seed, max_new_tokens=s.max_new_tokens,
                                batch_size=s.batch_size, device="cpu", dtype="bf16", cache_dir=s.work / "eval-cache")
     suite = ev.load_suite(settings)
     from r1v_quant.model.r1v import load_model
@@ -592,7 +629,7 @@ def quality_rows(results: dict, runs: list[Run]) -> list[list[str]]:
         acc = f"{m['accuracy']:.1f} [{m['accuracy_lo']:.1f}, {m['accuracy_hi']:.1f}]"
         diff = "-" if not c else f"{c['diff']:+.1f} [{c['diff_lo']:+.1f}, {c['diff_hi']:+.1f}]"
         top1 = "100.0" if name.startswith("reference") else _f(c.get("top1_agreement"), ".1f")
-        rows.append([tool, calib, _f(tokens.get(name), "d"), _f(kl, ".4f"), ratio, top1, acc, diff, ""])
+        rows.append([tool, calib, _f(tokens.get(name), "d"), _f(kl, ".3g"), ratio, top1, acc, diff, ""])
     return rows
 
 
@@ -651,15 +688,19 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--quick", action="store_true", help="smoke run: a random tiny checkpoint unless --model, few samples and questions")
     p.add_argument("--samples", type=int, help="calibration sequences (default 16; quick 8)")
     p.add_argument("--seq-len", type=int, help="tokens per text calibration sequence (default 512; quick 128)")
-    p.add_argument("--questions", type=int, help="held-out built-in questions evaluated (default 64; quick 8)")
-    p.add_argument("--max-new-tokens", type=int, help="longest reply in the evaluation (default 256; quick 48)")
-    p.add_argument("--trace-tokens", type=int, help="longest self-generated reasoning trace (default 256; quick 48)")
+    p.add_argument("--questions", type=int, help="held-out questions evaluated (default 240; quick 8)")
+    p.add_argument("--suite", help="r1v-quant eval suite the questions come from (default r1v-mini: the skills the "
+                                   "trained model has; quick: builtin)")
+    p.add_argument("--max-new-tokens", type=int, help="longest reply in the evaluation (default 128; quick 48)")
+    p.add_argument("--trace-tokens", type=int, help="longest self-generated reasoning trace (default 128; quick 48)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every tool (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma list of: ours-builtin, ours-traces, autoawq, llmc, rtn, nf4")
     p.add_argument("--reuse", action="store_true", help="reuse quantised outputs (and their measurements) in the work folder")
     p.add_argument("--peer-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype AutoAWQ and llm-compressor load the model in (default bfloat16, the checkpoint's)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the three text-calibrated tools this many times, order rotated, and report medians")
     p.add_argument("--cost-only", action="store_true",
                    help="only the calibration cost: r1v-quant, AutoAWQ and llm-compressor on the text set, no evaluation")
     p.add_argument("--json", type=Path, help="write all results as JSON here")
@@ -682,9 +723,8 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
                              "(for a smoke run on a random checkpoint: --quick)")
     s = Settings(model=Path(model).resolve(), work=Path(work).resolve(), threads=a.threads, seed=a.seed,
                  skip=tuple(x.strip() for x in a.skip.split(",") if x.strip()), reuse=a.reuse,
-                 peer_dtype=a.peer_dtype, cost_only=a.cost_only)
-    for key, default in (("samples", None), ("seq_len", None), ("questions", None), ("max_new_tokens", None),
-                         ("trace_tokens", None)):
+                 peer_dtype=a.peer_dtype, cost_only=a.cost_only, repeats=max(1, a.repeats))
+    for key in ("samples", "seq_len", "questions", "suite", "max_new_tokens", "trace_tokens"):
         value = getattr(a, key)
         if value is not None:
             setattr(s, key, value)
@@ -706,11 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_text(s.model, s.samples, s.seq_len, s.seed, s.work / "calib")
     say(f"calibration: {calib['sequences']} x {calib['seq_len']} tokens from {calib['questions_used']} built-in questions")
 
-    runs: list[Run] = []
-    runs.append(ours(s, "ours-text", f"text:{calib['text']}", "text, same token ids as the peers",
-                     ["--seq-len", s.seq_len]))
-    runs.append(peer(s, "autoawq", "AutoAWQ 0.2.9", AUTOAWQ_PY, "autoawq_quant.py", llm, Path(calib["token_ids"])))
-    runs.append(peer(s, "llmc", "llm-compressor 0.14.0.1", LLMC_PY, "llmc_quant.py", llm, Path(calib["token_ids"])))
+    runs = text_runs(s, llm, calib)
     for name, extra, label in (("ours-builtin", [], "built-in multimodal"),
                                ("ours-traces", ["--traces", "self", "--max-trace-tokens", s.trace_tokens],
                                 "built-in multimodal + self traces")):
@@ -719,7 +755,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in s.skip:
             runs.append(Run(name, "r1v-quant", label, s.work / name, status="skipped", reason="--skip"))
         else:
-            runs.append(ours(s, name, "builtin", label, extra))
+            # More questions than the text set has sequences: a picture question is a few hundred
+            # tokens, and every variant gets the same token budget, which the cap enforces.
+            runs.append(ours(s, name, "builtin", label, extra, samples=-(-s.calib_tokens // 128)))
     baselines = [b for b in ("rtn", "nf4") if b not in s.skip]
 
     results = {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
@@ -732,12 +770,13 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - t_all
 
     c_rows = cost_rows(runs)
-    cost_title = (f"Calibration cost: {s.samples} x {s.seq_len} text tokens, {s.threads} threads, whole process "
+    median = f", median of {s.repeats} runs in rotated order" if s.repeats > 1 else ""
+    cost_title = (f"Calibration cost: {s.samples} x {s.seq_len} text tokens, {s.threads} threads, whole process{median} "
                   f"(r1v-quant computes in float32 on CPU, the peers in {s.peer_dtype})")
     blocks = []
     if not s.cost_only:
         q_rows = quality_rows(results, runs)
-        print_table(f"Quality on {results['eval']['questions']} held-out built-in questions (reference: {s.model.name})",
+        print_table(f"Quality on {results['eval']['questions']} held-out questions of suite {s.suite} (reference: {s.model.name})",
                     QUALITY_HEAD, q_rows)
         blocks.append(markdown_table(QUALITY_HEAD, q_rows))
         results["quality_table"] = [dict(zip(QUALITY_HEAD, row)) for row in q_rows]

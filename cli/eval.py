@@ -113,9 +113,9 @@ def _check_drop(run, max_drop: float | None, console: Console) -> None:
 def command(
     reference: str = typer.Option(..., "--reference", "-r", help="Full-precision checkpoint folder or Hugging Face id."),
     candidate: str = typer.Option(..., "--candidate", "-c", help="Quantised export (or any checkpoint) to compare with it."),
-    suite: str = typer.Option("builtin", help="builtin (held-out built-in questions), mmmu-sample, text:PATH (perplexity), or a folder / .parquet file in MMMU's layout."),
+    suite: str = typer.Option("builtin", help="builtin (held-out built-in questions), r1v-mini (held-out questions of the skills r1v-mini was trained on), mmmu-sample, text:PATH (perplexity), or a folder / .parquet file in MMMU's layout."),
     data_path: Path | None = typer.Option(None, "--data-path", "--calib-path", help="Local MMMU data (folder or parquet files) for --suite mmmu-sample."),
-    limit: int | None = typer.Option(None, min=1, help="Questions to use (default: 64 for builtin and text suites, all for MMMU)."),
+    limit: int | None = typer.Option(None, min=1, help="Questions to use (default: 64 for builtin and text suites, 120 for r1v-mini, all for MMMU)."),
     baseline: list[str] = typer.Option([], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 (bitsandbytes); repeatable."),
     max_new_tokens: int = typer.Option(2048, min=1, help="Longest reply (the vendor allows up to 64000); replies cut here without an answer count as runaway."),
     greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding (default: reproducible and cacheable) or the vendor's sampling (temperature 0.6, top_p 0.95)."),

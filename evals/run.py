@@ -46,9 +46,9 @@ from r1v_quant.evals.scoring import THINK_CLOSE, extract_answer, is_correct, rea
 
 CACHE_FORMAT = 1
 CACHE_ENV = "R1V_QUANT_CACHE"
-DEFAULT_LIMITS = {"builtin": 64, "text": 64}  # other suites: every question they hold
+DEFAULT_LIMITS = {"builtin": 64, "r1v-mini": 120, "text": 64}  # other suites: every question they hold
 BASELINES = ("rtn", "nf4")
-SUITE_FORMS = "builtin, mmmu-sample, text:PATH (.txt or .jsonl), or a folder / .parquet file in MMMU's layout"
+SUITE_FORMS = "builtin, r1v-mini, mmmu-sample, text:PATH (.txt or .jsonl), or a folder / .parquet file in MMMU's layout"
 DEFAULT_GROUP_SIZE = 128
 
 # (model label, questions done, questions in all) after each step of one model's work.
@@ -123,6 +123,10 @@ def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[
 
     if spec == "builtin":
         return "builtin", "qa", lambda n, seed: builtin_samples(n or DEFAULT_LIMITS["builtin"], seed=seed, split="eval")
+    if spec == "r1v-mini":
+        from r1v_quant.calib.skills import suite_samples
+
+        return "r1v-mini", "qa", lambda n, seed: suite_samples(n or DEFAULT_LIMITS["r1v-mini"], seed=seed)
     if spec == "mmmu-sample":
         return "mmmu-val", "qa", lambda n, seed: load_mmmu(data_path, n=n or 10**9, seed=seed)
     if spec.startswith("text:") and len(spec) > len("text:"):

@@ -2,26 +2,37 @@
 
 A random checkpoint answers at chance before and after quantisation, which hides any harm
 4-bit weights do. This trains the exact R1V layout (InternViT encoder, ``mlp1``, Qwen2
-LLM, same config schema and tensor names, the small R1 tokenizer) on the built-in
-picture questions the model can learn in half an hour of two CPU cores, plus short text
-questions, always answering in the R1 form ``<think>`` reasoning ``</think>`` ``\\boxed{}``.
+LLM, same config schema and tensor names, the small R1 tokenizer) on the built-in picture
+questions a few-million-parameter model can learn in half an hour of two CPU cores, plus
+short text questions, always answering in the R1 form: reasoning, ``</think>``, ``\\boxed{}``.
 
-What a 5M-parameter model learns from a random start in a few thousand examples are big
-coloured shapes and small counts, not the fine printed labels of the chart and table
-families, so training draws only ``shape_name``, ``shape_sides`` and ``count_red`` from
-the built-in calibration stream, and measures held-out accuracy on the same families of
-the separate "eval" stream.
+What such a model learns from a random start are big coloured shapes and small counts, not
+the printed labels of the chart and table families, so training draws only ``shape_name``,
+``shape_sides`` and ``count_red`` from the built-in "calib" stream; held-out accuracy is
+measured on the same families of the separate "eval" stream.
 
-Everything is a function of the settings: a fixed seed, a fixed step count, data made on
-the fly from item indices, deterministic kernels and a fixed thread count, so a rerun
-writes identical weights.
+The recipe, shaped by the budget:
+
+1. The vision encoder keeps its random initialisation (rounded to bf16, as saved). Random
+   patch projections already separate colours and edges; training the encoder would cost
+   half again per picture. Each training picture is rendered and encoded once, and its
+   vision tokens are kept for every later pass.
+2. Alignment: ``mlp1`` is trained first through a throwaway attention-pooling classifier
+   that names each picture's shape or count. Learning those visual features through the
+   language model alone takes several times more pictures than the budget holds.
+3. Instruction training: ``mlp1`` and the LLM learn the R1 replies (loss on the reply
+   tokens only) to those pictures and to fresh text questions, with AdamW and a cosine
+   schedule.
+
+Everything is a function of the settings: a fixed seed, fixed step counts, data made from
+item indices, deterministic kernels and a fixed thread count, so a rerun writes identical
+weights.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,10 +41,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from r1v_quant.calib.builtin import builtin_item, reference_response, sample_id, to_sample
-from r1v_quant.calib.mmmu import pose_question
+from r1v_quant.calib.builtin import reference_response
 from r1v_quant.calib.sample import Sample
+from r1v_quant.calib.skills import CHANCE, IMAGE_FAMILIES, SHAPES, TEXT_FAMILIES, image_samples, text_samples
 from r1v_quant.checkpoint import ShardWriter
 from r1v_quant.config import R1VConfig, parse_config
 from r1v_quant.errors import UserError
@@ -52,28 +64,22 @@ MINI_SIZES = TinySizes(
     max_dynamic_patch=1,
 )
 TOKENIZER_SEED = 0
-IMAGE_FAMILIES = ("shape_name", "shape_sides", "count_red")
-TEXT_FAMILIES = ("add", "sub", "mul", "largest", "sides_open", "sides_choice")
+# What the alignment classifier names: the shape in a figure, or the number of red circles.
+ALIGN_CLASSES = (*SHAPES, "1", "2", "3", "4", "5", "6")
 
-# Accuracy of guessing uniformly among the answers a family can have.
-CHANCE = {
-    "shape_name": 1 / 4,        # four options
-    "shape_sides": 1 / 4,       # 3, 4, 5 or 6
-    "count_red": 1 / 6,         # 1 to 6
-    "bar_tallest": 1 / 4, "bar_value": 1 / 39, "rect_area": 1 / 4, "table_lookup": 1 / 20, "table_sum": 1 / 4,
-    "add": 1 / 41, "sub": 1 / 31, "mul": 1 / 36, "largest": 1 / 4, "sides_open": 1 / 4, "sides_choice": 1 / 4,
-}
-SHAPES = {"circle": 0, "triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}
-
-# Each step's lines: (step, loss, learning rate, seconds since the start).
-StepFn = Callable[[int, float, float, float], None]
+# Progress: (phase, done, total, loss or None, seconds since the start); phases are
+# "pictures", "align" and "train".
+ProgressFn = Callable[[str, int, int, "float | None", float], None]
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 1500
+    pictures: int = 6000        # distinct training pictures
+    align_epochs: int = 2
+    align_lr: float = 1e-3
+    steps: int = 2000           # instruction-training steps
     image_batch: int = 8
-    text_batch: int = 8
+    text_batch: int = 4
     lr: float = 2e-3
     warmup_steps: int = 60
     final_lr_ratio: float = 0.05
@@ -81,7 +87,6 @@ class TrainSettings:
     grad_clip: float = 1.0
     seed: int = 0
     families: tuple[str, ...] = IMAGE_FAMILIES
-    train_vision: bool = True
     threads: int = 2
 
 
@@ -113,21 +118,25 @@ def init_model(cfg: R1VConfig, seed: int) -> R1VModel:
     torch.manual_seed(seed)
     model = R1VModel(cfg)
     std = 0.02
-    for name, p in model.vision_model.named_parameters():
-        # transformers initialises the LLM; the vision side gets the same small normal init
-        # (layer scales and norms keep their constructor values).
-        if name.endswith(("ls1", "ls2")) or "norm" in name:
-            continue
-        with torch.no_grad():
+    with torch.no_grad():
+        # transformers initialises the LLM; the vision side and mlp1 get the same small
+        # normal init (layer scales and norms keep their constructor values).
+        for name, p in model.vision_model.named_parameters():
+            if name.endswith(("ls1", "ls2")) or "norm" in name:
+                continue
             if name.endswith(".bias"):
                 p.zero_()
             else:
                 p.normal_(0.0, std)
-    for module in model.mlp1:
-        if isinstance(module, torch.nn.Linear):
-            with torch.no_grad():
+        for module in model.mlp1:
+            if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, std)
                 module.bias.zero_()
+        # The encoder is never trained, so it starts as the bf16 values it is saved as:
+        # the features learned on are the features the checkpoint computes.
+        for p in model.vision_model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model.vision_model.requires_grad_(False)
     return model
 
 
@@ -140,6 +149,17 @@ class Example:
     prompt_len: int
     pixels: torch.Tensor | None      # [tiles, 3, 448, 448]
     family: str
+
+
+@dataclass
+class Picture:
+    """A training picture question, its picture already through the (fixed) vision encoder."""
+
+    ids: list[int]
+    prompt_len: int
+    tokens: torch.Tensor             # [256, 4 * vision width] bf16, pixel-shuffled, before mlp1
+    family: str
+    label: int                       # index into ALIGN_CLASSES
 
 
 def reply_target(reference: str) -> str:
@@ -159,77 +179,38 @@ def encode_example(cfg: R1VConfig, tok, sample: Sample, reply: str, family: str)
     return Example(prompt_ids + reply_ids, len(prompt_ids), pixels, family)
 
 
-def image_samples(families: Sequence[str], split: str, seed: int, start: int = 0) -> Iterator[tuple[Sample, str]]:
-    """Built-in questions of the chosen families, in index order; endless."""
-    from r1v_quant.calib.builtin import FAMILIES
-
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise UserError(f"unknown picture family {unknown[0]!r}; choose from {', '.join(FAMILIES)}.")
-    index = start
-    while True:
-        item = builtin_item(split, seed, index)
-        if item.family in families:
-            yield to_sample(item, sample_id(split, seed, index)), item.family
-        index += 1
-
-
-def _join(values: Sequence[object]) -> str:
-    words = [str(v) for v in values]
-    return ", ".join(words[:-1]) + " and " + words[-1]
-
-
-def text_question(split: str, seed: int, index: int) -> tuple[Sample, str, str]:
-    """(question, R1 reply, family) of a short text question; depends only on its arguments."""
-    rng = random.Random(f"r1v-quant/mini-text/{split}/{seed}/{index}")
-    family = TEXT_FAMILIES[index % len(TEXT_FAMILIES)]
-    options: tuple[str, ...] = ()
-    if family == "add":
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        question, answer, why = f"What is {a} + {b}?", str(a + b), f"{a} + {b} = {a + b}."
-    elif family == "sub":
-        a = rng.randint(0, 30)
-        b = rng.randint(0, a)
-        question, answer, why = f"What is {a} - {b}?", str(a - b), f"{a} - {b} = {a - b}."
-    elif family == "mul":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        question, answer, why = f"What is {a} * {b}?", str(a * b), f"{a} * {b} = {a * b}."
-    elif family == "largest":
-        values = rng.sample(range(1, 60), 4)
-        options = tuple(str(v) for v in values)
-        top = max(values)
-        letter = "ABCD"[values.index(top)]
-        question, answer = "Which number is the largest?", letter
-        why = f"The numbers are {_join(values)}. The largest is {top}, which is option {letter}."
-    elif family == "sides_open":
-        shape = rng.choice([s for s in SHAPES if SHAPES[s]])
-        question, answer = f"How many sides does a {shape} have?", str(SHAPES[shape])
-        why = f"A {shape} has {SHAPES[shape]} sides."
+def align_label(sample: Sample, family: str) -> int:
+    """What the picture shows, read off the question's gold answer."""
+    answer = str(sample.answer)
+    if family == "shape_name":
+        shape = sample.options["ABCD".index(answer)]
+    elif family == "shape_sides":
+        shape = next(name for name, sides in SHAPES.items() if str(sides) == answer)
     else:
-        shape = rng.choice(sorted(SHAPES))
-        others = rng.sample([s for s in sorted(SHAPES) if s != shape], 3)
-        names = rng.sample([shape, *others], 4)
-        options = tuple(names)
-        letter = "ABCD"[names.index(shape)]
-        sides = SHAPES[shape]
-        if sides:
-            question = f"Which shape has {sides} sides?"
-            why = f"A {shape} has {sides} sides, so the answer is {shape}, option {letter}."
-        else:
-            question = "Which shape is round with no corners?"
-            why = f"A circle is round with no corners, so the answer is circle, option {letter}."
-        answer = letter
-    sample = Sample(id=f"mini-text-{split}-{seed}-{index:05d}", prompt=pose_question(question, options),
-                    answer=answer, subject="arithmetic" if family in ("add", "sub", "mul", "largest") else "shapes",
-                    kind="multiple-choice" if options else "open", options=list(options))
-    return sample, f"<think>\n{why}\n</think>\n\n\\boxed{{{answer}}}", family
+        shape = answer
+    return ALIGN_CLASSES.index(shape)
 
 
-def text_samples(split: str, seed: int, start: int = 0) -> Iterator[tuple[Sample, str, str]]:
-    index = start
-    while True:
-        yield text_question(split, seed, index)
-        index += 1
+@torch.no_grad()
+def vision_tokens(model: R1VModel, pixels: torch.Tensor) -> torch.Tensor:
+    hidden = model.vision_model(pixels, model.cfg.select_layer)[:, 1:, :]
+    return tokens_from_patches(hidden, model.cfg.downsample_ratio, model.cfg.ps_version)
+
+
+def picture_pool(model: R1VModel, cfg: R1VConfig, tok, settings: TrainSettings,
+                 on_done: Callable[[int], None] | None = None, chunk: int = 16) -> list[Picture]:
+    """The first ``settings.pictures`` training questions of the chosen families, encoded once."""
+    stream = image_samples(settings.families, "calib", settings.seed)
+    pool: list[Picture] = []
+    while len(pool) < settings.pictures:
+        batch = [next(stream) for _ in range(min(chunk, settings.pictures - len(pool)))]
+        examples = [encode_example(cfg, tok, s, reference_response(s), fam) for s, fam in batch]
+        tokens = vision_tokens(model, torch.cat([e.pixels for e in examples])).to(torch.bfloat16)
+        for (sample, family), e, t in zip(batch, examples, tokens):
+            pool.append(Picture(e.ids, e.prompt_len, t.clone(), family, align_label(sample, family)))
+        if on_done is not None:
+            on_done(len(pool))
+    return pool
 
 
 def batched(stream: Iterator, size: int) -> Iterator[list]:
@@ -240,31 +221,28 @@ def batched(stream: Iterator, size: int) -> Iterator[list]:
 # ---------------------------------------------------------------- the loss
 
 
-def _collate(examples: Sequence[Example], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Right-padded ids, labels (-100 outside replies) and the stacked tiles.
+def _collate(rows: Sequence[Example | Picture], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels (-100 outside the replies).
 
     Right padding needs no attention mask: with causal attention no real token sees the
     padding after it, and positions stay those of the unpadded sequence."""
-    width = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids[row, :len(e.ids)] = torch.tensor(e.ids)
-        labels[row, e.prompt_len:len(e.ids)] = torch.tensor(e.ids[e.prompt_len:])
-    tiles = [e.pixels for e in examples if e.pixels is not None]
-    return ids, labels, torch.cat(tiles) if tiles else None
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r.ids)] = torch.tensor(r.ids)
+        labels[i, r.prompt_len:len(r.ids)] = torch.tensor(r.ids[r.prompt_len:])
+    return ids, labels
 
 
-def reply_loss_sum(model: R1VModel, ids: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor | None,
-                   train_vision: bool) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the reply tokens, and how many there were."""
+def reply_loss_sum(model: R1VModel, ids: torch.Tensor, labels: torch.Tensor,
+                   tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the reply tokens, and how many there were.
+    ``tokens``: the pictures' vision tokens [pictures, 256, 4 * vision width], in row order."""
     lm = model.language_model
     embeds = lm.get_input_embeddings()(ids)
-    if pixels is not None:
-        with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
-            hidden = model.vision_model(pixels, model.cfg.select_layer)[:, 1:, :]
-        tokens = tokens_from_patches(hidden, model.cfg.downsample_ratio, model.cfg.ps_version)
-        feats = model.mlp1(tokens).reshape(-1, embeds.shape[-1])
+    if tokens is not None:
+        feats = model.mlp1(tokens.to(embeds.dtype)).reshape(-1, embeds.shape[-1])
         embeds = merge_image_embeddings(embeds, ids, feats, model.img_context_id)
     hidden = lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
@@ -273,6 +251,20 @@ def reply_loss_sum(model: R1VModel, ids: torch.Tensor, labels: torch.Tensor, pix
     # are picture and prompt tokens.
     logits = lm.lm_head(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+class AlignHead(nn.Module):
+    """Attention pooling over a picture's projected tokens, then a small MLP classifier;
+    used only to train mlp1 and discarded."""
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        self.query = nn.Linear(width, 1)
+        self.out = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, classes))
+
+    def forward(self, projected: torch.Tensor) -> torch.Tensor:
+        weights = self.query(projected).softmax(dim=1)
+        return self.out((weights * projected).sum(dim=1))
 
 
 # ---------------------------------------------------------------- training
@@ -291,7 +283,7 @@ def _param_groups(model: R1VModel, s: TrainSettings) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # Matrices decay; norms, biases, layer scales and the embedding tables do not.
+        # Matrices decay; norms, biases and the embedding tables do not.
         (decay if p.ndim >= 2 and "embed" not in name else plain).append(p)
     return [{"params": decay, "weight_decay": s.weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
@@ -309,55 +301,94 @@ def deterministic(threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(before[1])
 
 
+def _epochs(count: int, batch: int, gen: torch.Generator) -> Iterator[list[int]]:
+    """Endless batches of indices, a fresh permutation each pass."""
+    while True:
+        order = torch.randperm(count, generator=gen).tolist()
+        for start in range(0, count - batch + 1, batch):
+            yield order[start:start + batch]
+
+
+def align(model: R1VModel, pool: Sequence[Picture], settings: TrainSettings, gen: torch.Generator,
+          progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+    """Stage 1: train mlp1 to make the pictures' shapes and counts readable."""
+    head = AlignHead(model.cfg.hidden_size, len(ALIGN_CLASSES))
+    params = [*model.mlp1.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=settings.align_lr, weight_decay=0.0)
+    steps = settings.align_epochs * (len(pool) // settings.image_batch)
+    batches = _epochs(len(pool), settings.image_batch, gen)
+    losses = []
+    for step in range(steps):
+        rows = [pool[i] for i in next(batches)]
+        projected = model.mlp1(torch.stack([r.tokens for r in rows]).float())
+        loss = F.cross_entropy(head(projected), torch.tensor([r.label for r in rows]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, steps, losses[-1])
+    return losses
+
+
 @dataclass
 class Trained:
     model: R1VModel
     config: dict
     tokenizer: object
     losses: list[float] = field(default_factory=list)
+    align_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     cpu_seconds: float = 0.0
 
 
-def train(settings: TrainSettings, tokenizer_dir: Path, on_step: StepFn | None = None) -> Trained:
+def train(settings: TrainSettings, tokenizer_dir: Path, progress: ProgressFn | None = None) -> Trained:
     """Train from scratch; ``tokenizer_dir`` receives the tokenizer files."""
-    if settings.steps < 1 or settings.image_batch < 1 or settings.text_batch < 0:
-        raise UserError("training needs at least one step and one picture per step.")
+    s = settings
+    if s.steps < 1 or s.image_batch < 1 or s.text_batch < 0 or s.pictures < s.image_batch or s.align_epochs < 0:
+        raise UserError("training needs at least one step, one picture per step and a picture pool of one batch.")
     tok = build_tokenizer(Path(tokenizer_dir))
     raw = mini_config(tok)
     cfg = parse_config(raw)
     start, cpu_start = time.perf_counter(), time.process_time()
-    losses: list[float] = []
-    with deterministic(settings.threads):
-        model = init_model(cfg, settings.seed)
+
+    def report(phase: str, done: int, total: int, loss: float | None) -> None:
+        if progress is not None:
+            progress(phase, done, total, loss, time.perf_counter() - start)
+
+    with deterministic(s.threads):
+        model = init_model(cfg, s.seed)
         model.img_context_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
-        model.vision_model.requires_grad_(settings.train_vision)
+        gen = torch.Generator().manual_seed(s.seed)
+        pool = picture_pool(model, cfg, tok, s, lambda n: report("pictures", n, s.pictures, None))
         model.train()
-        opt = torch.optim.AdamW(_param_groups(model, settings), lr=settings.lr, betas=(0.9, 0.95), eps=1e-8)
-        pad = special_ids(tok)["pad"]
-        pictures = batched(image_samples(settings.families, "calib", settings.seed), settings.image_batch)
-        texts = batched(text_samples("calib", settings.seed), max(settings.text_batch, 1))
+        align_losses = align(model, pool, s, gen, lambda i, n, loss: report("align", i, n, loss))
+        opt = torch.optim.AdamW(_param_groups(model, s), lr=s.lr, betas=(0.9, 0.95), eps=1e-8)
         params = [p for g in opt.param_groups for p in g["params"]]
-        for step in range(settings.steps):
-            lr = lr_at(step, settings)
+        pad = special_ids(tok)["pad"]
+        pictures = _epochs(len(pool), s.image_batch, gen)
+        texts = batched(text_samples("calib", s.seed), max(s.text_batch, 1))
+        losses: list[float] = []
+        for step in range(s.steps):
+            lr = lr_at(step, s)
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = [encode_example(cfg, tok, s, reference_response(s), fam) for s, fam in next(pictures)]
-            total, count = reply_loss_sum(model, *_collate(batch, pad), settings.train_vision)
-            if settings.text_batch:
-                words = [encode_example(cfg, tok, s, reply, fam) for s, reply, fam in next(texts)]
-                text_total, text_count = reply_loss_sum(model, *_collate(words, pad), settings.train_vision)
+            rows = [pool[i] for i in next(pictures)]
+            total, count = reply_loss_sum(model, *_collate(rows, pad), torch.stack([r.tokens for r in rows]))
+            if s.text_batch:
+                words = [encode_example(cfg, tok, q, reply, fam) for q, reply, fam in next(texts)]
+                text_total, text_count = reply_loss_sum(model, *_collate(words, pad))
                 total, count = total + text_total, count + text_count
             loss = total / count
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             opt.step()
             losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, losses[-1], lr, time.perf_counter() - start)
+            report("train", step + 1, s.steps, losses[-1])
+        del pool
     model.eval().requires_grad_(False)
-    return Trained(model, raw, tok, losses, time.perf_counter() - start, time.process_time() - cpu_start)
+    return Trained(model, raw, tok, losses, align_losses, time.perf_counter() - start, time.process_time() - cpu_start)
 
 
 # ---------------------------------------------------------------- saving
@@ -402,18 +433,6 @@ def settings_record(settings: TrainSettings) -> dict:
 # ---------------------------------------------------------------- held-out accuracy
 
 
-def heldout_questions(image_count: int, text_count: int, families: Sequence[str] = IMAGE_FAMILIES,
-                      seed: int = 0) -> list[tuple[Sample, str]]:
-    """The first ``image_count`` built-in "eval" questions of ``families`` and the first
-    ``text_count`` held-out text questions, each with its family."""
-    out: list[tuple[Sample, str]] = []
-    pictures = image_samples(families, "eval", seed)
-    out += [next(pictures) for _ in range(image_count)]
-    words = text_samples("eval", seed)
-    out += [(s, fam) for s, _, fam in (next(words) for _ in range(text_count))]
-    return out
-
-
 def answer_questions(loaded, questions: Sequence[tuple[Sample, str]], max_new_tokens: int = 64,
                      on_done: Callable[[int, int], None] | None = None, threads: int = 1) -> list[dict]:
     """Greedy replies through the project's own generate path, scored like ``r1v-quant eval``.
@@ -456,6 +475,7 @@ def accuracy_table(results: Sequence[dict]) -> list[dict]:
     pictures = [r for r in results if r["family"] not in TEXT_FAMILIES]
     if pictures and len(pictures) < len(results):
         groups.append(("all pictures", pictures))
+        groups.append(("all text", [r for r in results if r["family"] in TEXT_FAMILIES]))
     groups.append(("all", list(results)))
     for name, rows_of in groups:
         est = accuracy_interval([r["correct"] for r in rows_of])

@@ -11,23 +11,22 @@ if [ ! -x .venv/bin/r1v-quant ]; then
   .venv/bin/python -m pip install --quiet -e '.[test]'
 fi
 export PATH="$PWD/.venv/bin:$PATH"
-model=models/r1v-mini
+model=models/r1v-mini suite=r1v-mini
 if [ ! -f "$model/config.json" ]; then
-  model=out/r1v-tiny
+  # an installed package without the source tree's trained model: a random one of the same layout
+  model=out/r1v-tiny suite=builtin
   r1v-quant make-tiny "$model" --force
 fi
 mkdir -p out
 r1v-quant awq --model "$model" --calib builtin --samples 32 --out out/r1v-mini-awq --force
 r1v-quant inspect out/r1v-mini-awq
-r1v-quant eval --reference "$model" --candidate out/r1v-mini-awq --suite builtin --limit 48 \
-  --baseline rtn --max-new-tokens 160 --json out/eval.json --markdown out/eval.md --plot out/eval.png
+r1v-quant eval --reference "$model" --candidate out/r1v-mini-awq --suite "$suite" --limit 48 \
+  --baseline rtn --max-new-tokens 128 --json out/eval.json --markdown out/eval.md --plot out/eval.png
+# a held-out picture of a skill r1v-mini has (counting a shape's sides), never trained on
 python - <<'PY'
-from PIL import Image, ImageDraw
-im = Image.new("RGB", (448, 448), "white")
-d = ImageDraw.Draw(im)
-for x in (60, 200, 330):
-    d.ellipse((x, 180, x + 70, 250), fill="red")
-im.save("out/three-red-circles.png")
+from r1v_quant.calib.builtin import builtin_item, render
+item = next(builtin_item("eval", 0, i) for i in range(3, 800, 8) if builtin_item("eval", 0, i).answer == "5")
+render(item).save("out/shape.png")
 PY
-r1v-quant chat --model out/r1v-mini-awq --image out/three-red-circles.png \
-  --prompt "How many red circles are there?" --greedy --max-new-tokens 96
+r1v-quant chat --model out/r1v-mini-awq --image out/shape.png \
+  --prompt "How many sides does the shape have?" --greedy --max-new-tokens 96

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from r1v_quant.calib.skills import heldout_questions  # noqa: E402
 from r1v_quant.errors import UserError  # noqa: E402
 from r1v_quant.mini import MINI_DIR  # noqa: E402
 from r1v_quant.output import check_out_dir, staged_dir  # noqa: E402
@@ -34,7 +35,6 @@ from r1v_quant.train import (  # noqa: E402
     TrainSettings,
     accuracy_table,
     answer_questions,
-    heldout_questions,
     settings_record,
     train,
     write_checkpoint,
@@ -94,18 +94,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{settings.threads} thread(s), seed {settings.seed}", flush=True)
     window: list[float] = []
 
-    def progress(step: int, loss: float, lr: float, elapsed: float) -> None:
-        window.append(loss)
-        done = step + 1
-        if done % 25 == 0 or done == settings.steps or done == 1:
-            eta = elapsed / done * (settings.steps - done)
-            print(f"  step {done:>5}/{settings.steps}  loss {sum(window) / len(window):.4f}  lr {lr:.2e}  "
-                  f"elapsed {_minutes(elapsed)}  eta {_minutes(eta)}  cpu {_minutes(time.process_time() - cpu0)}",
-                  flush=True)
-            window.clear()
+    def progress(phase: str, done: int, total: int, loss: float | None, elapsed: float) -> None:
+        if loss is not None:
+            window.append(loss)
+        every = {"pictures": 1000, "align": 250, "train": 50}[phase]
+        if done % every and done != total and done != 1:
+            return
+        shown = f"  loss {sum(window) / len(window):.4f}" if window else ""
+        print(f"  {phase:<8} {done:>5}/{total}{shown}  elapsed {_minutes(elapsed)}  "
+              f"cpu {_minutes(time.process_time() - cpu0)}", flush=True)
+        window.clear()
 
     with staged_dir(args.out, force=args.force) as tmp:
-        trained = train(settings, tmp, on_step=progress)
+        trained = train(settings, tmp, progress)
         write_checkpoint(trained, tmp)
         size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         params = sum(p.numel() for p in trained.model.parameters())
