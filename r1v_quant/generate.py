@@ -82,10 +82,12 @@ def encode_conversation(cfg, tok, conv: Conversation) -> tuple[torch.Tensor, tor
 
 
 class _TextStream(BaseStreamer):
-    """Decodes generated ids incrementally and hands new text to a callback."""
+    """Decodes generated ids incrementally and hands new text to a callback; the
+    end-of-sequence token ends the reply and is not part of its text."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], None]):
         self.tok, self.on_text = tokenizer, on_text
+        self.eos = tokenizer.eos_token_id
         self.ids: list[int] = []
         self.sent = 0
         self.skip_prompt = True
@@ -94,7 +96,7 @@ class _TextStream(BaseStreamer):
         if self.skip_prompt:
             self.skip_prompt = False
             return
-        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
+        self.ids.extend(int(v) for v in value.reshape(-1).tolist() if int(v) != self.eos)
         text = self.tok.decode(self.ids, skip_special_tokens=False)
         # Hold back an incomplete UTF-8 sequence until its remaining bytes arrive.
         if text.endswith("\ufffd"):

@@ -29,4 +29,4 @@ item = next(builtin_item("eval", 0, i) for i in range(3, 800, 8) if builtin_item
 render(item).save("out/shape.png")
 PY
 r1v-quant chat --model out/r1v-mini-awq --image out/shape.png \
-  --prompt "How many sides does the shape have?" --greedy --max-new-tokens 96
+  --prompt $'Question: <image> How many sides does the shape have?\n' --greedy --max-new-tokens 96

@@ -134,3 +134,18 @@ def test_awq_keeps_r1v_minis_accuracy_and_is_closer_than_rtn(mini_awq, tmp_path,
     kl = {c["model"]: c["mean_kl"] for c in data["comparisons"]}
     awq_kl, rtn_kl = kl[mini_awq.name], kl["RTN w4 g128"]
     assert 0 < awq_kl < rtn_kl, kl
+
+
+def test_chat_about_a_heldout_picture_ends_cleanly(tmp_path, capsys):
+    from r1v_quant.calib.builtin import builtin_item, render
+
+    item = builtin_item("eval", 0, 3)
+    assert item.family == "shape_sides"
+    render(item).save(tmp_path / "shape.png")
+    code, out, err = run_cli(["chat", "--model", mini.mini_path(), "--image", tmp_path / "shape.png",
+                              "--prompt", "Question: <image> How many sides does the shape have?\n",
+                              "--greedy", "--max-new-tokens", "96"], capsys)
+    assert code == 0, err
+    # the reply finished with the end-of-sequence token, which the stream does not print
+    assert "\\boxed{" in out and "sides" in out
+    assert "end▁of▁sentence" not in out and "<｜" not in out
