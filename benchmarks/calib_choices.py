@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from r1v_quant.calib.builtin import builtin_samples
+from r1v_quant.evals.quick import heldout_prompts, prompt_kl
 from r1v_quant.evals.run import build_rtn
-from r1v_quant.generate import Conversation, encode_conversation
 from r1v_quant.model.r1v import load_model
 from r1v_quant.quant.pipeline import AWQSettings
 from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
@@ -29,30 +28,6 @@ VARIANTS = {
     "AWQ, balanced, quantised propagation (default)": dict(balance=True, propagate="quantized"),
     "AWQ, balanced, float propagation": dict(balance=True, propagate="float"),
 }
-
-
-def held_out_prompts(loaded, n: int):
-    with_images, text_only = [], []
-    for s in builtin_samples(n, seed=0, split="eval"):
-        conv = Conversation()
-        conv.add_user(s.prompt, s.images)
-        ids, pixels, _ = encode_conversation(loaded.config, loaded.tokenizer, conv)
-        with_images.append((ids, pixels.to(loaded.dtype)))
-        conv = Conversation()
-        conv.add_user(s.prompt.replace("<image>", "").strip())
-        text_only.append((encode_conversation(loaded.config, loaded.tokenizer, conv)[0], None))
-    return with_images, text_only
-
-
-@torch.no_grad()
-def mean_kl(ref, cand, prompts) -> float:
-    total, count = 0.0, 0
-    for ids, pixels in prompts:
-        p = torch.log_softmax(ref.model(ids, pixels).logits.float(), -1)
-        q = torch.log_softmax(cand.model(ids, pixels).logits.float(), -1)
-        total += (p.exp() * (p - q)).sum().item()
-        count += ids.numel()
-    return total / count
 
 
 def main() -> None:
@@ -68,17 +43,17 @@ def main() -> None:
         root = Path(tmp)
         model = args.model or make_tiny(root / "tiny", seed=0)
         ref = load_model(model, device="cpu")
-        with_images, text_only = held_out_prompts(ref, args.prompts)
+        with_images, text_only = heldout_prompts(ref, args.prompts)
         rows = {}
         rtn = build_rtn(model, 128, "cpu", "bf16")
-        rows["round-to-nearest"] = (mean_kl(ref, rtn, text_only), mean_kl(ref, rtn, with_images))
+        rows["round-to-nearest"] = (prompt_kl(ref.model, rtn.model, text_only), prompt_kl(ref.model, rtn.model, with_images))
         del rtn
         for index, (label, opts) in enumerate(VARIANTS.items()):
             out = root / f"variant-{index}"
             settings = AWQSettings(samples=args.samples, seq_len=2048, max_tokens=args.max_tokens, grid=10, **opts)
             quantize_checkpoint(str(model), out, settings, CalibChoice("builtin"), device="cpu")
             cand = load_model(out, device="cpu")
-            rows[label] = (mean_kl(ref, cand, text_only), mean_kl(ref, cand, with_images))
+            rows[label] = (prompt_kl(ref.model, cand.model, text_only), prompt_kl(ref.model, cand.model, with_images))
             print(f"{label}: text {rows[label][0]:.4f}  images {rows[label][1]:.4f}", flush=True)
     base_text, base_img = rows["round-to-nearest"]
     print(f"\n{'calibration':<48} {'KL text':>9} {'KL images':>10} {'vs RTN text':>12} {'vs RTN images':>14}")

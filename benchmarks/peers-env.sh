@@ -121,8 +121,8 @@ if ((want_nf4)); then
     else
         say ".venv-nf4: installing bitsandbytes==$NF4_VERSION (no dependencies) into $T"
         mkdir -p "$T"
-        if ! "$PROJECT_PY" -m pip install --quiet --no-deps --upgrade --target "$T" "bitsandbytes==$NF4_VERSION" >>"$T.log" 2>&1; then
-            say "pip failed; last lines of $T.log:"; tail -n 30 "$T.log" >&2; exit 1
+        if ! "$PROJECT_PY" -m pip install --quiet --no-deps --upgrade --target "$T" "bitsandbytes==$NF4_VERSION" >>"$T/peers-env.log" 2>&1; then
+            say "pip failed; last lines of $T/peers-env.log:"; tail -n 30 "$T/peers-env.log" >&2; exit 1
         fi
     fi
     say ".venv-nf4 check: $(cd / && PYTHONPATH="$T" "$PROJECT_PY" -c 'import torch, bitsandbytes as b; print("torch", torch.__version__, "| bitsandbytes", b.__version__)' 2>&1 | tail -n 1)"

@@ -99,14 +99,10 @@ QUICK = {"samples": 8, "seq_len": 128, "questions": 8, "suite": "builtin", "max_
 
 
 def default_model() -> Path | None:
-    """The trained small model when it exists (r1v_quant.mini, else its usual folder)."""
-    try:
-        from r1v_quant.mini import mini_path  # type: ignore[import-not-found]
+    """The trained small model, when the source tree has it."""
+    from r1v_quant.mini import MINI_DIR
 
-        path = Path(mini_path())
-    except Exception:  # noqa: BLE001 - the module may be absent or unable to say
-        path = ROOT / "models" / "r1v-mini"
-    return path if (path / "config.json").is_file() else None
+    return MINI_DIR if (MINI_DIR / "config.json").is_file() else None
 
 
 def machine() -> dict:

@@ -31,12 +31,12 @@ CHANCE = {
 }
 
 
-def image_samples(families: Sequence[str], split: str, seed: int, start: int = 0) -> Iterator[tuple[Sample, str]]:
+def image_samples(families: Sequence[str], split: str, seed: int) -> Iterator[tuple[Sample, str]]:
     """Built-in questions of the chosen families, in index order; endless."""
     unknown = [f for f in families if f not in IMAGE_FAMILIES]
     if unknown:
         raise UserError(f"r1v-mini trains on the picture families {', '.join(IMAGE_FAMILIES)}, not {unknown[0]!r}.")
-    index = start
+    index = 0
     while True:
         item = builtin_item(split, seed, index)
         if item.family in families:
@@ -95,8 +95,8 @@ def text_question(split: str, seed: int, index: int) -> tuple[Sample, str, str]:
     return sample, f"<think>\n{why}\n</think>\n\n\\boxed{{{answer}}}", family
 
 
-def text_samples(split: str, seed: int, start: int = 0) -> Iterator[tuple[Sample, str, str]]:
-    index = start
+def text_samples(split: str, seed: int) -> Iterator[tuple[Sample, str, str]]:
+    index = 0
     while True:
         yield text_question(split, seed, index)
         index += 1

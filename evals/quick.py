@@ -1,4 +1,5 @@
-"""The short closeness check `awq` runs on its own export before writing the model card.
+"""The short closeness checks: the one `awq` runs on its own export before writing the model
+card, and KL on held-out prompts (benchmarks and tests compare calibration choices with it).
 
 A handful of held-out built-in questions (the "eval" split, never used for calibration):
 the source answers them greedily, then the export is teacher-forced on the source's own
@@ -62,3 +63,33 @@ def quick_kl(src_dir, export_dir, device: str | None = None, n: int = 8, max_new
         "KL measured on": (f"{n} built-in eval questions, {positions} positions of the source's greedy replies "
                            f"(up to {max_new_tokens} tokens each, top-{settings.top_k} log-probs)"),
     }
+
+
+def heldout_prompts(loaded, n: int) -> tuple[list, list]:
+    """The first ``n`` built-in "eval" questions as model inputs ``(ids, pixels)``: with their
+    pictures, and as text only (the picture placeholder removed)."""
+    from r1v_quant.calib.builtin import builtin_samples
+    from r1v_quant.generate import Conversation, encode_conversation
+
+    with_images, text_only = [], []
+    for s in builtin_samples(n, seed=0, split="eval"):
+        conv = Conversation()
+        conv.add_user(s.prompt, s.images)
+        ids, pixels, _ = encode_conversation(loaded.config, loaded.tokenizer, conv)
+        with_images.append((ids, pixels.to(loaded.dtype)))
+        conv = Conversation()
+        conv.add_user(s.prompt.replace("<image>", "").strip())
+        text_only.append((encode_conversation(loaded.config, loaded.tokenizer, conv)[0], None))
+    return with_images, text_only
+
+
+@torch.no_grad()
+def prompt_kl(ref_model, cand_model, prompts) -> float:
+    """Mean KL(reference || candidate) per prompt position, over the full vocabulary."""
+    from r1v_quant.evals.metrics import token_kl
+
+    total, count = 0.0, 0
+    for ids, pixels in prompts:
+        total += float(token_kl(ref_model(ids, pixels).logits, cand_model(ids, pixels).logits).double().sum())
+        count += ids.numel()
+    return total / count

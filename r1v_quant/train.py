@@ -50,9 +50,7 @@ from r1v_quant.checkpoint import ShardWriter
 from r1v_quant.config import R1VConfig, parse_config
 from r1v_quant.errors import UserError
 from r1v_quant.layout import checkpoint_shapes
-from r1v_quant.model.projector import tokens_from_patches
 from r1v_quant.model.r1v import R1VModel
-from r1v_quant.output import staged_dir
 from r1v_quant.prompt import IMG_CONTEXT, THINK_START, merge_image_embeddings
 from r1v_quant.tiny import TinySizes, tiny_config, write_side_files
 
@@ -148,7 +146,6 @@ class Example:
     ids: list[int]                   # prompt, reply and end-of-sequence token
     prompt_len: int
     pixels: torch.Tensor | None      # [tiles, 3, 448, 448]
-    family: str
 
 
 @dataclass
@@ -158,7 +155,6 @@ class Picture:
     ids: list[int]
     prompt_len: int
     tokens: torch.Tensor             # [256, 4 * vision width] bf16, pixel-shuffled, before mlp1
-    family: str
     label: int                       # index into ALIGN_CLASSES
 
 
@@ -168,7 +164,7 @@ def reply_target(reference: str) -> str:
     return reference[len(opening):] if reference.startswith(opening) else reference
 
 
-def encode_example(cfg: R1VConfig, tok, sample: Sample, reply: str, family: str) -> Example:
+def encode_example(cfg: R1VConfig, tok, sample: Sample, reply: str) -> Example:
     from r1v_quant.generate import Conversation, encode_conversation
 
     conv = Conversation()
@@ -176,7 +172,7 @@ def encode_example(cfg: R1VConfig, tok, sample: Sample, reply: str, family: str)
     prompt, pixels, _ = encode_conversation(cfg, tok, conv)
     prompt_ids = prompt[0].tolist()
     reply_ids = tok(reply_target(reply), add_special_tokens=False).input_ids + [tok.eos_token_id]
-    return Example(prompt_ids + reply_ids, len(prompt_ids), pixels, family)
+    return Example(prompt_ids + reply_ids, len(prompt_ids), pixels)
 
 
 def align_label(sample: Sample, family: str) -> int:
@@ -191,12 +187,6 @@ def align_label(sample: Sample, family: str) -> int:
     return ALIGN_CLASSES.index(shape)
 
 
-@torch.no_grad()
-def vision_tokens(model: R1VModel, pixels: torch.Tensor) -> torch.Tensor:
-    hidden = model.vision_model(pixels, model.cfg.select_layer)[:, 1:, :]
-    return tokens_from_patches(hidden, model.cfg.downsample_ratio, model.cfg.ps_version)
-
-
 def picture_pool(model: R1VModel, cfg: R1VConfig, tok, settings: TrainSettings,
                  on_done: Callable[[int], None] | None = None, chunk: int = 16) -> list[Picture]:
     """The first ``settings.pictures`` training questions of the chosen families, encoded once."""
@@ -204,10 +194,11 @@ def picture_pool(model: R1VModel, cfg: R1VConfig, tok, settings: TrainSettings,
     pool: list[Picture] = []
     while len(pool) < settings.pictures:
         batch = [next(stream) for _ in range(min(chunk, settings.pictures - len(pool)))]
-        examples = [encode_example(cfg, tok, s, reference_response(s), fam) for s, fam in batch]
-        tokens = vision_tokens(model, torch.cat([e.pixels for e in examples])).to(torch.bfloat16)
+        examples = [encode_example(cfg, tok, s, reference_response(s)) for s, _ in batch]
+        with torch.no_grad():
+            tokens = model.vision_tokens(torch.cat([e.pixels for e in examples])).to(torch.bfloat16)
         for (sample, family), e, t in zip(batch, examples, tokens):
-            pool.append(Picture(e.ids, e.prompt_len, t.clone(), family, align_label(sample, family)))
+            pool.append(Picture(e.ids, e.prompt_len, t.clone(), align_label(sample, family)))
         if on_done is not None:
             on_done(len(pool))
     return pool
@@ -376,7 +367,7 @@ def train(settings: TrainSettings, tokenizer_dir: Path, progress: ProgressFn | N
             rows = [pool[i] for i in next(pictures)]
             total, count = reply_loss_sum(model, *_collate(rows, pad), torch.stack([r.tokens for r in rows]))
             if s.text_batch:
-                words = [encode_example(cfg, tok, q, reply, fam) for q, reply, fam in next(texts)]
+                words = [encode_example(cfg, tok, q, reply) for q, reply, _ in next(texts)]
                 text_total, text_count = reply_loss_sum(model, *_collate(words, pad))
                 total, count = total + text_total, count + text_count
             loss = total / count
@@ -416,14 +407,6 @@ def write_checkpoint(trained: Trained, folder: Path, max_shard_bytes: int = 4 * 
         writer.add(name, tensor.detach().to(torch.bfloat16))
     writer.close()
     write_side_files(folder, special_ids(trained.tokenizer))
-
-
-def save_checkpoint(trained: Trained, out_dir: Path, force: bool = False) -> Path:
-    """``write_checkpoint`` into a folder that appears whole or not at all."""
-    out = Path(out_dir)
-    with staged_dir(out, force=force) as tmp:
-        write_checkpoint(trained, tmp)
-    return out
 
 
 def settings_record(settings: TrainSettings) -> dict:

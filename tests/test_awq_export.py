@@ -74,44 +74,24 @@ def test_runtime_reads_the_export_as_the_format_says(tiny_export):
     assert torch.allclose(module(x), x @ ref.T, atol=1e-5)
 
 
-def mean_kl(ref_model, cand_model, prompts):
-    total, count = 0.0, 0
-    for ids, pixels in prompts:
-        with torch.no_grad():
-            p = torch.log_softmax(ref_model(ids, pixels).logits.float(), -1)
-            q = torch.log_softmax(cand_model(ids, pixels).logits.float(), -1)
-        total += (p.exp() * (p - q)).sum(-1).sum().item()
-        count += ids.numel()
-    return total / count
-
-
 def test_export_is_closer_to_the_source_than_round_to_nearest(tiny_dir, tiny_export):
     """Held-out prompts of the calibration's kind (with images): AWQ's KL to the source beats round-to-nearest's.
 
     Text-only prompts are held to a bound only: this calibration is over 90% image tokens, and a
     text-heavy target is what `--calib A+text:PATH` mixtures and `--traces self` are for.
     """
-    from r1v_quant.calib.builtin import builtin_samples
-    from r1v_quant.generate import Conversation, encode_conversation
+    from r1v_quant.evals.quick import heldout_prompts, prompt_kl
     from r1v_quant.evals.run import build_rtn
     from r1v_quant.model.r1v import load_model
 
     src = load_model(tiny_dir, device="cpu")
     awq = load_model(tiny_export, device="cpu")
     rtn = build_rtn(tiny_dir, 128, "cpu", "bf16")
-    with_images, text_only = [], []
-    for s in builtin_samples(4, seed=0, split="eval"):
-        conv = Conversation()
-        conv.add_user(s.prompt, s.images)
-        ids, pixels, _ = encode_conversation(src.config, src.tokenizer, conv)
-        with_images.append((ids, pixels.to(torch.bfloat16)))
-        conv = Conversation()
-        conv.add_user(s.prompt.replace("<image>", "").strip())
-        text_only.append((encode_conversation(src.config, src.tokenizer, conv)[0], None))
-    kl_awq, kl_rtn = mean_kl(src.model, awq.model, with_images), mean_kl(src.model, rtn.model, with_images)
+    with_images, text_only = heldout_prompts(src, 4)
+    kl_awq, kl_rtn = prompt_kl(src.model, awq.model, with_images), prompt_kl(src.model, rtn.model, with_images)
     assert 0 < kl_awq < 0.03
     assert kl_awq < 0.5 * kl_rtn
-    assert 0 < mean_kl(src.model, awq.model, text_only) < 0.1
+    assert 0 < prompt_kl(src.model, awq.model, text_only) < 0.1
 
 
 def test_chat_on_export(tiny_export, capsys):

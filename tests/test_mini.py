@@ -90,10 +90,12 @@ def test_training_is_deterministic(tmp_path):
 
 def test_trained_weights_are_written_in_the_checkpoint_layout(tmp_path):
     from r1v_quant.model.r1v import load_model
-    from r1v_quant.train import save_checkpoint
+    from r1v_quant.train import write_checkpoint
 
     trained = train(TrainSettings(pictures=1, steps=1, image_batch=1, text_batch=1, warmup_steps=1), tmp_path / "tok")
-    out = save_checkpoint(trained, tmp_path / "ckpt")
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    write_checkpoint(trained, out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2
     loaded = load_model(out, device="cpu")

@@ -15,36 +15,20 @@ The last line printed is `RESULT {json}` with the in-process timings.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from driver import parse_args, print_result, read_sequences
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokens", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--check-layer", default="model.layers.0.self_attn.q_proj",
-                   help="a linear whose dequantised weight is written to OUT/check.safetensors")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = parse_args(__doc__)
 
     t0 = time.perf_counter()
     from awq import AutoAWQForCausalLM, __version__
     from transformers import AutoTokenizer
 
-    sequences = json.loads(Path(a.tokens).read_text())["sequences"]
-    seq_len = len(sequences[0])
-    if any(len(s) != seq_len for s in sequences):
-        raise SystemExit("every calibration sequence must have the same length")
+    sequences, seq_len = read_sequences(a.tokens)
     t1 = time.perf_counter()
     model = AutoAWQForCausalLM.from_pretrained(a.model, torch_dtype=getattr(torch, a.dtype), low_cpu_mem_usage=True,
                                                use_cache=False)
@@ -66,13 +50,12 @@ def main() -> None:
     dense = dequantize_gemm(layer.qweight, layer.qzeros, layer.scales.float(), 4, a.group_size)  # [in, out], float32
     save_file({"weight": dense.t().float().contiguous()}, f"{a.out}/check.safetensors", metadata={"module": a.check_layer})
 
-    print("RESULT " + json.dumps({
+    print_result({
         "tool": f"AutoAWQ {__version__}",
         "import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2, "save_s": t4 - t3,
-        "samples": len(sequences), "seq_len": seq_len, "dtype": a.dtype, "threads": torch.get_num_threads(),
+        "samples": len(sequences), "seq_len": seq_len, "dtype": a.dtype,
         "settings": {**quant_config, "duo_scaling": True, "apply_clip": True, "n_grid": 20},
-        "transformers": __import__("transformers").__version__, "torch": torch.__version__,
-    }), flush=True)
+    })
 
 
 if __name__ == "__main__":

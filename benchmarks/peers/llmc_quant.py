@@ -20,26 +20,16 @@ The last line printed is `RESULT {json}` with the in-process timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
+from driver import parse_args, print_result, read_sequences
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokens", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--check-layer", default="model.layers.0.self_attn.q_proj")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = parse_args(__doc__)
     if a.group_size != 128:
         raise SystemExit("the W4A16_ASYM preset uses groups of 128")
 
@@ -54,8 +44,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
-    sequences = json.loads(Path(a.tokens).read_text())["sequences"]
-    seq_len = len(sequences[0])
+    sequences, seq_len = read_sequences(a.tokens)
     t1 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -103,15 +92,14 @@ def main() -> None:
 
     import compressed_tensors
 
-    print("RESULT " + json.dumps({
+    print_result({
         "tool": f"llm-compressor {__version__}", "compressed_tensors": compressed_tensors.__version__,
         "import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2, "save_s": t4 - t3,
-        "samples": len(sequences), "seq_len": seq_len, "dtype": a.dtype, "threads": torch.get_num_threads(),
+        "samples": len(sequences), "seq_len": seq_len, "dtype": a.dtype,
         "linears": len(codes) // 3, "weight_args": weight_args.model_dump(mode="json"),
         "settings": {"scheme": "W4A16_ASYM", "group_size": 128, "duo_scaling": True, "n_grid": 20,
                      "clip search": "none (llm-compressor's AWQ has none)"},
-        "transformers": __import__("transformers").__version__, "torch": torch.__version__,
-    }), flush=True)
+    })
 
 
 if __name__ == "__main__":

@@ -28,11 +28,15 @@ class R1VModel(nn.Module):
         self.language_model = Qwen2ForCausalLM(qcfg)
         self.img_context_id: int | None = None
 
+    def vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, H, W] -> [tiles, num_image_token, 4 * vision width]: the pixel-shuffled
+        encoder output that mlp1 projects."""
+        hidden = self.vision_model(pixel_values, self.cfg.select_layer)[:, 1:, :]
+        return tokens_from_patches(hidden, self.cfg.downsample_ratio, self.cfg.ps_version)
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, H, W] -> [tiles * num_image_token, llm_width] visual tokens, in tile order."""
-        hidden = self.vision_model(pixel_values, self.cfg.select_layer)[:, 1:, :]
-        tokens = tokens_from_patches(hidden, self.cfg.downsample_ratio, self.cfg.ps_version)
-        projected = self.mlp1(tokens.to(self.mlp1[1].weight.dtype))
+        projected = self.mlp1(self.vision_tokens(pixel_values).to(self.mlp1[1].weight.dtype))
         return projected.reshape(-1, projected.shape[-1])
 
     def input_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
