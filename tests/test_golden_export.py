@@ -1,0 +1,89 @@
+"""A golden export: the sha256 of every file `awq` writes for `make-tiny` (seed 0) at fixed small settings.
+
+It pins the export byte for byte, so a restructuring of the code that should change nothing is shown to
+change nothing. The numeric files depend on the CPU's matmul kernels (AVX-512 and AVX2 builds reduce in
+another order), so their digests are kept per kernel family; the other files are the same everywhere.
+
+To record the digests for a new kernel family, or after a change that is meant to alter the export
+(say which in the commit): `python tests/test_golden_export.py` prints the table to paste below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+ARGS = ["--samples", "2", "--seq-len", "384", "--max-tokens", "768", "--grid", "5", "--no-kl-check", "--device", "cpu"]
+
+SAME_EVERYWHERE = {
+    "config.json": "9d6b3b6677071fa72c6a",
+    "configuration_skywork_chat.py": "6d234a5c6caa25359e36",
+    "configuration_skywork_vit.py": "d2fb56d5e1daba97fa5e",
+    "generation_config.json": "be2a09d2ec65085b5ee2",
+    "model.safetensors.index.json": "a97918be199d0d25373a",
+    "preprocessor_config.json": "efa90772bca9eeeab548",
+    "special_tokens_map.json": "1e35d955d10990602049",
+    "tokenizer.json": "288128677f698cee704c",
+    "tokenizer_config.json": "10bcd4fbfaae24fef56d",
+}
+BY_KERNELS = {
+    "AVX512": {
+        "README.md": "4a2e4feb76687e489f78",
+        "model-00001-of-00001.safetensors": "c6d5e460a11bea09a8ad",
+        "r1v_quant_report.json": "0ed08242f9d22530ddf4",
+    },
+    # Recorded on a Xeon with the dispatch forced down:
+    # ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+    "AVX2": {
+        "README.md": "4a2e4feb76687e489f78",
+        "model-00001-of-00001.safetensors": "fc8792987e8aab6f6eaf",
+        "r1v_quant_report.json": "1476c8300dad2413ddd3",
+    },
+}
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:20] for p in sorted(folder.iterdir())}
+
+
+def export_tiny(workdir: Path) -> Path:
+    """`r1v-quant make-tiny r1v-tiny` then `r1v-quant awq --model r1v-tiny ...`, from inside `workdir`."""
+    import os
+
+    from r1v_quant.cli.main import main
+
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        for argv in (["make-tiny", "r1v-tiny"], ["awq", "--model", "r1v-tiny", "--out", "r1v-tiny-awq", *ARGS]):
+            try:
+                main(argv)
+            except SystemExit as e:
+                assert not e.code, f"r1v-quant {' '.join(argv)} exited {e.code}"
+    finally:
+        os.chdir(old)
+    return workdir / "r1v-tiny-awq"
+
+
+def test_golden_export(tmp_path):
+    got = digests(export_tiny(tmp_path))
+    assert {k: got.get(k) for k in SAME_EVERYWHERE} == SAME_EVERYWHERE
+    kernels = torch.backends.cpu.get_cpu_capability()
+    expected = BY_KERNELS.get(kernels)
+    assert expected is not None, (
+        f"no golden digests recorded for {kernels} kernels; record them with `python {__file__}` "
+        f"on the commit before a change, then compare after it: {({k: got[k] for k in BY_KERNELS['AVX512']})}")
+    assert {k: got.get(k) for k in expected} == expected
+    assert set(got) == set(SAME_EVERYWHERE) | set(expected)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        got = digests(export_tiny(Path(d)))
+    print(torch.backends.cpu.get_cpu_capability(), {k: v for k, v in got.items() if k not in SAME_EVERYWHERE})
+    sys.exit(0)
