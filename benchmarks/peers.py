@@ -100,7 +100,7 @@ QUICK = {"samples": 8, "seq_len": 128, "questions": 8, "suite": "builtin", "max_
 
 def default_model() -> Path | None:
     """The trained small model, when the source tree has it."""
-    from r1v_quant.mini import MINI_DIR
+    from r1v_quant.fixtures.mini import MINI_DIR
 
     return MINI_DIR if (MINI_DIR / "config.json").is_file() else None
 
@@ -157,8 +157,8 @@ def extract_llm(src: Path, dst: Path) -> Path:
     """`src`'s language model as a transformers Qwen2ForCausalLM folder (tensors renamed, nothing else changed)."""
     from safetensors.torch import save_file
 
-    from r1v_quant.checkpoint import Checkpoint
-    from r1v_quant.config import load_config
+    from r1v_quant.model.checkpoint import Checkpoint
+    from r1v_quant.model.config import load_config
 
     stamp = dst / "source.json"
     ident = {"source": str(src.resolve()), "mtime": max(p.stat().st_mtime for p in src.glob("*.safetensors"))}
@@ -195,9 +195,9 @@ def calibration_text(src: Path, n: int, seq_len: int, seed: int, out: Path) -> d
     from r1v_quant.calib.mmmu import pose_question
     from r1v_quant.calib.sample import Sample
 
-    from r1v_quant.config import load_config
+    from r1v_quant.model.config import load_config
     from r1v_quant.model.r1v import load_tokenizer
-    from r1v_quant.prompt import IMAGE_PLACEHOLDER, THINK_START, render_chat
+    from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, THINK_START, render_chat
 
     tok, cfg = load_tokenizer(src), load_config(src)
     bos = tok.bos_token or ""
@@ -420,10 +420,10 @@ def write_r1v(src: Path, dst: Path, llm: dict[str, torch.Tensor], recipe: dict) 
     of them are only compared (they may have been cast). Decoder norms come from the peer,
     because AWQ folds its scales into them.
     """
-    from r1v_quant.checkpoint import Checkpoint, ShardWriter
-    from r1v_quant.config import load_config
-    from r1v_quant.export import copy_side_files, export_config
-    from r1v_quant.layout import is_quant_linear
+    from r1v_quant.model.checkpoint import Checkpoint, ShardWriter
+    from r1v_quant.model.config import load_config
+    from r1v_quant.quant.export import copy_side_files, export_config
+    from r1v_quant.model.layout import is_quant_linear
     from r1v_quant.output import staged_dir
 
     cfg, ckpt = load_config(src), Checkpoint(src)
@@ -459,7 +459,7 @@ def _check_dense(dst_dir: Path, check: Path, module: str) -> float:
     """Max |our reading of the converted tensors - the peer's own dequantised weight| for one linear."""
     from safetensors.torch import load_file
 
-    from r1v_quant.checkpoint import Checkpoint
+    from r1v_quant.model.checkpoint import Checkpoint
     from r1v_quant.quant.primitives import awq_dequantize
 
     ck = Checkpoint(dst_dir)
@@ -710,7 +710,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         if model is None and a.quick:
             model = work / "tiny"
             if not (model / "config.json").is_file():
-                from r1v_quant.tiny import TinySizes, make_tiny
+                from r1v_quant.fixtures.tiny import TinySizes, make_tiny
 
                 say(f"writing a random tiny checkpoint to {model}")
                 make_tiny(model, seed=a.seed, sizes=TinySizes(llm_layers=2), force=True)

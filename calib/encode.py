@@ -9,7 +9,7 @@ import torch
 
 from r1v_quant.calib.sample import Sample
 from r1v_quant.errors import UserError
-from r1v_quant.prompt import IMG_CONTEXT, IMG_END, IMG_START, truncate_tokens
+from r1v_quant.model.prompt import IMG_CONTEXT, IMG_END, IMG_START, truncate_tokens
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Encoded:
 
 
 def encode_sample(sample: Sample, cfg, tok, seq_len: int) -> Encoded:
-    from r1v_quant.generate import Conversation, encode_conversation
+    from r1v_quant.model.generate import Conversation, encode_conversation
 
     img_start = tok.convert_tokens_to_ids(IMG_START)
     img_end = tok.convert_tokens_to_ids(IMG_END)

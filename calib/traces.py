@@ -146,8 +146,8 @@ def _write_atomic(path: Path, data: dict) -> None:
 
 def generate_trace(loaded, sample: Sample, max_trace_tokens: int) -> dict:
     """The model's greedy reply to one sample: the text after the generation prompt, eos left out."""
-    from r1v_quant.generate import Conversation, Sampling, reply_to
-    from r1v_quant.prompt import IMG_CONTEXT, IMG_END, IMG_START
+    from r1v_quant.model.generate import Conversation, Sampling, reply_to
+    from r1v_quant.model.prompt import IMG_CONTEXT, IMG_END, IMG_START
 
     conv = Conversation()
     conv.add_user(sample.prompt, sample.images)
@@ -179,7 +179,7 @@ def add_self_traces(
     ``progress(done, total)`` is called after each generated reply, ``total`` counting only
     the replies that were missing.
     """
-    from r1v_quant.checkpoint import resolve_model
+    from r1v_quant.model.checkpoint import resolve_model
 
     if max_trace_tokens < 1:
         raise UserError(f"--max-trace-tokens must be at least 1 (got {max_trace_tokens}).")

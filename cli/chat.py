@@ -71,15 +71,15 @@ def command(
 ) -> None:
     """Chat with a Skywork-R1V model: streams the reasoning (dimmed) and the answer."""
     from r1v_quant.errors import UserError
-    from r1v_quant.generate import Conversation, Sampling
-    from r1v_quant.images import load_image
+    from r1v_quant.model.generate import Conversation, Sampling
+    from r1v_quant.model.images import load_image
 
     console = Console()
     images = [load_image(p) for p in image]
     sampling = Sampling(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                         max_new_tokens=max_new_tokens, greedy=greedy, seed=seed)
     if engine == "vllm":
-        from r1v_quant.vllm_engine import chat_once
+        from r1v_quant.deploy.vllm_engine import chat_once
 
         if prompt is None:
             raise UserError("--engine vllm supports one-shot use with --prompt.")
@@ -102,7 +102,7 @@ def command(
 
 
 def _answer(console, loaded, conv, sampling, show_thinking: bool):
-    from r1v_quant.generate import encode_conversation, generate
+    from r1v_quant.model.generate import encode_conversation, generate
 
     ids, pixels, _ = encode_conversation(loaded.config, loaded.tokenizer, conv)
     opens_thinking = loaded.tokenizer.decode(ids[0, -4:]).rstrip().endswith("<think>")
@@ -117,7 +117,7 @@ def _answer(console, loaded, conv, sampling, show_thinking: bool):
 
 def _interactive(console, loaded, conv, sampling, show_thinking, images):
     from r1v_quant.errors import UserError
-    from r1v_quant.images import load_image
+    from r1v_quant.model.images import load_image
 
     pending = list(images)
     while True:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from r1v_quant.errors import UserError
-from r1v_quant.serve import DEFAULT_IMAGES_PER_PROMPT, DEFAULT_UTIL
+from r1v_quant.deploy.serve import DEFAULT_IMAGES_PER_PROMPT, DEFAULT_UTIL
 
 # Register with: app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
 # so that options typer does not know (vLLM's) reach the command as ctx.args.
@@ -19,7 +19,7 @@ CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 def refuse_failing(folder: Path) -> None:
     """UserError naming the first failed vLLM-contract check of the export, if any."""
-    from r1v_quant.inspect_export import inspect
+    from r1v_quant.deploy.inspect_export import inspect
 
     report = inspect(folder)
     if report.ok:
@@ -42,9 +42,9 @@ def command(
     """Run `vllm serve` on an export with --trust-remote-code, --dtype bfloat16, a --max-model-len that fits
     the GPU, and images per prompt; any further arguments go to vLLM and win over ours
     (r1v-quant serve r1v-38b-awq --port 8000 --kv-cache-dtype fp8)."""
-    from r1v_quant.config import load_config
-    from r1v_quant.plan import parse_size
-    from r1v_quant.serve import (
+    from r1v_quant.model.config import load_config
+    from r1v_quant.deploy.plan import parse_size
+    from r1v_quant.deploy.serve import (
         build_serve,
         command_line,
         exec_vllm,

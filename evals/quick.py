@@ -69,7 +69,7 @@ def heldout_prompts(loaded, n: int) -> tuple[list, list]:
     """The first ``n`` built-in "eval" questions as model inputs ``(ids, pixels)``: with their
     pictures, and as text only (the picture placeholder removed)."""
     from r1v_quant.calib.builtin import builtin_samples
-    from r1v_quant.generate import Conversation, encode_conversation
+    from r1v_quant.model.generate import Conversation, encode_conversation
 
     with_images, text_only = [], []
     for s in builtin_samples(n, seed=0, split="eval"):

@@ -208,7 +208,7 @@ class Prompt:
 
 def encode(loaded, sample: Sample, text_tokens: int) -> Prompt:
     """What the model reads: the chat prompt (question suites) or the text itself."""
-    from r1v_quant.generate import Conversation, encode_conversation
+    from r1v_quant.model.generate import Conversation, encode_conversation
 
     tok = loaded.tokenizer
     if sample.kind == "text":
@@ -243,7 +243,7 @@ class Reply:
 
 
 def _sampling(settings: EvalSettings):
-    from r1v_quant.generate import Sampling
+    from r1v_quant.model.generate import Sampling
 
     return Sampling(temperature=settings.temperature, top_p=settings.top_p,
                     repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
@@ -534,7 +534,7 @@ def loaded_model(spec: ModelSpec):
 
 
 def _quant_linears(model) -> list[tuple[str, torch.nn.Linear]]:
-    from r1v_quant.layout import is_quant_linear
+    from r1v_quant.model.layout import is_quant_linear
 
     return [(n, m) for n, m in model.named_modules() if is_quant_linear(n) and isinstance(m, torch.nn.Linear)]
 
@@ -587,7 +587,7 @@ def build_nf4(reference: Path, device: str | None, dtype: str):
 
 def group_size_of(candidate: Path) -> int:
     """The candidate's quantisation group size, for an RTN baseline of equal size."""
-    from r1v_quant.config import load_config
+    from r1v_quant.model.config import load_config
 
     q = load_config(candidate).quantization or {}
     return int(q.get("group_size", q.get("q_group_size", DEFAULT_GROUP_SIZE)))
@@ -826,7 +826,7 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
     """Reference, candidate and baselines on the same suite, one model at a time.
     ``on_warning`` hears each warning before the long work starts."""
     from r1v_quant.calib.traces import model_identity
-    from r1v_quant.checkpoint import resolve_model
+    from r1v_quant.model.checkpoint import resolve_model
 
     check_settings(settings)
     for base in baselines:

@@ -29,9 +29,9 @@ if str(ROOT) not in sys.path:
 
 from r1v_quant.calib.skills import heldout_questions  # noqa: E402
 from r1v_quant.errors import UserError  # noqa: E402
-from r1v_quant.mini import MINI_DIR  # noqa: E402
+from r1v_quant.fixtures.mini import MINI_DIR  # noqa: E402
 from r1v_quant.output import check_out_dir, staged_dir  # noqa: E402
-from r1v_quant.train import (  # noqa: E402
+from r1v_quant.fixtures.train import (  # noqa: E402
     TrainSettings,
     accuracy_table,
     answer_questions,

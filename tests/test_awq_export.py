@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from r1v_quant.checkpoint import Checkpoint
+from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.errors import UserError
-from r1v_quant.layout import is_quant_linear
+from r1v_quant.model.layout import is_quant_linear
 from r1v_quant.quant.pipeline import AWQSettings
 from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
 
@@ -168,9 +168,9 @@ def test_already_quantized_source_is_refused(tiny_export, tmp_path):
 def test_plan_predicts_the_export_bytes_exactly_and_inspect_passes(tiny_export):
     from safetensors import safe_open
 
-    from r1v_quant.config import load_config
-    from r1v_quant.inspect_export import inspect
-    from r1v_quant.plan import make_plan
+    from r1v_quant.model.config import load_config
+    from r1v_quant.deploy.inspect_export import inspect
+    from r1v_quant.deploy.plan import make_plan
 
     real = 0
     for shard in tiny_export.glob("*.safetensors"):
@@ -199,7 +199,7 @@ def test_mmmu_without_data_says_how_to_provide_it(tiny_dir, tmp_path, capsys, mo
 
 
 def test_activations_spill_to_disk_and_read_back(tmp_path):
-    from r1v_quant.quant.pipeline import ActivationStore
+    from r1v_quant.quant.activations import ActivationStore
 
     store = ActivationStore(tmp_path / "spill", threshold_bytes=1000)
     xs = [torch.randn(1, n, 16) for n in (5, 40, 50)]

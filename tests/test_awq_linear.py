@@ -337,7 +337,7 @@ def test_qweight_assigned_over_packed_codes_wins():
 
 @pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
 def test_loaded_export_holds_its_codes_once(tiny_export):
-    from r1v_quant.checkpoint import Checkpoint
+    from r1v_quant.model.checkpoint import Checkpoint
     from r1v_quant.model.r1v import load_model
 
     loaded = load_model(tiny_export, device="cpu")  # bf16, as chat and eval run it

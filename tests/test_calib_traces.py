@@ -27,7 +27,7 @@ def all_samples():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from r1v_quant.tiny import make_tiny
+    from r1v_quant.fixtures.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 
@@ -174,7 +174,7 @@ def test_an_interrupted_run_keeps_its_replies_and_resumes(model, tmp_path, loads
 
 def test_the_response_is_the_text_after_the_generation_prompt(model, tmp_path, monkeypatch):
     """Whatever the template puts at the end of the prompt, the response continues it exactly."""
-    from r1v_quant import generate
+    from r1v_quant.model import generate
 
     seen = {}
 
@@ -196,7 +196,7 @@ def test_the_response_is_the_text_after_the_generation_prompt(model, tmp_path, m
 
 def test_encoding_a_traced_sample_appends_the_reply_and_eos(traced, model):
     from r1v_quant.calib.encode import encode_sample
-    from r1v_quant.config import load_config
+    from r1v_quant.model.config import load_config
 
     _, out, _ = traced
     cfg, tok = load_config(model), r1v.load_tokenizer(model)

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from r1v_quant.checkpoint import Checkpoint
-from r1v_quant.config import load_config
-from r1v_quant.layout import checkpoint_shapes
-from r1v_quant.tiny import make_tiny
+from r1v_quant.model.checkpoint import Checkpoint
+from r1v_quant.model.config import load_config
+from r1v_quant.model.layout import checkpoint_shapes
+from r1v_quant.fixtures.tiny import make_tiny
 
 
 def test_tiny_checkpoint_has_the_real_layout(tiny_dir):
@@ -64,7 +64,7 @@ def test_chat_one_shot_streams_and_is_deterministic(tiny_dir, tmp_path, capsys):
 
 
 def test_greedy_ids_depend_on_the_image(tiny_dir, tmp_path):
-    from r1v_quant.generate import greedy_ids
+    from r1v_quant.model.generate import greedy_ids
 
     paths = [tmp_path / "red.png", tmp_path / "noise.png"]
     Image.new("RGB", (448, 448), (250, 10, 10)).save(paths[0])
@@ -73,7 +73,7 @@ def test_greedy_ids_depend_on_the_image(tiny_dir, tmp_path):
     b = greedy_ids(tiny_dir, "What is shown?", 12, [paths[0]], device="cpu")
     assert a == b and len(a) == 12
     from r1v_quant.model.r1v import load_model
-    from r1v_quant.generate import Conversation, encode_conversation
+    from r1v_quant.model.generate import Conversation, encode_conversation
 
     loaded = load_model(tiny_dir, device="cpu")
     logits = []
@@ -135,7 +135,7 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(case, tiny_dir, tmp_path, 
 
 
 def test_hub_id_resolves_from_the_local_cache_offline(tiny_dir, tmp_path, monkeypatch):
-    from r1v_quant.checkpoint import resolve_model
+    from r1v_quant.model.checkpoint import resolve_model
 
     cache = tmp_path / "hub"
     repo = cache / "models--Skywork--Skywork-R1V-38B"

@@ -49,7 +49,7 @@ def call(args, capsys):
 def ref(tmp_path_factory):
     """Two decoder layers, one vision layer and one tile per picture keep each question
     well under a second on a CPU; the salient channels that make AWQ matter stay."""
-    from r1v_quant.tiny import TinySizes, make_tiny
+    from r1v_quant.fixtures.tiny import TinySizes, make_tiny
 
     sizes = TinySizes(llm_layers=2, vision_layers=1, max_dynamic_patch=1)
     return make_tiny(tmp_path_factory.mktemp("ref") / "tiny", seed=0, sizes=sizes)
@@ -84,7 +84,7 @@ def no_think(ref, tmp_path_factory):
 def damaged(no_think, tmp_path_factory):
     """``no_think`` with every quantised LLM linear rounded to 2 bits, saved as bf16 under
     the same names: a candidate that must fail any sensible accuracy gate."""
-    from r1v_quant.layout import is_quant_linear
+    from r1v_quant.model.layout import is_quant_linear
     from r1v_quant.quant.primitives import fake_quantize
 
     out = _copy(no_think, tmp_path_factory.mktemp("damaged") / "tiny-2bit")

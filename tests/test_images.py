@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from r1v_quant.config import parse_config
+from r1v_quant.model.config import parse_config
 from r1v_quant.errors import UserError
-from r1v_quant.images import candidate_grids, closest_grid, load_image, normalize, preprocess, tile_image
+from r1v_quant.model.images import candidate_grids, closest_grid, load_image, normalize, preprocess, tile_image
 
 T = 448
 

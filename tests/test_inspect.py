@@ -12,11 +12,11 @@ import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from r1v_quant.config import parse_config
+from r1v_quant.model.config import parse_config
 from r1v_quant.errors import UserError
-from r1v_quant.inspect_export import inspect, read_safetensors_header, vllm_prefix
-from r1v_quant.layout import awq_shapes, checkpoint_shapes, is_quant_linear
-from r1v_quant.plan import make_plan
+from r1v_quant.deploy.inspect_export import inspect, read_safetensors_header, vllm_prefix
+from r1v_quant.model.layout import awq_shapes, checkpoint_shapes, is_quant_linear
+from r1v_quant.deploy.plan import make_plan
 
 INDEX = "model.safetensors.index.json"
 

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from r1v_quant import mini
+from r1v_quant.fixtures import mini
 from r1v_quant.errors import UserError
 from r1v_quant.calib.skills import CHANCE, heldout_questions
-from r1v_quant.train import TrainSettings, accuracy_table, answer_questions, settings_record, train
+from r1v_quant.fixtures.train import TrainSettings, accuracy_table, answer_questions, settings_record, train
 from conftest import run_cli
 
 # Held-out picture questions the test asks (a third of each trained family), and the
@@ -31,9 +31,9 @@ def loaded():
 
 
 def test_mini_has_the_real_layout():
-    from r1v_quant.checkpoint import Checkpoint
-    from r1v_quant.config import load_config
-    from r1v_quant.layout import checkpoint_shapes
+    from r1v_quant.model.checkpoint import Checkpoint
+    from r1v_quant.model.config import load_config
+    from r1v_quant.model.layout import checkpoint_shapes
 
     path = mini.mini_path()
     cfg = load_config(path)
@@ -90,7 +90,7 @@ def test_training_is_deterministic(tmp_path):
 
 def test_trained_weights_are_written_in_the_checkpoint_layout(tmp_path):
     from r1v_quant.model.r1v import load_model
-    from r1v_quant.train import write_checkpoint
+    from r1v_quant.fixtures.train import write_checkpoint
 
     trained = train(TrainSettings(pictures=1, steps=1, image_batch=1, text_batch=1, warmup_steps=1), tmp_path / "tok")
     out = tmp_path / "ckpt"

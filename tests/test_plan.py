@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from r1v_quant.config import parse_config
+from r1v_quant.model.config import parse_config
 from r1v_quant.errors import UserError
-from r1v_quant.layout import awq_shapes, checkpoint_shapes, is_quant_linear
-from r1v_quant.plan import (
+from r1v_quant.model.layout import awq_shapes, checkpoint_shapes, is_quant_linear
+from r1v_quant.deploy.plan import (
     GiB, component_of, estimate_reserve, kv_bytes_per_token, make_plan, parse_gpu_mems, parse_size, plan_model,
     resolve_config,
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r1v_quant.errors import UserError
-from r1v_quant.prompt import (
+from r1v_quant.model.prompt import (
     IMG_CONTEXT,
     IMG_END,
     IMG_START,

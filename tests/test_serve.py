@@ -16,11 +16,11 @@ from PIL import Image
 from test_inspect import build, quant_config, small_config
 from typer.testing import CliRunner
 
-from r1v_quant import serve as serve_mod
-from r1v_quant.config import parse_config
+from r1v_quant.deploy import serve as serve_mod
+from r1v_quant.model.config import parse_config
 from r1v_quant.errors import UserError
-from r1v_quant.plan import DATA_DIR, GiB, make_plan, resolve_config
-from r1v_quant.serve import (
+from r1v_quant.deploy.plan import DATA_DIR, GiB, make_plan, resolve_config
+from r1v_quant.deploy.serve import (
     VLLM_MISSING,
     build_serve,
     find_vllm,
@@ -31,7 +31,7 @@ from r1v_quant.serve import (
     user_flags,
 )
 
-from r1v_quant.generate import Sampling
+from r1v_quant.model.generate import Sampling
 
 
 def plan_len(cfg, gpu_bytes, **kw) -> int:
@@ -371,7 +371,7 @@ def images(tmp_path, n):
 
 
 def test_chat_once_renders_the_template_with_one_placeholder_per_image(fake_vllm, tmp_path):
-    from r1v_quant.vllm_engine import chat_once
+    from r1v_quant.deploy.vllm_engine import chat_once
 
     folder = tokenizer_folder(build(tmp_path / "export"))
     out = chat_once(str(folder), "What differs?", images(tmp_path, 2), Sampling(max_new_tokens=77, seed=5),
@@ -389,7 +389,7 @@ def test_chat_once_renders_the_template_with_one_placeholder_per_image(fake_vllm
 
 
 def test_chat_once_greedy_text_only_and_planned_length(fake_vllm, tmp_path):
-    from r1v_quant.vllm_engine import chat_once
+    from r1v_quant.deploy.vllm_engine import chat_once
 
     folder = tokenizer_folder(build(tmp_path / "export"))
     chat_once(str(folder), "hello", [], Sampling(greedy=True, max_new_tokens=8), gpu_bytes=24 * GiB)
@@ -401,7 +401,7 @@ def test_chat_once_greedy_text_only_and_planned_length(fake_vllm, tmp_path):
 
 
 def test_chat_once_placeholders_where_the_user_put_them(fake_vllm, tmp_path):
-    from r1v_quant.vllm_engine import chat_once, with_placeholders
+    from r1v_quant.deploy.vllm_engine import chat_once, with_placeholders
 
     assert with_placeholders("a <image> b <image>", 2) == "a <image> b <image>"
     with pytest.raises(UserError, match="1 <image> markers but 2 images"):
@@ -412,7 +412,7 @@ def test_chat_once_placeholders_where_the_user_put_them(fake_vllm, tmp_path):
 
 
 def test_chat_once_errors_are_one_sentence(fake_vllm, tmp_path):
-    from r1v_quant.vllm_engine import chat_once
+    from r1v_quant.deploy.vllm_engine import chat_once
 
     folder = tokenizer_folder(build(tmp_path / "export"))
     with pytest.raises(UserError, match=r"image .*nope.png does not exist"):
@@ -430,7 +430,7 @@ def test_chat_once_errors_are_one_sentence(fake_vllm, tmp_path):
 
 
 def test_chat_once_without_vllm_is_the_sentence(monkeypatch):
-    from r1v_quant.vllm_engine import chat_once
+    from r1v_quant.deploy.vllm_engine import chat_once
 
     monkeypatch.setitem(sys.modules, "vllm", None)      # import vllm -> ModuleNotFoundError
     with pytest.raises(UserError) as e:

@@ -73,13 +73,13 @@ def test_vllm_matches_runtime_greedy_tokens(reference):
 
 
 def test_vllm_avx2_build_with_reference_op(reference):
-    """vLLM's AVX2 library, which lacks cpu_gemm_wna16, with r1v_quant.vllm_cpu_op standing in for it."""
+    """vLLM's AVX2 library, which lacks cpu_gemm_wna16, with r1v_quant.fixtures.vllm_cpu_op standing in for it."""
     summary = _run_vllm(reference, "--emulate-avx2")
     assert summary["setup"]["gemm_op"].startswith("reference")
 
 
 def test_reference_op_matches_vllm_layout(tmp_path):
-    """r1v_quant.vllm_cpu_op inverts vLLM's own AWQ weight conversion exactly (and matches its kernel where present)."""
+    """r1v_quant.fixtures.vllm_cpu_op inverts vLLM's own AWQ weight conversion exactly (and matches its kernel where present)."""
     out = tmp_path / "op.json"
     proc = subprocess.run([str(VLLM_PYTHON), str(CHECK), "op", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)

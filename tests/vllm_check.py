@@ -8,7 +8,7 @@ Run with the vLLM environment (made by scripts/vllm-env.sh):
 Steps of the default `all`:
 1. `prepare`, run with the project's own Python (`--project-python`, default `.venv/bin/python`):
    `r1v-quant make-tiny`, `r1v-quant awq --calib builtin`, a synthetic test image, and our
-   runtime's prompt ids and greedy reply ids (`r1v_quant.generate.greedy_ids`) for a text
+   runtime's prompt ids and greedy reply ids (`r1v_quant.model.generate.greedy_ids`) for a text
    prompt and an image prompt, written to `reference.json`;
 2. `vllm`, in this process: `vllm.LLM(model=export, trust_remote_code=True, dtype="bfloat16",
    distributed_executor_backend="uni", enforce_eager=True, ...)` with the engine in-process
@@ -25,7 +25,7 @@ Steps of the default `all`:
 
 The two halves can also be run apart (`prepare` with the project Python, `vllm` with this one);
 `--model EXPORT` checks an existing export instead of making a tiny one. A third step, `op`,
-checks `r1v_quant.vllm_cpu_op` alone: vLLM's own AWQ weight conversion, inverted exactly, and
+checks `r1v_quant.fixtures.vllm_cpu_op` alone: vLLM's own AWQ weight conversion, inverted exactly, and
 its output against vLLM's native kernel where this machine's vLLM library has one.
 
 What this process changes, and why (all of it test-only):
@@ -33,7 +33,7 @@ What this process changes, and why (all of it test-only):
   activations (W4A8), a different computation from our bf16-activation runtime and from
   vLLM's GPU kernels; the check uses vLLM's W4A16 CPU kernel.
 - The `_C::cpu_gemm_wna16` op: used as vLLM provides it when present. Where vLLM's library
-  lacks it (the AVX2 build: CPUs without AVX-512), `r1v_quant.vllm_cpu_op` registers a
+  lacks it (the AVX2 build: CPUs without AVX-512), `r1v_quant.fixtures.vllm_cpu_op` registers a
   PyTorch reference of it first. `--emulate-avx2` makes vLLM load its AVX2 library on any
   x86 CPU (by hiding AVX-512/AMX from the probes vLLM asks), to exercise that path here.
 - AMX: on CPUs that advertise AMX, vLLM's native 4-bit kernel uses AMX tiles without asking
@@ -92,10 +92,10 @@ def _cli(python: str, *args: str) -> float:
 
 def reference_cases(model_dir: Path, image: Path, max_new_tokens: int) -> list[dict]:
     """Our runtime's view of each case: the prompt vLLM must be given, its ids, and the greedy reply."""
-    from r1v_quant.generate import Conversation, encode_conversation, greedy_ids
-    from r1v_quant.images import load_image
+    from r1v_quant.model.generate import Conversation, encode_conversation, greedy_ids
+    from r1v_quant.model.images import load_image
     from r1v_quant.model.r1v import load_model
-    from r1v_quant.prompt import IMAGE_PLACEHOLDER, render_chat
+    from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, render_chat
 
     import torch
 
@@ -190,11 +190,11 @@ def setup_vllm_process(emulate_avx2: bool) -> dict:
         sys.path.remove(str(TESTS))
     scoped_torchvision.install()
 
-    from r1v_quant import vllm_cpu_op
+    from r1v_quant.fixtures import vllm_cpu_op
 
     done = {"emulate_avx2": emulate_avx2, "w4a8": os.environ["VLLM_CPU_INT4_W4A8"] != "0"}
     if vllm_cpu_op.register():
-        done["gemm_op"] = "reference (r1v_quant.vllm_cpu_op: vLLM's library here lacks _C.cpu_gemm_wna16)"
+        done["gemm_op"] = "reference (r1v_quant.fixtures.vllm_cpu_op: vLLM's library here lacks _C.cpu_gemm_wna16)"
     else:
         done["gemm_op"] = "vLLM native _C.cpu_gemm_wna16"
     amx = bool(torch.cpu._is_amx_tile_supported())
@@ -348,7 +348,7 @@ OP_SHAPES = ((256, 512, 128, 5), (768, 256, 128, 1), (128, 96, 32, 3), (512, 153
 
 
 def check_op() -> dict:
-    """r1v_quant.vllm_cpu_op against vLLM's own weight conversion, AWQ dequantisation and (if present) its kernel.
+    """r1v_quant.fixtures.vllm_cpu_op against vLLM's own weight conversion, AWQ dequantisation and (if present) its kernel.
 
     Each AWQ layer goes through vLLM's real `AutoAWQMarlinLinearMethod.process_weights_after_loading`
     (AWQ -> GPTQ-like -> CPU blocked layout); the reference op's output must equal, bit for bit,
@@ -363,7 +363,7 @@ def check_op() -> dict:
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig, AutoAWQMarlinLinearMethod
 
-    from r1v_quant import vllm_cpu_op
+    from r1v_quant.fixtures import vllm_cpu_op
     from r1v_quant.quant.primitives import awq_dequantize, awq_tensors
 
     native = vllm_cpu_op.native_op_present()

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from transformers import Qwen2ForCausalLM
 
-from r1v_quant.checkpoint import Checkpoint, resolve_model
-from r1v_quant.config import R1VConfig, load_config
+from r1v_quant.model.checkpoint import Checkpoint, resolve_model
+from r1v_quant.model.config import R1VConfig, load_config
 from r1v_quant.errors import UserError
 from r1v_quant.model.projector import make_projector, tokens_from_patches
 from r1v_quant.model.vision import VisionModel
-from r1v_quant.prompt import IMG_CONTEXT, merge_image_embeddings
+from r1v_quant.model.prompt import IMG_CONTEXT, merge_image_embeddings
 
 
 class R1VModel(nn.Module):
@@ -90,7 +90,7 @@ def build_empty(cfg: R1VConfig) -> R1VModel:
 
 def swap_quantized(model: R1VModel, cfg: R1VConfig) -> None:
     """Give an export's quantised linears their AWQ form before its tensors are assigned."""
-    from r1v_quant.layout import llm_linear_shapes
+    from r1v_quant.model.layout import llm_linear_shapes
     from r1v_quant.quant.linear import swap_to_empty_awq
 
     q = cfg.quantization or {}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from r1v_quant.config import VisionSettings
+from r1v_quant.model.config import VisionSettings
 
 
 class RMSNorm(nn.Module):

@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,12 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from r1v_quant.checkpoint import Checkpoint
-from r1v_quant.config import R1VConfig
+from r1v_quant.model.checkpoint import Checkpoint
+from r1v_quant.model.config import R1VConfig
 from r1v_quant.errors import UserError
-from r1v_quant.layout import llm_linear_shapes
+from r1v_quant.model.layout import llm_linear_shapes
 from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales, token_weights
+from r1v_quant.quant.activations import ActivationStore
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
+from r1v_quant.quant.workdir import LayerReport, WorkFolder
 
 NO_CLIP = ("q_proj", "k_proj")  # softmax amplifies their errors, so AWQ leaves their range alone
 
@@ -47,67 +48,6 @@ class AWQSettings:
     def fingerprint(self, model_dir: Path, calib: str) -> str:
         blob = json.dumps({**asdict(self), "model": str(Path(model_dir).resolve()), "calib": calib}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class LayerReport:
-    index: int
-    rel_err_awq: float
-    rel_err_rtn: float
-    seconds: float
-    peak_mem_mb: float
-    alphas: dict[str, float] = field(default_factory=dict)
-
-
-class ActivationStore:
-    """Per-sample hidden states [1, T, D] kept on the CPU, written to disk past a byte threshold."""
-
-    def __init__(self, spill_dir: Path | None = None, threshold_bytes: int = 8 * 1024**3, tag: str = "acts"):
-        self.spill_dir, self.threshold, self.tag = spill_dir, threshold_bytes, tag
-        self.items: list[torch.Tensor | Path] = []
-        self.ram_bytes = 0
-
-    def append(self, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu").contiguous()
-        size = t.numel() * t.element_size()
-        if self.spill_dir is not None and self.ram_bytes + size > self.threshold:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            path = self.spill_dir / f"{self.tag}-{len(self.items):06d}.safetensors"
-            save_file({"x": t}, str(path))
-            self.items.append(path)
-        else:
-            self.items.append(t)
-            self.ram_bytes += size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        item = self.items[i]
-        return load_file(str(item))["x"] if isinstance(item, Path) else item
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def tokens(self) -> int:
-        return sum(self[i].shape[1] for i in range(len(self)))
-
-    def clear(self) -> None:
-        for item in self.items:
-            if isinstance(item, Path):
-                item.unlink(missing_ok=True)
-        self.items, self.ram_bytes = [], 0
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        save_file({f"s{i}": self[i] for i in range(len(self))}, str(tmp))
-        tmp.replace(path)
-
-    def load(self, path: Path) -> None:
-        data = load_file(str(path))
-        self.clear()
-        for i in range(len(data)):
-            self.append(data[f"s{i}"])
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -283,44 +223,6 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
 def validate_group_size(cfg: R1VConfig, group_size: int) -> None:
     for name, (out_f, in_f) in llm_linear_shapes(cfg, 0).items():
         check_awq_shape(out_f, in_f, group_size, name.split(".", 4)[-1])
-
-
-class WorkFolder:
-    """Per-layer results and the latest activations of a run, so an interrupted run can resume."""
-
-    def __init__(self, path: Path, fingerprint: str):
-        self.path = Path(path)
-        self.fingerprint = fingerprint
-
-    @property
-    def state_file(self) -> Path:
-        return self.path / "state.json"
-
-    def layer_file(self, i: int) -> Path:
-        return self.path / f"layer-{i:04d}.safetensors"
-
-    def start(self, resume: bool) -> int:
-        """The first layer still to do (0 for a fresh run)."""
-        if resume and self.state_file.is_file():
-            state = json.loads(self.state_file.read_text())
-            if state.get("fingerprint") != self.fingerprint:
-                raise UserError(f"{self.path} holds a run with other settings; remove it or drop --resume.")
-            return int(state["done"]) + 1
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
-        return 0
-
-    def finish_layer(self, i: int, tensors: dict[str, torch.Tensor], report: LayerReport, acts: ActivationStore) -> None:
-        save_file(tensors, str(self.layer_file(i)))
-        (self.path / f"layer-{i:04d}.json").write_text(json.dumps(asdict(report)))
-        acts.save(self.path / "acts.safetensors")
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": i}))
-        tmp.replace(self.state_file)
-
-    def reports(self, count: int) -> list[LayerReport]:
-        return [LayerReport(**json.loads((self.path / f"layer-{i:04d}.json").read_text())) for i in range(count)]
 
 
 def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],

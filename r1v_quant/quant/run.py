@@ -10,12 +10,13 @@ from typing import Callable
 
 import torch
 
-from r1v_quant.checkpoint import Checkpoint, resolve_model
-from r1v_quant.config import load_config
+from r1v_quant.model.checkpoint import Checkpoint, resolve_model
+from r1v_quant.model.config import load_config
 from r1v_quant.errors import UserError
-from r1v_quant.export import copy_side_files, export_config, model_card, write_tensors
+from r1v_quant.quant.export import copy_side_files, export_config, model_card, write_tensors
 from r1v_quant.output import check_free_space, check_out_dir, staged_dir
-from r1v_quant.quant.pipeline import AWQSettings, LayerReport, WorkFolder, run_awq, validate_group_size
+from r1v_quant.quant.pipeline import AWQSettings, run_awq, validate_group_size
+from r1v_quant.quant.workdir import LayerReport, WorkFolder
 
 
 @dataclass
@@ -55,7 +56,7 @@ class AWQResult:
 
 
 def export_bytes(cfg, group_size: int) -> int:
-    from r1v_quant.plan import export_tensor_specs, spec_bytes
+    from r1v_quant.deploy.plan import export_tensor_specs, spec_bytes
 
     return sum(spec_bytes(shape, dtype) for shape, dtype in export_tensor_specs(cfg, group_size).values())
 

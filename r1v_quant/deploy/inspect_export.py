@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.config import R1VConfig, parse_config
+from r1v_quant.model.config import R1VConfig, parse_config
 from r1v_quant.errors import UserError
-from r1v_quant.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
-from r1v_quant.plan import (
+from r1v_quant.model.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
+from r1v_quant.deploy.plan import (
     COMPONENT_LABELS, COMPONENTS, MARLIN_GROUP_SIZES, ST_ITEMSIZE, TORCH_TO_ST, bytes_by_component, component_of,
     effective_group, export_tensor_specs, model_dtype,
 )

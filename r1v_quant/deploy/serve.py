@@ -4,7 +4,7 @@ What this model needs from vLLM, beyond the folder:
   * `--trust-remote-code`: the config class of `skywork_chat` lives in the export's Python files.
   * `--dtype bfloat16`: the AWQ kernels that take fp16 activations overflow on Qwen2; Marlin takes bf16.
   * `--max-model-len`: vLLM's default is the model's `max_position_embeddings`, which may not fit the
-    KV cache of the GPU at hand, and then vLLM stops after loading the weights. `r1v_quant.plan`
+    KV cache of the GPU at hand, and then vLLM stops after loading the weights. `r1v_quant.deploy.plan`
     predicts the longest context that fits the card found (or the `--gpu-mem` given).
   * `--limit-mm-per-prompt '{"image": N}'`: images per prompt, in the JSON form vLLM takes since
     0.10 (the older `image=N` form is rejected).
@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from r1v_quant.config import R1VConfig
+from r1v_quant.model.config import R1VConfig
 from r1v_quant.errors import UserError
-from r1v_quant.plan import (
+from r1v_quant.deploy.plan import (
     DEFAULT_MAX_BATCHED_TOKENS,
     MIN_USEFUL_CONTEXT,
     CardFit,

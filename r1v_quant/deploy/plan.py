@@ -53,11 +53,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.config import R1VConfig, load_config, parse_config
+from r1v_quant.model.config import R1VConfig, load_config, parse_config
 from r1v_quant.errors import UserError
-from r1v_quant.layout import awq_shapes, checkpoint_shapes, is_quant_linear, llm_linear_shapes
+from r1v_quant.model.layout import awq_shapes, checkpoint_shapes, is_quant_linear, llm_linear_shapes
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 # Built-in configs, so planning works offline for the models this project targets.
 BUILTIN_CONFIGS = {"r1v-38b": "r1v-38b.json"}

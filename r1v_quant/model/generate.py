@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
-from r1v_quant.images import load_image, preprocess
-from r1v_quant.prompt import IMAGE_PLACEHOLDER, expand_image_placeholders, render_chat, split_thinking
+from r1v_quant.model.images import load_image, preprocess
+from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, expand_image_placeholders, render_chat, split_thinking
 
 
 @dataclass

@@ -7,7 +7,7 @@ vLLM's Skywork-R1V processor (the InternVL one) replaces each `<image>` with `<i
 image goes in front of it, as in the vendor's chat.
 
 The engine is built with what this model needs: `trust_remote_code`, bfloat16 activations (the
-fp16 AWQ kernels overflow on Qwen2), a `max_model_len` that `r1v_quant.plan` predicts for the GPU
+fp16 AWQ kernels overflow on Qwen2), a `max_model_len` that `r1v_quant.deploy.plan` predicts for the GPU
 found, and `limit_mm_per_prompt` set to the number of images (0 for text only, so that no vision
 activations are profiled, and recent vLLM does not even load the vision tower).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from r1v_quant.errors import UserError
-from r1v_quant.serve import VLLM_MISSING
+from r1v_quant.deploy.serve import VLLM_MISSING
 
 IMAGE_PLACEHOLDER = "<image>"   # vLLM's SkyworkR1VChatModel.get_placeholder_str("image", i)
 
@@ -87,7 +87,7 @@ def load_tokenizer(model: str):
 
 
 def sampling_kwargs(sampling) -> dict[str, Any]:
-    """vLLM SamplingParams arguments for an `r1v_quant.generate.Sampling`; greedy is temperature 0."""
+    """vLLM SamplingParams arguments for an `r1v_quant.model.generate.Sampling`; greedy is temperature 0."""
     kwargs: dict[str, Any] = {"max_tokens": int(sampling.max_new_tokens)}
     if sampling.greedy:
         kwargs.update(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
@@ -114,13 +114,13 @@ def engine_kwargs(model: str, n_images: int, gpu_bytes: int | None = None, max_m
         kwargs["max_model_len"] = int(max_model_len)
         return EngineSettings(kwargs, f"max_model_len {max_model_len} as given")
     if gpu_bytes is None:
-        from r1v_quant.serve import gpu_memory
+        from r1v_quant.deploy.serve import gpu_memory
 
         found = gpu_memory()
         gpu_bytes = found[0] if found else None
     if gpu_bytes is None:
         return EngineSettings(kwargs, "no CUDA GPU found: max_model_len left to vLLM")
-    from r1v_quant.plan import make_plan, resolve_config
+    from r1v_quant.deploy.plan import make_plan, resolve_config
 
     cfg, source = resolve_config(str(model))
     card = make_plan(cfg, source=source, util=util, gpu_mems=[("GPU", gpu_bytes)], images=n_images > 0).cards[0]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from r1v_quant.config import R1VConfig
+from r1v_quant.model.config import R1VConfig
 from r1v_quant.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

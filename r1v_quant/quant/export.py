@@ -9,9 +9,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from r1v_quant.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, ShardWriter
-from r1v_quant.config import R1VConfig
-from r1v_quant.layout import MODULES_TO_NOT_CONVERT, is_quant_linear
+from r1v_quant.model.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, ShardWriter
+from r1v_quant.model.config import R1VConfig
+from r1v_quant.model.layout import MODULES_TO_NOT_CONVERT, is_quant_linear
 
 _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
 # Weights, indexes and formats we rewrite or that must not travel with an export.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from r1v_quant.config import R1VConfig
+from r1v_quant.model.config import R1VConfig
 
 LLM_PREFIX = "language_model."
 # The Qwen2 linears that AWQ quantises; everything else stays in the source dtype.
