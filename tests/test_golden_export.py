@@ -20,7 +20,7 @@ ARGS = ["--samples", "2", "--seq-len", "384", "--max-tokens", "768", "--grid", "
 
 SAME_EVERYWHERE = {
     "config.json": "9d6b3b6677071fa72c6a",
-    "configuration_skywork_chat.py": "6d234a5c6caa25359e36",
+    "configuration_skywork_chat.py": "9d1f3ab5d23afa3a3eb0",
     "configuration_skywork_vit.py": "d2fb56d5e1daba97fa5e",
     "generation_config.json": "be2a09d2ec65085b5ee2",
     "model.safetensors.index.json": "a97918be199d0d25373a",

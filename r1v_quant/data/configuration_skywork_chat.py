@@ -31,7 +31,7 @@ _TOP_DEFAULTS = {
     "template": None,
     "dynamic_image_size": True,
     "use_thumbnail": True,
-    "ps_version": "v2",
+    "ps_version": "v1",
     "min_dynamic_patch": 1,
     "max_dynamic_patch": 12,
 }

@@ -47,7 +47,7 @@ class R1VConfig:
     llm: dict[str, Any]
     select_layer: int = -1
     downsample_ratio: float = 0.5
-    ps_version: str = "v2"
+    ps_version: str = "v1"  # InternVL's and Skywork's configuration classes default to v1
     template: str | None = None
     force_image_size: int = 448
     dynamic_image_size: bool = True
@@ -95,6 +95,68 @@ def _vision_from(raw: dict[str, Any]) -> VisionSettings:
     return VisionSettings(**kept)
 
 
+# Plausible bounds: far above any published model, far below what exhausts memory building tables.
+_LLM_INTS = {"hidden_size": 1 << 17, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+             "num_key_value_heads": 1024, "intermediate_size": 1 << 20, "vocab_size": 1 << 23,
+             "max_position_embeddings": 1 << 24}
+_LLM_OPTIONAL = ("num_key_value_heads", "max_position_embeddings", "head_dim")
+_VISION_INTS = {"hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+                "num_attention_heads": 1024, "image_size": 8192, "patch_size": 1024}
+_TOP_INTS = {"force_image_size": 8192, "min_dynamic_patch": 256, "max_dynamic_patch": 256}
+# Defaults of the vendors' own configuration classes (InternVL-chat's and Skywork's), for absent keys.
+VENDOR_DEFAULTS = {"ps_version": "v1"}
+
+
+def _int_setting(section: dict, key: str, limit: int, where: str, minimum: int = 1) -> None:
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{where} {key} is {value!r}; it must be a whole number.")
+    if not minimum <= value <= limit:
+        raise UserError(f"{where} {key} is {value}; it must lie between {minimum} and {limit}.")
+
+
+def _divides(a_key: str, a: int, b_key: str, b: int, where: str) -> None:
+    if a % b:
+        raise UserError(f"{where} {a_key} {a} is not divisible by {b_key} {b}, as the model needs.")
+
+
+def validate_raw(raw: dict[str, Any], source: str) -> None:
+    """Types, plausible sizes and the divisibility the model needs, before any table is built."""
+    llm, vision = raw["llm_config"], raw["vision_config"]
+    if not isinstance(llm, dict) or not isinstance(vision, dict):
+        raise UserError(f"{source} has a vision_config or llm_config that is not an object.")
+    lw, vw = f"{source}: llm_config", f"{source}: vision_config"
+    for key, limit in _LLM_INTS.items():
+        if key in llm or key not in _LLM_OPTIONAL:
+            _int_setting(llm, key, limit, lw)
+    if llm.get("head_dim") is not None:
+        _int_setting(llm, "head_dim", 1 << 14, lw)
+    heads = llm["num_attention_heads"]
+    kv = llm.get("num_key_value_heads", heads)
+    if llm.get("head_dim") is None:
+        _divides("hidden_size", llm["hidden_size"], "num_attention_heads", heads, lw)
+    _divides("num_attention_heads", heads, "num_key_value_heads", kv, lw)
+    for key, limit in _VISION_INTS.items():
+        if key in vision or key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            _int_setting(vision, key, limit, vw)
+    _divides("hidden_size", vision["hidden_size"], "num_attention_heads", vision["num_attention_heads"], vw)
+    for key, limit in _TOP_INTS.items():
+        if raw.get(key) is not None:
+            _int_setting(raw, key, limit, source)
+    if raw.get("select_layer") is not None:
+        _int_setting(raw, "select_layer", vision["num_hidden_layers"], source, minimum=-vision["num_hidden_layers"])
+    patch = vision.get("patch_size", 14)
+    image = raw.get("force_image_size") or vision.get("image_size", 448)
+    _divides("image size", image, "patch_size", patch, vw)
+    ratio = raw.get("downsample_ratio", 0.5)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise UserError(f"{source} downsample_ratio is {ratio!r}; it must be a number in (0, 1].")
+    side = (image // patch) * ratio
+    if abs(side - round(side)) > 1e-9 or abs(vision["hidden_size"] / ratio**2 - round(vision["hidden_size"] / ratio**2)) > 1e-9:
+        raise UserError(f"{source} downsample_ratio {ratio} does not divide the {image // patch}-patch grid "
+                        "into whole tokens.")
+
+
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> R1VConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -104,15 +166,18 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> R1VConfig:
         )
     if "vision_config" not in raw or "llm_config" not in raw:
         raise UserError(f"{source} has no vision_config or llm_config, so it is not an InternVL-chat layout.")
-    llm = dict(raw["llm_config"])
-    archs = llm.get("architectures") or ["Qwen2ForCausalLM"]
+    archs = (raw["llm_config"].get("architectures") if isinstance(raw["llm_config"], dict) else None) or ["Qwen2ForCausalLM"]
     if archs[0] not in SUPPORTED_LLM_ARCHS:
         raise UserError(f"{source} has a {archs[0]} language model; r1v-quant supports Qwen2ForCausalLM only.")
+    validate_raw(raw, source)
+    llm = dict(raw["llm_config"])
     top = {k: raw[k] for k in (
         "select_layer", "downsample_ratio", "ps_version", "template", "force_image_size",
         "dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch",
     ) if k in raw and raw[k] is not None}
-    ps = top.get("ps_version", "v2")
+    for key, default in VENDOR_DEFAULTS.items():
+        top.setdefault(key, default)
+    ps = top["ps_version"]
     if ps not in ("v1", "v2"):
         raise UserError(f"{source} has ps_version {ps!r}; expected 'v1' or 'v2'.")
     return R1VConfig(

@@ -126,3 +126,54 @@ def awq_shapes(out_features: int, in_features: int, group_size: int) -> dict[str
         "qzeros": ((in_features // group_size, out_features // 8), "int32"),
         "scales": ((in_features // group_size, out_features), "float16"),
     }
+
+
+# Which config keys set a tensor's shape (first match wins), to name them when the weights disagree.
+_SHAPE_KEYS = (
+    ("embed_tokens.", ("llm_config", "vocab_size", "hidden_size")),
+    ("lm_head.", ("llm_config", "vocab_size", "hidden_size")),
+    ("language_model.", ("llm_config", "hidden_size")),
+    ("mlp.fc", ("vision_config", "intermediate_size")),
+    ("position_embedding", ("vision_config", "image_size", "patch_size")),
+    ("patch_embedding", ("vision_config", "patch_size", "hidden_size")),
+    ("mlp1.", ("", "downsample_ratio")),
+    ("", ("vision_config", "hidden_size")),
+)
+_PROJ_KEYS = {"gate_proj": ("intermediate_size",), "up_proj": ("intermediate_size",), "down_proj": ("intermediate_size",),
+              "k_proj": ("num_key_value_heads", "hidden_size"), "v_proj": ("num_key_value_heads", "hidden_size"),
+              "q_proj": ("num_attention_heads", "hidden_size"), "o_proj": ("num_attention_heads", "hidden_size")}
+
+
+def shape_keys(cfg: R1VConfig, name: str) -> str:
+    """'llm_config intermediate_size 999' for the keys that shape tensor `name`."""
+    proj = re.search(r"\.(\w+_proj)\.", name)
+    if proj and name.startswith(LLM_PREFIX):
+        section, keys = "llm_config", _PROJ_KEYS[proj.group(1)]
+    else:
+        section, *keys = next(v for part, v in _SHAPE_KEYS if part in name)
+    values = cfg.raw.get(section, {}) if section else cfg.raw
+    return " and ".join(f"{(section + ' ') if section else ''}{k} {values.get(k)!r}" for k in keys)
+
+
+def _layer_count(names, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for n in names if (m := pattern.match(n))}
+    return max(found) + 1 if found else 0
+
+
+def check_checkpoint_shapes(cfg: R1VConfig, ckpt) -> None:
+    """The config's sizes against the safetensors headers, before any work: one sentence per mismatch."""
+    from r1v_quant.errors import UserError
+
+    names = set(ckpt.names())
+    for prefix, section, count in (("language_model.model.layers.", "llm_config", cfg.num_layers),
+                                   ("vision_model.encoder.layers.", "vision_config", cfg.vision.num_hidden_layers)):
+        found = _layer_count(names, prefix)
+        if found != count:
+            raise UserError(f"config.json's {section} num_hidden_layers is {count}, but {ckpt.dir} holds {found} such layers.")
+    embed = "language_model.model.embed_tokens.weight"
+    expected = checkpoint_shapes(cfg)
+    for name in sorted(expected, key=lambda n: n != embed):  # the embedding names hidden_size and vocab_size best
+        if name in names and tuple(ckpt.shape_of(name)) != tuple(expected[name]):
+            raise UserError(f"config.json's {shape_keys(cfg, name)} does not match the weights: {name} is "
+                            f"{list(ckpt.shape_of(name))} in {ckpt.dir}, where the config implies {list(expected[name])}.")

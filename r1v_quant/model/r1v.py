@@ -11,6 +11,7 @@ from transformers import Qwen2ForCausalLM
 
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import R1VConfig, load_config
+from r1v_quant.model.layout import check_checkpoint_shapes
 from r1v_quant.errors import UserError
 from r1v_quant.model.projector import make_projector, tokens_from_patches
 from r1v_quant.model.vision import VisionModel
@@ -176,6 +177,7 @@ def load_model(spec, device: str | None = None, dtype: str | torch.dtype = "bf16
     path = resolve_model(spec)
     cfg = load_config(path)
     ckpt = Checkpoint(path)
+    check_checkpoint_shapes(cfg, ckpt)
     dev = pick_device(device)
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     model = build_empty(cfg)
