@@ -64,9 +64,11 @@ def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
 
 
 def _share(folder: Path) -> None:
-    # mkdtemp and some writers create private modes; an export is meant to be read by others.
+    # mkdtemp creates a private folder; an export is meant to be read by others. Files keep the
+    # modes they were written with: widening them would publish a private side file.
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
     for f in folder.rglob("*"):
-        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        if f.is_dir():
+            f.chmod(0o777 & ~umask)

@@ -46,6 +46,29 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         ) from None
 
 
+def allowed_roots(model_dir: Path) -> list[Path]:
+    """Where a checkpoint's files may really live: the folder itself, and for a Hugging Face cache
+    snapshot (whose files are links into the repository's `blobs`), that blob store."""
+    root = Path(model_dir).resolve()
+    folder = Path(model_dir).absolute()
+    roots = [root]
+    if folder.parent.name == "snapshots":
+        roots.append((folder.parent.parent / "blobs").resolve())
+    return roots
+
+
+def is_inside(model_dir: Path, path: Path) -> bool:
+    real = Path(path).resolve()
+    return any(real == r or r in real.parents for r in allowed_roots(model_dir))
+
+
+def check_inside(model_dir: Path, name: str, source: str) -> None:
+    """A file the checkpoint names must stay inside it: no absolute path, no `..`, no link outside."""
+    if not isinstance(name, str) or os.path.isabs(name) or ".." in Path(name).parts or \
+            not is_inside(model_dir, Path(model_dir) / name):
+        raise UserError(f"{source} names {name!r}, which lies outside {model_dir}; refusing to read it.")
+
+
 class Checkpoint:
     """The tensors of a checkpoint folder, read one at a time from (possibly sharded) safetensors."""
 
@@ -62,6 +85,8 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
                 raise UserError(f"{index} is not a valid safetensors index (no weight_map).") from None
+            for shard in sorted(set(weight_map.values())):
+                check_inside(self.dir, shard, str(index))
             missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
             if missing:
                 raise UserError(f"{index} names shard {missing[0]}, which is not in {self.dir}.")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from r1v_quant.model.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, ShardWriter
+from r1v_quant.errors import UserError
+from r1v_quant.model.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, ShardWriter, is_inside
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import MODULES_TO_NOT_CONVERT, is_quant_linear
 
@@ -65,12 +68,33 @@ def write_tensors(ckpt: Checkpoint, layer_file, out_dir: Path, max_shard_bytes: 
     return writer.close()
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for item in sorted(src.iterdir()):
-        if item.is_dir() or item.name in _SKIP_SIDE or item.name.endswith(_SKIP_SUFFIX) or item.name.startswith("."):
+def side_files(src: Path) -> list[Path]:
+    """The tokenizer, configs and other small files an export carries over, checked before any work.
+
+    A link is followed only when its target lies inside the checkpoint (or its hub blob store):
+    one pointing elsewhere could carry a private file into an export meant to be shared.
+    """
+    files = []
+    for item in sorted(Path(src).iterdir()):
+        if item.name in _SKIP_SIDE or item.name.endswith(_SKIP_SUFFIX) or item.name.startswith("."):
             continue
-        shutil.copyfile(item, dst / item.name)
+        if item.is_symlink() and not is_inside(src, item):
+            raise UserError(f"{item} links to {item.resolve()}, outside the checkpoint; copy the file in or remove the link.")
+        if not item.is_file():
+            continue
+        files.append(item)
+    return files
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    umask = os.umask(0)
+    os.umask(umask)
+    copied = []
+    for item in side_files(src):
+        target = dst / item.name
+        shutil.copyfile(item, target)
+        # Never wider than the source file (nor than the umask allows).
+        target.chmod(stat.S_IMODE(item.stat().st_mode) & 0o666 & ~umask)
         copied.append(item.name)
     return copied
 
