@@ -35,9 +35,18 @@ def split_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
 
 
+def read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); "
+                        "save it as UTF-8 and try again.") from None
+
+
 def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -57,7 +66,7 @@ def read_texts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"the text calibration file {path} does not exist.")
     if path.suffix == ".txt":
-        return split_paragraphs(path.read_text(encoding="utf-8"))
+        return split_paragraphs(read_utf8(path))
     if path.suffix == ".jsonl":
         return read_jsonl_texts(path)
     raise UserError(f"{path} is neither a .txt nor a .jsonl file.")
