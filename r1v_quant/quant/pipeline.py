@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from r1v_quant.model.checkpoint import Checkpoint
@@ -237,7 +237,6 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
     validate_group_size(cfg, settings.group_size)
     begin = work.start(resume)
     acts = ActivationStore(offload_dir, offload_above, tag="in")
-    masks_file = work.path / "image_masks.safetensors"
     if begin == 0:
         masks = []
         for x, is_image in first_inputs():
@@ -245,10 +244,10 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
             masks.append(is_image.reshape(-1).to(torch.bool).cpu())
         if len(acts) == 0 or acts.tokens() == 0:
             raise UserError("the calibration set produced no tokens to calibrate on.")
-        save_file({f"s{i}": m for i, m in enumerate(masks)}, str(masks_file))
+        work.save_masks(masks)
     else:
-        acts.load(work.path / "acts.safetensors")
-        stored = load_file(str(masks_file))
+        acts.load(work.first_acts_file())
+        stored = load_file(str(work.masks_file))
         masks = [stored[f"s{i}"] for i in range(len(stored))]
     weights = token_weights(torch.cat(masks), settings.balance)
     runner = LayerRunner(cfg, device)
