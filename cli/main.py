@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from r1v_quant.errors import UserError
+from r1v_quant.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="r1v-quant",
@@ -34,17 +36,35 @@ def _register() -> None:
 _register()
 
 
+def _on_signal(signum, _frame) -> None:
+    # Further signals would cut the cleanup short; SIGKILL still ends the process.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: usage errors are typer's; our own errors print one sentence and exit 2."""
+    """Entry point: usage errors are typer's; our own errors print one sentence and exit 2.
+
+    SIGINT and SIGTERM raise `Interrupted` in the main thread, so every `finally` and staged
+    folder cleans up, and the command says what it kept; the exit status is 128 + the signal.
+    """
     err = Console(stderr=True)
+    previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         app(args=argv, prog_name="r1v-quant")
     except UserError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        note = getattr(e, "note", "") or f"stopped by {signal.Signals(signum).name}."
+        err.print(f"[bold yellow]interrupted:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        sys.exit(128 + signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,15 @@ import torch
 
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import load_config
+from r1v_quant.model.layout import check_checkpoint_shapes
 from r1v_quant.errors import UserError
-from r1v_quant.quant.export import copy_side_files, export_config, model_card, write_tensors
-from r1v_quant.output import check_free_space, check_out_dir, staged_dir
+from r1v_quant.quant.export import copy_side_files, export_config, model_card, side_files, write_tensors
+from r1v_quant.output import check_out_dir, staged_dir
 from r1v_quant.quant.pipeline import AWQSettings, run_awq, validate_group_size
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
+from r1v_quant.quant.run_guard import guarded, work_path
+from r1v_quant.quant.space import check_space, run_needs
+from r1v_quant.replace_guard import check_replaceable
 
 
 @dataclass
@@ -55,10 +59,16 @@ class AWQResult:
         return out
 
 
-def export_bytes(cfg, group_size: int) -> int:
-    from r1v_quant.deploy.plan import export_tensor_specs, spec_bytes
-
-    return sum(spec_bytes(shape, dtype) for shape, dtype in export_tensor_specs(cfg, group_size).values())
+def calib_paths(choice: CalibChoice) -> list[Path]:
+    """Local files and folders the calibration reads, which `--force` must never delete."""
+    paths = [choice.calib_path] if choice.calib_path else []
+    for part in choice.spec.split("+"):
+        kind, _, rest = part.partition(":")
+        if kind == "text" and rest:
+            paths.append(Path(rest).expanduser())
+        elif not rest and Path(part).expanduser().exists():
+            paths.append(Path(part).expanduser())
+    return paths
 
 
 def load_samples(choice: CalibChoice, settings: AWQSettings, model_dir: Path, device: str | None, progress=None):
@@ -76,6 +86,7 @@ def load_samples(choice: CalibChoice, settings: AWQSettings, model_dir: Path, de
     return samples
 
 
+@guarded  # locks on --out and the work folder; one sentence on a signal or a failed write
 def quantize_checkpoint(
     model: str,
     out: Path,
@@ -103,10 +114,17 @@ def quantize_checkpoint(
     if cfg.quantization:
         raise UserError(f"{src} is already quantised ({cfg.quantization.get('quant_method')}); pass the full-precision checkpoint.")
     ckpt = Checkpoint(src)
+    check_checkpoint_shapes(cfg, ckpt)
+    side_files(src)  # a link out of the checkpoint is refused before any work
     validate_group_size(cfg, settings.group_size)
     out = Path(out)
     check_out_dir(out, force, source=src)
-    check_free_space(out.parent if not out.exists() else out, export_bytes(cfg, settings.group_size))
+    work_folder = work_path(out, work_dir)
+    protected = {"source checkpoint": src, "offload folder": offload_dir, "work folder": work_folder,
+                 **{"calibration data": p for p in calib_paths(calib)}}
+    check_replaceable(out, protected)
+    check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, settings.max_tokens,
+                          resume))
     dev = pick_device(device)
     tok = load_tokenizer(src)
 
@@ -121,7 +139,7 @@ def quantize_checkpoint(
         for enc, x in zip(encoded, embed_encoded(front, encoded, dev)):
             yield x, torch.tensor(enc.ids) == context
 
-    work = WorkFolder(work_dir or out.parent / f".{out.name}.awq-work", settings.fingerprint(src, calib.spec))
+    work = WorkFolder(work_folder, settings.fingerprint(src, calib.spec))
     reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
                       offload_above=offload_above,
                       progress=progress, stop_after=stop_after)
@@ -141,6 +159,7 @@ def quantize_checkpoint(
         "image/text tokens balanced": settings.balance,
         "seed": settings.seed,
     }
+    check_replaceable(out, protected)
     with staged_dir(out, force=force) as tmp:
         write_tensors(ckpt, work.layer_file, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size), indent=2) + "\n")

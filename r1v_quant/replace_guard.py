@@ -1,0 +1,66 @@
+"""What `--force` may delete: an empty folder or an earlier r1v-quant export, and nothing that holds
+the run's own inputs or another run's work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from r1v_quant.errors import UserError
+
+# An export written by `awq` always holds these.
+_EXPORT_MARKERS = ("r1v_quant_report.json", "config.json")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def looks_like_export(folder: Path) -> bool:
+    if not all((folder / name).is_file() for name in _EXPORT_MARKERS):
+        return False
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "awq"
+
+
+def _listing(folder: Path, limit: int = 3) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_writable_parent(out: Path) -> None:
+    """`--out` below a regular file cannot be created; say so before any work."""
+    for parent in Path(out).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out} lies below {parent}, which is a file, not a folder.")
+            return
+
+
+def check_replaceable(out: Path, protected: dict[str, Path | None]) -> None:
+    """Refuse to let `--force` delete `out` unless it is empty or an r1v-quant export.
+
+    `protected` names the folders this run reads or another run writes (label -> path): `out`
+    must not contain any of them, whatever it looks like.
+    """
+    out = Path(out).resolve()
+    if not out.is_dir():
+        return
+    for label, path in protected.items():
+        if path is None:
+            continue
+        path = Path(path).resolve()
+        if _inside(path, out):
+            raise UserError(f"--out {out} contains the {label} {path}; --force never deletes it, choose another folder.")
+    for work in sorted(out.glob(".*.awq-work")):
+        if (work / "state.json").is_file():
+            raise UserError(f"--out {out} contains the work folder {work} of another run; --force never deletes it.")
+    if any(out.iterdir()) and not looks_like_export(out):
+        raise UserError(f"--out {out} is not an r1v-quant export (it holds {_listing(out)}); "
+                        "--force only replaces an earlier export, so choose another folder.")
