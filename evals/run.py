@@ -826,6 +826,7 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
     """Reference, candidate and baselines on the same suite, one model at a time.
     ``on_warning`` hears each warning before the long work starts."""
     from r1v_quant.calib.traces import model_identity
+    from r1v_quant.evals.compat import check_candidate
     from r1v_quant.model.checkpoint import resolve_model
 
     check_settings(settings)
@@ -833,8 +834,9 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
         if base not in BASELINES:
             raise UserError(f"--baseline {base} is not one of {', '.join(BASELINES)}.")
     ref_path, cand_path = resolve_model(reference), resolve_model(candidate)
+    warnings = check_candidate(ref_path, cand_path, reference)  # before any generation
     suite = load_suite(settings)
-    warnings = [w for w in [calibration_overlap(cand_path, suite, settings.data_path)] if w]
+    warnings += [w for w in [calibration_overlap(cand_path, suite, settings.data_path)] if w]
     for warning in warnings if on_warning else ():
         on_warning(warning)
     specs = model_specs(ref_path, display_name(reference, ref_path), cand_path, display_name(candidate, cand_path),

@@ -1,0 +1,78 @@
+"""Whether a candidate can be a quantisation of the reference, checked before any generation:
+the same tokenizer and the same shapes, or the comparison means nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from r1v_quant.errors import UserError
+
+# The sizes a quantisation keeps; any difference means another model.
+_SHAPE_KEYS = (
+    ("llm_config", ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "vocab_size")),
+    ("vision_config", ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")),
+    ("", ("downsample_ratio",)),
+)
+
+
+def _shape_difference(ref, cand) -> str | None:
+    for section, keys in _SHAPE_KEYS:
+        a = ref.raw.get(section, {}) if section else ref.raw
+        b = cand.raw.get(section, {}) if section else cand.raw
+        for key in keys:
+            if a.get(key) != b.get(key):
+                label = f"{section} {key}" if section else key
+                return f"{label} {b.get(key)!r}, where the reference has {a.get(key)!r}"
+    return None
+
+
+def _tokenizer_difference(ref_path: Path, cand_path: Path) -> str | None:
+    from r1v_quant.model.r1v import load_tokenizer
+
+    a, b = load_tokenizer(ref_path), load_tokenizer(cand_path)
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return None
+    if len(va) != len(vb):
+        return f"{len(vb)} tokens, where the reference's has {len(va)}"
+    token = next(t for t in sorted(va) if vb.get(t) != va[t])
+    return f"token {token!r} as id {vb.get(token)}, where the reference's has {va[token]}"
+
+
+def _recorded_source(cand_path: Path) -> str | None:
+    path = Path(cand_path) / "r1v_quant_report.json"
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["recipe"]["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _same_model(source: str, ref_spec: str, ref_path: Path) -> bool:
+    local = Path(source).expanduser()
+    if local.exists():
+        return local.resolve() == Path(ref_path).resolve()
+    # A hub id, or a folder that has since moved: the names must agree.
+    return source == ref_spec or local.name == Path(ref_spec).name
+
+
+def check_candidate(ref_path: Path, cand_path: Path, ref_spec: str | None = None) -> list[str]:
+    """Refuse (UserError) a candidate with other shapes or another tokenizer; warn when its recipe
+    names another source. Returns the warnings."""
+    from r1v_quant.model.config import load_config
+
+    ref, cand = load_config(ref_path), load_config(cand_path)
+    shape = _shape_difference(ref, cand)
+    if shape:
+        raise UserError(f"the candidate {cand_path} has {shape}, so it is not a quantisation of the reference "
+                        f"{ref_path} and the comparison would mean nothing.")
+    tok = _tokenizer_difference(ref_path, cand_path)
+    if tok:
+        raise UserError(f"the candidate {cand_path} has another tokenizer ({tok}) than the reference {ref_path}, "
+                        "so their answers cannot be compared token by token.")
+    source = _recorded_source(cand_path)
+    if source is not None and not _same_model(source, str(ref_spec or ref_path), ref_path):
+        return [f"the candidate's recipe names {source} as its source, not the reference {ref_spec or ref_path}; "
+                "the difference measured may not be the cost of quantisation."]
+    return []
