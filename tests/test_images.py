@@ -17,7 +17,8 @@ def _cfg(**top):
     raw = {
         "model_type": "skywork_chat",
         "vision_config": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
-        "llm_config": {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8, "num_hidden_layers": 1},
+        "llm_config": {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 32},
         **top,
     }
     return parse_config(raw)
