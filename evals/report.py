@@ -263,7 +263,7 @@ def render_table(results: EvalResults, wide: bool = False) -> Table:
         table = Table(title=title)
         headers, rows = _headers(results), _rows(results)
     else:
-        table = Table(title=title, caption=_NARROW_CAPTION, box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
         headers = _narrow_headers(results)
         rows = [[row[i] for i in _NARROW] for row in _rows(results)]
     for i, header in enumerate(headers):
@@ -291,6 +291,8 @@ def print_report(results: EvalResults, console: Console | None = None, wide: boo
     of its models, and the per-subject table when there are subjects."""
     console = console or Console()
     console.print(render_table(results, wide=wide))
+    if not wide:
+        console.print(f"[dim]{_NARROW_CAPTION}[/]", highlight=False)
     for line in published_lines(results):
         console.print(line, highlight=False)
     subjects = _subjects(results)
