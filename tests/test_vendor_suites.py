@@ -245,3 +245,20 @@ def test_published_figures_for_known_references(tmp_path):
     assert (found.bf16, found.vendor_awq) == (94.0, 86.0) and "own harness" in found.to_dict()["source"]
     assert published.lookup("Skywork-R1V3-38B", "mathvista-testmini").vendor_awq == 70.5
     assert published.lookup("Skywork-R1V3-38B", "aime-2024").bf16 is None
+
+
+def test_without_a_path_the_suite_comes_from_the_datasets_cache_or_hub(monkeypatch):
+    import datasets
+
+    from r1v_quant.calib import hub
+
+    asked = []
+
+    def load(path, name, split, online=None):
+        asked.append((path, name, split))
+        return datasets.Dataset.from_list(MATH500)
+
+    monkeypatch.setattr(hub, "load_hub_dataset", load)
+    samples = load_vendor_suite("math-500", n=2, seed=1)
+    assert asked == [("HuggingFaceH4/MATH-500", None, "test")]
+    assert len(samples) == 2 and {s.id for s in samples} <= {r["unique_id"] for r in MATH500}
