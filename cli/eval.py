@@ -137,10 +137,6 @@ def command(
     from r1v_quant.evals.run import EvalSettings, evaluate
 
     _check_options(suite, data_path, dtype, max_drop, plot)
-    if samples_per_question > 1 and greedy:
-        from r1v_quant.errors import UserError
-
-        raise UserError("--samples-per-question needs --sample: greedy decoding gives the same reply every time.")
     settings = EvalSettings(suite=suite, data_path=data_path, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
                             greedy=greedy, batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
                             use_cache=not no_cache, samples_per_question=samples_per_question)

@@ -10,7 +10,7 @@ per-question means, the candidate's difference from the per-question mean differ
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 from r1v_quant.calib.sample import Sample
@@ -34,11 +34,11 @@ def question_of(sample_id: str) -> str:
     return sample_id.rsplit(_REPLICA, 1)[0] if _REPLICA in sample_id else sample_id
 
 
-def per_question(values: Sequence[float], clusters: Sequence[str]) -> np.ndarray:
+def per_question(values: Sequence[float], clusters: Sequence[Hashable]) -> np.ndarray:
     """Mean of ``values`` within each cluster, clusters in order of first appearance."""
     if len(values) != len(clusters):
         raise UserError(f"{len(values)} outcomes were given for {len(clusters)} questions.")
-    sums: dict[str, list[float]] = {}
+    sums: dict[Hashable, list[float]] = {}
     for value, cluster in zip(values, clusters):
         sums.setdefault(cluster, []).append(float(value))
     return np.array([np.mean(v) for v in sums.values()], dtype=np.float64)
@@ -54,13 +54,13 @@ def _bootstrap(means: np.ndarray, n_boot: int, seed: int, conf: float) -> Estima
     return Estimate(100.0 * float(means.mean()), 100.0 * float(lo), 100.0 * float(hi))
 
 
-def pass_at_1(correct: Sequence[bool], clusters: Sequence[str], n_boot: int = 2000, seed: int = 0,
+def pass_at_1(correct: Sequence[bool], clusters: Sequence[Hashable], n_boot: int = 2000, seed: int = 0,
               conf: float = 0.95) -> Estimate:
     """pass@1 in percent with a cluster-bootstrap interval over questions."""
     return _bootstrap(per_question([bool(c) for c in correct], clusters), n_boot, seed, conf)
 
 
-def paired_pass_at_1(ref_correct: Sequence[bool], cand_correct: Sequence[bool], clusters: Sequence[str],
+def paired_pass_at_1(ref_correct: Sequence[bool], cand_correct: Sequence[bool], clusters: Sequence[Hashable],
                      n_boot: int = 2000, seed: int = 0, conf: float = 0.95) -> Estimate:
     """Candidate minus reference pass@1 in points, questions resampled with both models' replies."""
     if len(ref_correct) != len(cand_correct):

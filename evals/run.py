@@ -123,6 +123,7 @@ class Suite:
     name: str
     kind: str                  # "qa": questions with gold answers; "text": perplexity on text
     samples: list[Sample]
+    samples_per_question: int = 1   # k > 1: each question's k copies stand next to each other
 
 
 def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[[int | None, int], list[Sample]]]:
@@ -170,7 +171,7 @@ def load_suite(settings: EvalSettings) -> Suite:
         unanswered = [s.id for s in samples if s.answer is None or not str(s.answer).strip()]
         if unanswered:
             raise UserError(f"suite {settings.suite!r}: question {unanswered[0]} has no gold answer, so it cannot be scored.")
-    return Suite(settings.suite, name, kind, samples)
+    return Suite(settings.suite, name, kind, samples, settings.samples_per_question)
 
 
 def _recipe_samples(recipe: dict) -> int | None:
@@ -793,7 +794,7 @@ def qa_results(suite: Suite, runs: dict[str, tuple[str, list[ItemResult]]], thin
                 label, scored[ref_label].correct, s.correct, ref_answers=scored[ref_label].answers,
                 cand_answers=s.answers, mean_kl=pooled.kl / pooled.positions if pooled.positions else None,
                 top1_agreement=pooled.top1_same / pooled.positions if pooled.positions else None, conf=conf))
-    if any(pass_at_k.question_of(s.id) != s.id for s in suite.samples):
+    if suite.samples_per_question > 1:
         _pass_at_1_intervals(suite, models, comparisons, scored, ref_label, conf)
     return models, comparisons
 
@@ -801,7 +802,7 @@ def qa_results(suite: Suite, runs: dict[str, tuple[str, list[ItemResult]]], thin
 def _pass_at_1_intervals(suite: Suite, models: list[report.ModelResult], comparisons: list[report.Comparison],
                          scored: dict[str, Scored], ref_label: str, conf: float) -> None:
     """k replies per question: intervals from a cluster bootstrap over questions."""
-    clusters = [pass_at_k.question_of(s.id) for s in suite.samples]
+    clusters = [i // suite.samples_per_question for i in range(len(suite.samples))]
     for m in models:
         m.accuracy, m.accuracy_lo, m.accuracy_hi = pass_at_k.pass_at_1(scored[m.name].correct, clusters, conf=conf)
     for c in comparisons:

@@ -262,3 +262,27 @@ def test_without_a_path_the_suite_comes_from_the_datasets_cache_or_hub(monkeypat
     samples = load_vendor_suite("math-500", n=2, seed=1)
     assert asked == [("HuggingFaceH4/MATH-500", None, "test")]
     assert len(samples) == 2 and {s.id for s in samples} <= {r["unique_id"] for r in MATH500}
+
+
+def test_eval_results_with_k_samples_use_the_cluster_intervals():
+    from r1v_quant.evals import run as evrun
+    from r1v_quant.evals.stats import accuracy_interval
+
+    k, questions = 3, [Sample(id=f"q{i}", prompt="p", answer=str(i), kind="math") for i in range(8)]
+    suite = evrun.Suite("math-500", "math-500", "qa", pass_at_k.replicate(questions, k), k)
+
+    def items(right):
+        return [evrun.ItemResult(s.id, evrun.Reply([1], f"</think>\\boxed{{{s.answer if right(i) else 'x'}}}", True))
+                for i, s in enumerate(suite.samples)]
+
+    ref_right = [i // k < 6 for i in range(24)]             # whole questions right or wrong
+    cand_right = [i // k < 5 or i % k == 0 for i in range(24)]
+    runs = {"ref": ("reference", items(lambda i: ref_right[i])), "cand": ("candidate", items(lambda i: cand_right[i]))}
+    models, (comparison,) = evrun.qa_results(suite, runs, None)
+    clusters = [i // k for i in range(24)]
+    ref = pass_at_k.pass_at_1(ref_right, clusters)
+    assert (models[0].accuracy, models[0].accuracy_lo, models[0].accuracy_hi) == tuple(ref)
+    assert models[0].accuracy_lo != accuracy_interval(ref_right).lo
+    diff = pass_at_k.paired_pass_at_1(ref_right, cand_right, clusters)
+    assert (comparison.diff, comparison.diff_lo, comparison.diff_hi) == tuple(diff)
+    assert comparison.diff == pytest.approx(100 * (sum(cand_right) - sum(ref_right)) / 24)
