@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -14,6 +15,7 @@ class Sample:
     images: list[Image.Image] = field(default_factory=list)
     answer: str | None = None        # gold answer: an option letter for multiple choice, else free text
     subject: str = ""
-    kind: str = "open"               # "multiple-choice", "open" or "text"
+    kind: str = "open"               # "multiple-choice", "open", "text", "math" or "free-form"
     options: list[str] = field(default_factory=list)
     response: str | None = None      # an assistant reply to calibrate on after the prompt (reasoning traces)
+    scoring: dict[str, Any] = field(default_factory=dict)  # what a suite's scorer needs (MathVista's answer type)

@@ -113,13 +113,14 @@ def _check_drop(run, max_drop: float | None, console: Console) -> None:
 def command(
     reference: str = typer.Option(..., "--reference", "-r", help="Full-precision checkpoint folder or Hugging Face id."),
     candidate: str = typer.Option(..., "--candidate", "-c", help="Quantised export (or any checkpoint) to compare with it."),
-    suite: str = typer.Option("builtin", help="builtin (held-out built-in questions), r1v-mini (held-out questions of the skills r1v-mini was trained on), mmmu-sample, text:PATH (perplexity), or a folder / .parquet file in MMMU's layout."),
-    data_path: Path | None = typer.Option(None, "--data-path", "--calib-path", help="Local MMMU data (folder or parquet files) for --suite mmmu-sample."),
+    suite: str = typer.Option("builtin", help="builtin (held-out built-in questions), r1v-mini (held-out questions of the skills r1v-mini was trained on), mmmu-sample, the vendor's mathvista (testmini), math-500, aime-2024 and gpqa-diamond, text:PATH (perplexity), or a folder / .parquet file in MMMU's layout."),
+    data_path: Path | None = typer.Option(None, "--data-path", "--calib-path", help="Local data for --suite mmmu-sample (MMMU folder or parquet files) or a vendor suite (parquet, jsonl, json or csv in the data set's public schema)."),
     limit: int | None = typer.Option(None, min=1, help="Questions to use (default: 64 for builtin and text suites, 120 for r1v-mini, all for MMMU)."),
     baseline: list[str] = typer.Option([], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 (bitsandbytes); repeatable."),
     max_new_tokens: int = typer.Option(2048, min=1, help="Longest reply (the vendor allows up to 64000); replies cut here without an answer count as runaway."),
     greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding (default: reproducible and cacheable) or the vendor's sampling (temperature 0.6, top_p 0.95)."),
     seed: int = typer.Option(0, help="Seed for choosing questions and for --sample."),
+    samples_per_question: int = typer.Option(1, "--samples-per-question", "-k", min=1, help="With --sample: ask each question k times and report pass@1 averaged over the k replies (interval: cluster bootstrap over questions)."),
     batch_size: int = typer.Option(4, min=1, help="Questions generated at once."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
     dtype: str = typer.Option("bf16", help="Activation dtype: bf16, fp16 or fp32."),
@@ -129,6 +130,7 @@ def command(
     max_drop: float | None = typer.Option(None, "--max-drop", help="Exit with status 1 when the candidate's accuracy is more than this many points below the reference's."),
     cache_dir: Path | None = typer.Option(None, help="Where reference outputs are cached (default: $R1V_QUANT_CACHE/eval or ~/.cache/r1v-quant/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the reference cache."),
+    wide: bool = typer.Option(False, "--wide", help="Show every column of the summary (the default fits 80 columns)."),
 ) -> None:
     """Compare a quantised model with its reference: accuracy, agreement, KL, reasoning length."""
     from r1v_quant.evals import report
@@ -137,7 +139,7 @@ def command(
     _check_options(suite, data_path, dtype, max_drop, plot)
     settings = EvalSettings(suite=suite, data_path=data_path, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
                             greedy=greedy, batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
-                            use_cache=not no_cache)
+                            use_cache=not no_cache, samples_per_question=samples_per_question)
     console = Console()
     with Progress(*_progress_columns(), console=console) as progress:
         run = evaluate(reference, candidate, settings, baseline, progress=ModelBars(progress),
@@ -145,7 +147,7 @@ def command(
     if run.suite.kind == "text":
         _print_text_suite(run.results, console)
     else:
-        report.print_report(run.results, console)
+        report.print_report(run.results, console, wide=wide)
         console.print(f"[dim]decoding: {settings.describe()['decoding']}"
                       f"{' (deterministic; --sample for the vendor settings)' if greedy else ''}, "
                       f"up to {max_new_tokens} new tokens[/]")

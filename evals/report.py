@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -243,20 +244,57 @@ def _headers(results: EvalResults) -> list[str]:
     ]
 
 
-def render_table(results: EvalResults) -> Table:
-    """The summary as a rich Table (one row per model)."""
-    table = Table(title=f"{results.suite}: {results.candidate} vs {results.reference}")
-    for i, header in enumerate(_headers(results)):
-        table.add_column(header, justify="left" if i < 2 else "right")
-    for row in _rows(results):
+# The default table's columns, picked from the full rows: model, n, accuracy, diff, same
+# answer, KL.  They fit an 80-column terminal; --wide shows every column.
+_NARROW = (0, 2, 3, 4, 7, 6)
+_NARROW_CAPTION = ("Δ: points vs reference (paired bootstrap); KL: nats per token; "
+                   "agree: same answer; --wide for all columns")
+
+
+def _narrow_headers(results: EvalResults) -> list[str]:
+    return ["model", "n", f"acc % [{results.conf * 100:g}% CI]", "Δ [CI]", "KL", "agree"]
+
+
+def render_table(results: EvalResults, wide: bool = False) -> Table:
+    """The summary as a rich Table (one row per model): the columns that fit 80
+    characters by default, all of them with ``wide``."""
+    title = f"{results.suite}: {results.candidate} vs {results.reference}"
+    if wide:
+        table = Table(title=title)
+        headers, rows = _headers(results), _rows(results)
+    else:
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+        headers = _narrow_headers(results)
+        rows = [[row[i] for i in _NARROW] for row in _rows(results)]
+    for i, header in enumerate(headers):
+        # headers never wrap or shrink to an ellipsis; long model names wrap instead
+        table.add_column(header, justify="left" if i < (2 if wide else 1) else "right",
+                         no_wrap=i > 0, min_width=len(header))
+    for row in rows:
         table.add_row(*row)
     return table
 
 
-def print_report(results: EvalResults, console: Console | None = None) -> None:
-    """Print the summary table, and the per-subject table when there are subjects."""
+def published_lines(results: EvalResults) -> list[str]:
+    """The vendor's own figures for this reference and suite, when known."""
+    found = results.settings.get("published") if isinstance(results.settings, dict) else None
+    if not found:
+        return []
+    if found.get("bf16") is None and found.get("vendor_awq") is None:
+        return [f"{found['model']}: the vendor published no {found['suite']} score."]
+    return [f"{found['model']} on {found['suite']}, {found['source']}: bf16 {_na(found.get('bf16'), '.1f')}, "
+            f"vendor AWQ {_na(found.get('vendor_awq'), '.1f')}."]
+
+
+def print_report(results: EvalResults, console: Console | None = None, wide: bool = False) -> None:
+    """Print the summary table, the vendor's published figures when the reference is one
+    of its models, and the per-subject table when there are subjects."""
     console = console or Console()
-    console.print(render_table(results))
+    console.print(render_table(results, wide=wide))
+    if not wide:
+        console.print(f"[dim]{_NARROW_CAPTION}[/]", highlight=False)
+    for line in published_lines(results):
+        console.print(line, highlight=False)
     subjects = _subjects(results)
     if subjects:
         table = Table(title="accuracy per subject (%)")
@@ -282,6 +320,9 @@ def to_markdown(results: EvalResults) -> str:
     """The summary and per-subject tables as Markdown (for model cards and READMEs)."""
     lines = [f"## {results.suite}: {results.candidate} vs {results.reference}", ""]
     lines += _md_table(_headers(results), _rows(results))
+    published = published_lines(results)
+    if published:
+        lines += [""] + published
     subjects = _subjects(results)
     if subjects:
         models = results.ordered_models()

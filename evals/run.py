@@ -41,14 +41,16 @@ import torch
 
 from r1v_quant.calib.sample import Sample
 from r1v_quant.errors import UserError
-from r1v_quant.evals import report
-from r1v_quant.evals.scoring import THINK_CLOSE, extract_answer, is_correct, reasoning_length
+from r1v_quant.evals import pass_at_k, published, report
+from r1v_quant.evals.math_scoring import grade
+from r1v_quant.evals.scoring import THINK_CLOSE, reasoning_length
+from r1v_quant.evals.vendor_suites import VENDOR_SUITES, load_vendor_suite
 
 CACHE_FORMAT = 1
 CACHE_ENV = "R1V_QUANT_CACHE"
 DEFAULT_LIMITS = {"builtin": 64, "r1v-mini": 120, "text": 64}  # other suites: every question they hold
 BASELINES = ("rtn", "nf4")
-SUITE_FORMS = "builtin, r1v-mini, mmmu-sample, text:PATH (.txt or .jsonl), or a folder / .parquet file in MMMU's layout"
+SUITE_FORMS = "builtin, r1v-mini, mmmu-sample, mathvista, math-500, aime-2024, gpqa-diamond, text:PATH (.txt or .jsonl), or a folder / .parquet file in MMMU's layout"
 DEFAULT_GROUP_SIZE = 128
 
 # (model label, questions done, questions in all) after each step of one model's work.
@@ -74,11 +76,14 @@ class EvalSettings:
     top_k: int = 64                   # reference log-probs kept per position
     kl_positions: int = 1024          # measured positions per reply (its first tokens)
     text_tokens: int = 2048           # longest text-suite item, in tokens
+    samples_per_question: int = 1     # k sampled replies per question, scored as pass@1
 
     def generation(self) -> dict:
         """The settings a reply depends on (part of the cache key)."""
         out = {"max_new_tokens": self.max_new_tokens, "greedy": self.greedy, "batch_size": self.batch_size,
                "dtype": self.dtype}
+        if self.samples_per_question > 1:
+            out["samples_per_question"] = self.samples_per_question
         if not self.greedy:
             out.update(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
                        seed=self.seed)
@@ -91,6 +96,7 @@ class EvalSettings:
             f"repetition_penalty {self.repetition_penalty}, seed {self.seed})")
         return {"suite": self.suite, "data_path": None if self.data_path is None else str(self.data_path),
                 "limit": self.limit, "seed": self.seed, "decoding": decoding,
+                "samples_per_question": self.samples_per_question,
                 "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "dtype": self.dtype,
                 "kl": f"top-{self.top_k} coarse-grained KL(reference || model) on the reference's own outputs, "
                       f"first {self.kl_positions} reply tokens per question"}
@@ -102,6 +108,10 @@ def check_settings(s: EvalSettings) -> None:
                         ("text tokens", s.text_tokens)):
         if value < 1:
             raise UserError(f"{name} must be at least 1 (got {value}).")
+    if s.samples_per_question < 1:
+        raise UserError(f"--samples-per-question must be at least 1 (got {s.samples_per_question}).")
+    if s.samples_per_question > 1 and s.greedy:
+        raise UserError("--samples-per-question needs --sample: greedy decoding gives the same reply every time.")
 
 
 # ---------------------------------------------------------------- suites
@@ -113,6 +123,7 @@ class Suite:
     name: str
     kind: str                  # "qa": questions with gold answers; "text": perplexity on text
     samples: list[Sample]
+    samples_per_question: int = 1   # k > 1: each question's k copies stand next to each other
 
 
 def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[[int | None, int], list[Sample]]]:
@@ -129,6 +140,8 @@ def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[
         return "r1v-mini", "qa", lambda n, seed: suite_samples(n or DEFAULT_LIMITS["r1v-mini"], seed=seed)
     if spec == "mmmu-sample":
         return "mmmu-val", "qa", lambda n, seed: load_mmmu(data_path, n=n or 10**9, seed=seed)
+    if spec in VENDOR_SUITES:
+        return VENDOR_SUITES[spec].label, "qa", lambda n, seed: load_vendor_suite(spec, data_path, n, seed)
     if spec.startswith("text:") and len(spec) > len("text:"):
         path = Path(spec[len("text:"):]).expanduser()
         return f"text:{path.name}", "text", lambda n, seed: load_text(path, n=n or DEFAULT_LIMITS["text"], seed=seed)
@@ -153,11 +166,12 @@ def load_suite(settings: EvalSettings) -> Suite:
                         "--data-path (or use --suite builtin).") from None
     if not samples:
         raise UserError(f"suite {settings.suite!r} has no questions.")
+    samples = pass_at_k.replicate(samples, settings.samples_per_question)
     if kind == "qa":
         unanswered = [s.id for s in samples if s.answer is None or not str(s.answer).strip()]
         if unanswered:
             raise UserError(f"suite {settings.suite!r}: question {unanswered[0]} has no gold answer, so it cannot be scored.")
-    return Suite(settings.suite, name, kind, samples)
+    return Suite(settings.suite, name, kind, samples, settings.samples_per_question)
 
 
 def _recipe_samples(recipe: dict) -> int | None:
@@ -741,9 +755,8 @@ class Scored:
 def score(suite: Suite, items: Sequence[ItemResult], think_close_id: int | None) -> Scored:
     out = Scored([], [], [], [])
     for sample, item in zip(suite.samples, items):
-        text, opened = item.reply.text, item.think_opened
-        answer = extract_answer(text, sample.kind, sample.options, think_opened=opened)
-        out.correct.append(is_correct(sample, text, think_opened=opened))
+        answer, correct = grade(sample, item.reply.text, think_opened=item.think_opened)
+        out.correct.append(correct)
         out.answers.append(answer)
         if think_close_id is not None:
             out.reasoning.append(reasoning_length(item.reply.ids, end=think_close_id))
@@ -781,7 +794,20 @@ def qa_results(suite: Suite, runs: dict[str, tuple[str, list[ItemResult]]], thin
                 label, scored[ref_label].correct, s.correct, ref_answers=scored[ref_label].answers,
                 cand_answers=s.answers, mean_kl=pooled.kl / pooled.positions if pooled.positions else None,
                 top1_agreement=pooled.top1_same / pooled.positions if pooled.positions else None, conf=conf))
+    if suite.samples_per_question > 1:
+        _pass_at_1_intervals(suite, models, comparisons, scored, ref_label, conf)
     return models, comparisons
+
+
+def _pass_at_1_intervals(suite: Suite, models: list[report.ModelResult], comparisons: list[report.Comparison],
+                         scored: dict[str, Scored], ref_label: str, conf: float) -> None:
+    """k replies per question: intervals from a cluster bootstrap over questions."""
+    clusters = [i // suite.samples_per_question for i in range(len(suite.samples))]
+    for m in models:
+        m.accuracy, m.accuracy_lo, m.accuracy_hi = pass_at_k.pass_at_1(scored[m.name].correct, clusters, conf=conf)
+    for c in comparisons:
+        c.diff, c.diff_lo, c.diff_hi = pass_at_k.paired_pass_at_1(scored[ref_label].correct, scored[c.model].correct,
+                                                                  clusters, conf=conf)
 
 
 def text_results(suite: Suite, runs: dict[str, tuple[str, list[ItemResult]]]
@@ -851,9 +877,15 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
     results = report.EvalResults(
         suite=suite.name, reference=specs[0].label, candidate=specs[1].label, models=models, comparisons=comparisons,
         baselines=[s.label for s in specs[2:]],
-        settings={**settings.describe(), "warnings": warnings, "reference_cache": cache_dir and str(cache_dir)})
+        settings={**settings.describe(), "warnings": warnings, "reference_cache": cache_dir and str(cache_dir),
+                  "published": _published(reference, ref_path, suite.name)})
     return EvalRun(results, suite, warnings, cache_dir, reused, len(suite.samples) - reused,
                    {label: items for label, (_, items) in runs.items()})
+
+
+def _published(reference: str, ref_path: Path, suite_name: str) -> dict | None:
+    found = published.lookup(published.identify(reference, ref_path), suite_name)
+    return None if found is None else found.to_dict()
 
 
 @contextmanager

@@ -113,3 +113,42 @@ def test_png_is_written_and_valid(results, tmp_path):
         colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 16)}
     # one bar colour per model
     assert {(0x00, 0x72, 0xB2), (0xD5, 0x5E, 0x00), (0x00, 0x9E, 0x73)} <= colours
+
+
+def _printed(results, width, **kwargs):
+    console = Console(record=True, width=width)
+    print_report(results, console, **kwargs)
+    return console.export_text()
+
+
+def test_default_table_fits_80_columns_with_every_header_whole(results):
+    text = _printed(results, 80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in text
+    header = next(line for line in lines if "model" in line and "agree" in line)
+    for name in ("model", "n", "acc % [95% CI]", "Δ [CI]", "KL", "agree"):
+        assert name in header
+    row = next(line for line in lines if line.strip().startswith("r1v-38b-awq"))
+    assert "70.0 [" in row and "-5.0 [" in row and "0.01234" in row and "70.0%" in row
+    assert "McNemar" not in text and "runaway" not in text
+
+
+def test_wide_table_shows_every_column_and_files_keep_every_field(results):
+    text = _printed(results, 250, wide=True)
+    for name in ("role", "McNemar p", "same answer", "top-1 agree", "perplexity", "reasoning tokens", "runaway"):
+        assert name in text
+    assert "98.7%" in text and "5.432" in text
+    md = to_markdown(results)
+    assert "McNemar p" in md and "runaway" in md and "98.7%" in md
+
+
+def test_published_figures_print_beside_the_measured_ones(results):
+    results.settings["published"] = {"model": "Skywork-R1V-38B", "suite": "mmmu-val", "bf16": 69.0,
+                                     "vendor_awq": 60.1, "source": "published by the vendor, measured with its own harness"}
+    text = _printed(results, 80)
+    flat = " ".join(text.split())  # lines wrap at 80 columns
+    assert "Skywork-R1V-38B on mmmu-val" in flat and "bf16 69.0, vendor AWQ 60.1" in flat
+    assert "own harness" in flat and max(len(line) for line in text.splitlines()) <= 80
+    assert "bf16 69.0, vendor AWQ 60.1" in to_markdown(results)
+    results.settings["published"] = {**results.settings["published"], "bf16": None, "vendor_awq": None}
+    assert "published no mmmu-val score" in " ".join(_printed(results, 80).split())
