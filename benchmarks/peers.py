@@ -489,7 +489,7 @@ def convert_llmc(raw: Path, src: Path, dst: Path, tool: str) -> dict:
     and the scales become float16 (they are checked to be float16-exact)."""
     from safetensors.torch import load_file
 
-    from r1v_quant.quant.primitives import pack_awq
+    from r1v_quant.int4.format import pack_awq
 
     llm = {k: v for k, v in _read_folder(raw).items()
            if not k.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"))}
@@ -535,6 +535,7 @@ def _bitsandbytes_ready() -> str | None:
 def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
     from r1v_quant.calib.traces import model_identity
     from r1v_quant.evals import run as ev
+    from r1v_quant.quant import baselines
 
     settings = ev.EvalSettings(suite=s.suite, limit=s.questions, seed=s.seed, max_new_tokens=s.max_new_tokens,
                                batch_size=s.batch_size, device="cpu", dtype="bf16", cache_dir=s.work / "eval-cache")
@@ -548,13 +549,13 @@ def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
     skipped = {}
     for base in baselines:
         if base == "rtn":
-            specs.append(ev.ModelSpec("rtn", "baseline", lambda: ev.build_rtn(s.model, GROUP, "cpu", "bf16")))
+            specs.append(ev.ModelSpec("rtn", "baseline", lambda: baselines.build_rtn(s.model, GROUP, "cpu", "bf16")))
         elif base == "nf4":
             why = _bitsandbytes_ready()
             if why:
                 skipped["nf4"] = why
             else:
-                specs.append(ev.ModelSpec("nf4", "baseline", lambda: ev.build_nf4(s.model, "cpu", "bf16")))
+                specs.append(ev.ModelSpec("nf4", "baseline", lambda: baselines.build_nf4(s.model, "cpu", "bf16")))
 
     def progress(label, done, total):
         if done in (0, total) or done % max(1, total // 4) == 0:

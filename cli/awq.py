@@ -56,7 +56,7 @@ def command(
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
     from r1v_quant.errors import UserError
-    from r1v_quant.deploy.plan import parse_size
+    from r1v_quant.deploy.units import parse_size
     from r1v_quant.quant.pipeline import AWQSettings
     from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
 

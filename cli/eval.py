@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -16,6 +15,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from r1v_quant.output import write_text_atomic
 
 # Exit status when the candidate lost more accuracy than --max-drop allows (2 is bad input).
 DROP_EXCEEDED = 1
@@ -62,15 +63,6 @@ def _text_markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> Path:
-    """Written under a temporary name and renamed, so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def _write_reports(run, json_out: Path | None, markdown: Path | None, plot: Path | None, console: Console) -> None:
     from r1v_quant.evals import report
 
@@ -79,7 +71,7 @@ def _write_reports(run, json_out: Path | None, markdown: Path | None, plot: Path
         console.print(f"wrote {report.to_json(results, json_out)}")
     if markdown:
         text = _text_markdown(results) if is_text else report.to_markdown(results)
-        console.print(f"wrote {_write_text(Path(markdown), text)}")
+        console.print(f"wrote {write_text_atomic(Path(markdown), text)}")
     if plot:
         console.print(f"wrote {report.plot_per_subject(results, plot)}")
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from r1v_quant.errors import UserError
 from r1v_quant.deploy.inspect_export import InspectReport, inspect
-from r1v_quant.deploy.plan import human_bytes
+from r1v_quant.deploy.units import human_bytes
 
 STATUS_STYLE = {"pass": "[green]pass[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
 

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from r1v_quant.errors import UserError
-from r1v_quant.deploy.plan import GiB, Plan, human_bytes, parse_gpu_mems, plan_model
+from r1v_quant.deploy.plan import Plan, parse_gpu_mems, plan_model
+from r1v_quant.deploy.units import GiB, human_bytes
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "short": "[yellow]short[/]", "no": "[red]no[/]"}
 

@@ -43,7 +43,7 @@ def command(
     the GPU, and images per prompt; any further arguments go to vLLM and win over ours
     (r1v-quant serve r1v-38b-awq --port 8000 --kv-cache-dtype fp8)."""
     from r1v_quant.model.config import load_config
-    from r1v_quant.deploy.plan import parse_size
+    from r1v_quant.deploy.units import parse_size
     from r1v_quant.deploy.serve import (
         build_serve,
         command_line,

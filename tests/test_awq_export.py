@@ -47,7 +47,7 @@ def test_export_layout_and_untouched_tensors(tiny_dir, tiny_export):
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and is_quant_linear(module):
             assert name not in out.shard_of
-            assert out.dtype_of(module + ".qweight") == "I32" and out.dtype_of(module + ".scales") == "F16"
+            assert out.get(module + ".qweight").dtype == torch.int32 and out.get(module + ".scales").dtype == torch.float16
             continue
         if name.startswith(("vision_model.", "mlp1.", "language_model.model.embed_tokens.", "language_model.lm_head.")):
             a, b = src.get(name), out.get(name)
@@ -61,7 +61,7 @@ def test_export_layout_and_untouched_tensors(tiny_dir, tiny_export):
 
 def test_runtime_reads_the_export_as_the_format_says(tiny_export):
     from r1v_quant.model.r1v import load_model
-    from r1v_quant.quant.linear import AWQLinear
+    from r1v_quant.int4.linear import AWQLinear
 
     loaded = load_model(tiny_export, device="cpu", dtype="fp32")
     ckpt = Checkpoint(tiny_export)
@@ -81,7 +81,7 @@ def test_export_is_closer_to_the_source_than_round_to_nearest(tiny_dir, tiny_exp
     text-heavy target is what `--calib A+text:PATH` mixtures and `--traces self` are for.
     """
     from r1v_quant.evals.quick import heldout_prompts, prompt_kl
-    from r1v_quant.evals.run import build_rtn
+    from r1v_quant.quant.baselines import build_rtn
     from r1v_quant.model.r1v import load_model
 
     src = load_model(tiny_dir, device="cpu")

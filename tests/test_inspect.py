@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 from r1v_quant.model.config import parse_config
 from r1v_quant.errors import UserError
-from r1v_quant.deploy.inspect_export import inspect, read_safetensors_header, vllm_prefix
-from r1v_quant.model.layout import awq_shapes, checkpoint_shapes, is_quant_linear
+from r1v_quant.deploy.inspect_export import inspect, vllm_prefix
+from r1v_quant.deploy.tensor_files import read_safetensors_header
+from r1v_quant.int4.format import awq_shapes
+from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear
 from r1v_quant.deploy.plan import make_plan
 
 INDEX = "model.safetensors.index.json"

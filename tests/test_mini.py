@@ -46,7 +46,7 @@ def test_mini_has_the_real_layout():
     ckpt = Checkpoint(path)
     shapes = checkpoint_shapes(cfg)
     assert set(ckpt.names()) == set(shapes)
-    assert {ckpt.dtype_of(n) for n in shapes} == {"BF16"}
+    assert {ckpt.get(n).dtype for n in shapes} == {torch.bfloat16}
     assert sum(f.stat().st_size for f in path.iterdir()) <= 15 * 1024**2
 
 

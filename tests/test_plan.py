@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from r1v_quant.model.config import parse_config
 from r1v_quant.errors import UserError
-from r1v_quant.model.layout import awq_shapes, checkpoint_shapes, is_quant_linear
-from r1v_quant.deploy.plan import (
-    GiB, component_of, estimate_reserve, kv_bytes_per_token, make_plan, parse_gpu_mems, parse_size, plan_model,
-    resolve_config,
-)
+from r1v_quant.deploy.plan import component_of, estimate_reserve, kv_bytes_per_token, make_plan, parse_gpu_mems, plan_model
+from r1v_quant.deploy.units import GiB, parse_size
+from r1v_quant.int4.format import awq_shapes
+from r1v_quant.model.checkpoint import resolve_config
+from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear
 
 # ---------------------------------------------------------------------------------------------
 # A hand-built export: written from layout.py and awq_shapes only, independent of plan.py.
@@ -136,7 +136,7 @@ def test_float32_model_dtype_counts_four_bytes(tmp_path):
 
 
 def test_group_size_that_does_not_divide_is_refused():
-    with pytest.raises(UserError, match="does not divide the input width 256"):
+    with pytest.raises(UserError, match="group size 96 does not divide the 256 input channels"):
         make_plan(parse_config(small_config()), group_size=96)
 
 

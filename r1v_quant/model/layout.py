@@ -10,7 +10,6 @@ import re
 
 from r1v_quant.model.config import R1VConfig
 
-LLM_PREFIX = "language_model."
 # The Qwen2 linears that AWQ quantises; everything else stays in the source dtype.
 QUANT_LINEAR_SUFFIXES = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -117,12 +116,3 @@ def llm_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
 def checkpoint_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a full-precision checkpoint, in the checkpoint's own names."""
     return {**vision_shapes(cfg), **projector_shapes(cfg), **llm_shapes(cfg)}
-
-
-def awq_shapes(out_features: int, in_features: int, group_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """AutoAWQ GEMM tensors of one linear: suffix -> (shape, dtype name)."""
-    return {
-        "qweight": ((in_features, out_features // 8), "int32"),
-        "qzeros": ((in_features // group_size, out_features // 8), "int32"),
-        "scales": ((in_features // group_size, out_features), "float16"),
-    }

@@ -56,7 +56,8 @@ class AWQResult:
 
 
 def export_bytes(cfg, group_size: int) -> int:
-    from r1v_quant.deploy.plan import export_tensor_specs, spec_bytes
+    from r1v_quant.deploy.plan import export_tensor_specs
+    from r1v_quant.deploy.units import spec_bytes
 
     return sum(spec_bytes(shape, dtype) for shape, dtype in export_tensor_specs(cfg, group_size).values())
 
