@@ -17,7 +17,6 @@ import time
 import torch
 from torch import nn
 
-from r1v_quant.int4.linear import AWQLinear
 from r1v_quant.quant.baselines import rtn_linear
 
 # (in_features, out_features) of Skywork-R1V-38B's Qwen2 linears: q/o, gate/up, down.

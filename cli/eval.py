@@ -105,12 +105,22 @@ def _check_drop(run, max_drop: float | None, console: Console) -> None:
 def command(
     reference: str = typer.Option(..., "--reference", "-r", help="Full-precision checkpoint folder or Hugging Face id."),
     candidate: str = typer.Option(..., "--candidate", "-c", help="Quantised export (or any checkpoint) to compare with it."),
-    suite: str = typer.Option("builtin", help="builtin (held-out built-in questions), r1v-mini (held-out questions of the skills r1v-mini was trained on), mmmu-sample, text:PATH (perplexity), or a folder / .parquet file in MMMU's layout."),
-    data_path: Path | None = typer.Option(None, "--data-path", "--calib-path", help="Local MMMU data (folder or parquet files) for --suite mmmu-sample."),
-    limit: int | None = typer.Option(None, min=1, help="Questions to use (default: 64 for builtin and text suites, 120 for r1v-mini, all for MMMU)."),
-    baseline: list[str] = typer.Option([], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 (bitsandbytes); repeatable."),
-    max_new_tokens: int = typer.Option(2048, min=1, help="Longest reply (the vendor allows up to 64000); replies cut here without an answer count as runaway."),
-    greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding (default: reproducible and cacheable) or the vendor's sampling (temperature 0.6, top_p 0.95)."),
+    suite: str = typer.Option(
+        "builtin", help="builtin (held-out built-in questions), r1v-mini (held-out questions of the skills r1v-mini was "
+        "trained on), mmmu-sample, text:PATH (perplexity), or a folder / .parquet file in MMMU's layout."),
+    data_path: Path | None = typer.Option(
+        None, "--data-path", "--calib-path", help="Local MMMU data (folder or parquet files) for --suite mmmu-sample."),
+    limit: int | None = typer.Option(
+        None, min=1, help="Questions to use (default: 64 for builtin and text suites, 120 for r1v-mini, all for MMMU)."),
+    baseline: list[str] = typer.Option(
+        [], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 "
+        "(bitsandbytes); repeatable."),
+    max_new_tokens: int = typer.Option(
+        2048, min=1, help="Longest reply (the vendor allows up to 64000); replies cut here without an answer count as "
+        "runaway."),
+    greedy: bool = typer.Option(
+        True, "--greedy/--sample", help="Greedy decoding (default: reproducible and cacheable) or the vendor's sampling "
+        "(temperature 0.6, top_p 0.95)."),
     seed: int = typer.Option(0, help="Seed for choosing questions and for --sample."),
     batch_size: int = typer.Option(4, min=1, help="Questions generated at once."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
@@ -118,8 +128,11 @@ def command(
     json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here."),
     markdown: Path | None = typer.Option(None, "--markdown", help="Write the tables as Markdown here."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of accuracy per subject here."),
-    max_drop: float | None = typer.Option(None, "--max-drop", help="Exit with status 1 when the candidate's accuracy is more than this many points below the reference's."),
-    cache_dir: Path | None = typer.Option(None, help="Where reference outputs are cached (default: $R1V_QUANT_CACHE/eval or ~/.cache/r1v-quant/eval)."),
+    max_drop: float | None = typer.Option(
+        None, "--max-drop", help="Exit with status 1 when the candidate's accuracy is more than this many points below the "
+        "reference's."),
+    cache_dir: Path | None = typer.Option(
+        None, help="Where reference outputs are cached (default: $R1V_QUANT_CACHE/eval or ~/.cache/r1v-quant/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the reference cache."),
 ) -> None:
     """Compare a quantised model with its reference: accuracy, agreement, KL, reasoning length."""

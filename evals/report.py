@@ -41,8 +41,8 @@ from rich.console import Console
 from rich.table import Table
 
 from r1v_quant.errors import UserError
-from r1v_quant.output import write_atomic, write_text_atomic
 from r1v_quant.evals.stats import accuracy_interval, answer_agreement, mcnemar_p, paired_difference
+from r1v_quant.output import write_atomic, write_text_atomic
 
 SCHEMA_VERSION = 1
 ROLES = ("reference", "candidate", "baseline")

@@ -136,7 +136,7 @@ _SPACING = re.compile(r"\\(?:left|right|displaystyle|quad|qquad|[,;:! ])")
 
 def _unwrap(text: str) -> str:
     """Replace ``\\text{x}`` and friends by ``x``, innermost first, however deep."""
-    pattern = re.compile(r"\\(?:%s)\s*\{([^{}]*)\}" % "|".join(_WRAPPERS))
+    pattern = re.compile(r"\\(?:" + "|".join(_WRAPPERS) + r")\s*\{([^{}]*)\}")
     while True:
         new = pattern.sub(lambda m: m.group(1), text)
         if new == text:

@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
+from r1v_quant.fixtures.tiny import make_tiny
 from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.config import load_config
 from r1v_quant.model.layout import checkpoint_shapes
-from r1v_quant.fixtures.tiny import make_tiny
 
 
 def test_tiny_checkpoint_has_the_real_layout(tiny_dir):
@@ -72,8 +72,8 @@ def test_greedy_ids_depend_on_the_image(tiny_dir, tmp_path):
     a = greedy_ids(tiny_dir, "What is shown?", 12, [paths[0]], device="cpu")
     b = greedy_ids(tiny_dir, "What is shown?", 12, [paths[0]], device="cpu")
     assert a == b and len(a) == 12
-    from r1v_quant.model.r1v import load_model
     from r1v_quant.model.generate import Conversation, encode_conversation
+    from r1v_quant.model.r1v import load_model
 
     loaded = load_model(tiny_dir, device="cpu")
     logits = []

@@ -4,7 +4,6 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from r1v_quant.errors import UserError
 from r1v_quant.evals.report import (
     EvalResults,
     comparison,

@@ -21,18 +21,22 @@ The vLLM contract checked here (see design/AWQ-AND-VLLM.md):
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.deploy.plan import (
-    COMPONENT_LABELS, COMPONENTS, MARLIN_GROUP_SIZES, bytes_by_component, component_of, export_tensor_specs, model_dtype,
-)
 from r1v_quant.deploy.checks import MAX_LISTED, Check, listing
+from r1v_quant.deploy.plan import (
+    COMPONENT_LABELS,
+    COMPONENTS,
+    MARLIN_GROUP_SIZES,
+    bytes_by_component,
+    component_of,
+    export_tensor_specs,
+    model_dtype,
+)
 from r1v_quant.deploy.tensor_files import TensorInfo, read_tensors
 from r1v_quant.deploy.units import ST_TO_TORCH, TORCH_TO_ST
 from r1v_quant.errors import UserError
@@ -42,7 +46,8 @@ from r1v_quant.model.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_
 
 # The stored tensors' safetensors codes.
 AWQ_DTYPES = {leaf: TORCH_TO_ST[name] for leaf, name in AWQ_DTYPE_NAMES.items()}
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 _REL_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_][\w.]*)?\s+import\s+([\w ,()]+)", re.MULTILINE)
 
 

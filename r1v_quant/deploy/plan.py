@@ -49,7 +49,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from r1v_quant.deploy.units import GiB, KV_DTYPE_BYTES, dtype_bytes, parse_size, spec_bytes
+from r1v_quant.deploy.units import KV_DTYPE_BYTES, GiB, dtype_bytes, parse_size, spec_bytes
 from r1v_quant.errors import UserError
 from r1v_quant.int4.format import AWQ_LEAVES, awq_shapes, check_awq_shape, read_quantization_config
 from r1v_quant.model.checkpoint import resolve_config
@@ -123,7 +123,8 @@ def source_tensor_specs(cfg: R1VConfig, dtype: str | None = None) -> dict[str, t
     return {name: (tuple(shape), dtype) for name, shape in checkpoint_shapes(cfg).items()}
 
 
-def export_tensor_specs(cfg: R1VConfig, group_size: int = 128, dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+def export_tensor_specs(cfg: R1VConfig, group_size: int = 128,
+                        dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor of our AWQ GEMM export: name -> (shape, dtype name)."""
     dtype = dtype or model_dtype(cfg)
     check_linears_fit(cfg, group_size)
@@ -411,13 +412,15 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
     if already:
         qc = read_quantization_config(qcfg, source or "the config")
         if not qc.is_awq:
-            raise UserError(f"{source or 'the config'} is quantised with {qc.quant_method or 'an unnamed method'}; plan knows AWQ only.")
+            raise UserError(f"{source or 'the config'} is quantised with {qc.quant_method or 'an unnamed method'}; "
+                            "plan knows AWQ only.")
         bits = 4 if qc.bits is None else qc.bits
         if bits != 4:
             raise UserError(f"{source or 'the config'} uses {bits}-bit AWQ; only 4-bit is supported.")
         found = qc.group_size
         if group_size is not None and group_size != found:
-            raise UserError(f"{source or 'the folder'} is already quantised with group size {found}; drop --group-size or pass {found}.")
+            raise UserError(f"{source or 'the folder'} is already quantised with group size {found}; "
+                            f"drop --group-size or pass {found}.")
         group_size = found
         notes.append(f"{source or 'the config'} already holds an AWQ quantization_config (group size {found}): "
                      "planned as that export, assuming the standard layout (LLM decoder linears quantised, the rest unchanged).")

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.model.config import R1VConfig
-from r1v_quant.errors import UserError
 from r1v_quant.deploy.plan import DEFAULT_MAX_BATCHED_TOKENS, MIN_USEFUL_CONTEXT, CardFit, make_plan, max_tiles
 from r1v_quant.deploy.units import GiB, human_int
+from r1v_quant.errors import UserError
+from r1v_quant.model.config import R1VConfig
 
 VLLM_MISSING = ("vLLM is not installed; pip install 'r1v-quant[vllm]' on a CUDA machine, "
                 "or see scripts/vllm-env.sh for CPU checks.")

@@ -24,7 +24,6 @@ from r1v_quant.errors import UserError
 from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, with_image_placeholders
 
 
-
 def import_vllm():
     """The vllm module, or UserError saying how to get it."""
     try:
@@ -34,7 +33,8 @@ def import_vllm():
             raise UserError(VLLM_MISSING) from None
         raise UserError(f"vLLM is installed but does not import here: module {e.name} is missing.") from None
     except Exception as e:  # noqa: BLE001 - broken native deps surface as many error types
-        raise UserError(f"vLLM is installed but does not import here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"vLLM is installed but does not import here ({type(e).__name__}: {first}).") from None
     return vllm
 
 

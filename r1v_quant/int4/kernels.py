@@ -49,6 +49,13 @@ def int4pack(codes: torch.Tensor, inner_k_tiles: int = 8) -> torch.Tensor:
     return int4pack_cpu(codes) if codes.device.type == "cpu" else int4pack_cuda(codes, inner_k_tiles)
 
 
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, table: torch.Tensor) -> torch.Tensor:
+    """x [n, in] @ the packed weight's transpose -> [n, out], with the op for x's device."""
+    cpu = x.device.type == "cpu"
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu if cpu else torch.ops.aten._weight_int4pack_mm
+    return mm(x, packed, group_size, table)
+
+
 def awq_scale_table(qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The int4 matmul's (scale, offset) table [in/g, out, 2] of AutoAWQ qzeros and scales."""
     return tinygemm_scales_and_zeros(scales, unpack_awq(qzeros), dtype)

@@ -37,7 +37,7 @@ from r1v_quant.int4.format import (
     pack_awq,
     unpack_awq,
 )
-from r1v_quant.int4.kernels import awq_scale_table, awq_to_int4pack, int4unpack
+from r1v_quant.int4.kernels import awq_scale_table, awq_to_int4pack, int4_mm, int4unpack
 
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # Introduced in torch 2.6, when the CUDA packer also switched to the byte layout int4pack_cuda writes.
@@ -251,8 +251,7 @@ class AWQLinear(nn.Module):
         else:
             packed = self._pack(tiles, x2.dtype)
             table = self._scale_table(x2.dtype)
-            mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x2.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
-            y = mm(x2.contiguous(), packed, self.group_size, table)
+            y = int4_mm(x2.contiguous(), packed, self.group_size, table)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)

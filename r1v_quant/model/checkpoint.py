@@ -55,12 +55,14 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     except Exception:  # noqa: BLE001 - any cache problem falls through to a download attempt
         pass
     if hub_offline():
-        raise UserError(f"{text} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or pass a folder.")
+        raise UserError(f"{text} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                        "download it first or pass a folder.")
     try:
         return Path(snapshot_download(text))
     except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end the same way for the user
         raise UserError(
-            f"{text} is neither a local folder nor in the Hugging Face cache, and the hub could not provide it ({type(e).__name__})."
+            f"{text} is neither a local folder nor in the Hugging Face cache, and the hub could not provide it "
+            f"({type(e).__name__})."
         ) from None
 
 
@@ -122,7 +124,8 @@ def resolve_config(spec: str):
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end the same way
-        raise UserError(f"{text} is not in the local cache and its config.json could not be fetched ({type(e).__name__}).") from None
+        raise UserError(f"{text} is not in the local cache and its config.json could not be fetched "
+                        f"({type(e).__name__}).") from None
 
 
 class Checkpoint:

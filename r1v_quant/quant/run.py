@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import load_config
-from r1v_quant.errors import UserError
-from r1v_quant.quant.export import copy_side_files, export_config, model_card, write_tensors
 from r1v_quant.output import check_free_space, check_out_dir, staged_dir
+from r1v_quant.quant.export import copy_side_files, export_config, model_card, write_tensors
 from r1v_quant.quant.pipeline import AWQSettings, run_awq, validate_group_size
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
 
