@@ -81,8 +81,8 @@ class Runner:
     """One loaded model and the prompt it decodes from."""
 
     def __init__(self, label: str, path: str, device: str | None, prompt_tokens: int, seed: int):
+        from r1v_quant.int4.linear import AWQLinear, prepare_awq
         from r1v_quant.model.r1v import load_model
-        from r1v_quant.quant.linear import AWQLinear, prepare_awq
 
         start = time.perf_counter()
         self.loaded = load_model(path, device=device, dtype="bf16", with_tokenizer=False)

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from r1v_quant.quant.linear import AWQLinear
+from r1v_quant.quant.baselines import rtn_linear
 
 # (in_features, out_features) of Skywork-R1V-38B's Qwen2 linears: q/o, gate/up, down.
 SHAPES = [(5120, 5120), (5120, 27648), (27648, 5120)]
@@ -57,7 +57,7 @@ def run(device: torch.device, budget_s: float, max_repeats: int) -> list[dict]:
     torch.manual_seed(0)
     for in_features, out_features in SHAPES:
         dense = nn.Linear(in_features, out_features, bias=False, device=device, dtype=torch.bfloat16)
-        quant = AWQLinear.from_linear(dense, GROUP_SIZE)
+        quant = rtn_linear(dense, GROUP_SIZE)
         for batch in BATCHES:
             x = torch.randn(batch, in_features, device=device, dtype=torch.bfloat16)
             with torch.inference_mode():

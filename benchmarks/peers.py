@@ -92,7 +92,8 @@ class Settings:
         return self.samples * self.seq_len
 
 
-QUICK = {"samples": 8, "seq_len": 128, "questions": 8, "suite": "builtin", "max_new_tokens": 48, "trace_tokens": 48, "batch_size": 8}
+QUICK = {"samples": 8, "seq_len": 128, "questions": 8, "suite": "builtin", "max_new_tokens": 48, "trace_tokens": 48,
+         "batch_size": 8}
 
 
 # ---------------------------------------------------------------- models and machine
@@ -194,10 +195,9 @@ def calibration_text(src: Path, n: int, seq_len: int, seed: int, out: Path) -> d
     from r1v_quant.calib.encode import encode_sample
     from r1v_quant.calib.mmmu import pose_question
     from r1v_quant.calib.sample import Sample
-
     from r1v_quant.model.config import load_config
-    from r1v_quant.model.r1v import load_tokenizer
     from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, THINK_START, render_chat
+    from r1v_quant.model.r1v import load_tokenizer
 
     tok, cfg = load_tokenizer(src), load_config(src)
     bos = tok.bos_token or ""
@@ -422,9 +422,9 @@ def write_r1v(src: Path, dst: Path, llm: dict[str, torch.Tensor], recipe: dict) 
     """
     from r1v_quant.model.checkpoint import Checkpoint, ShardWriter
     from r1v_quant.model.config import load_config
-    from r1v_quant.quant.export import copy_side_files, export_config
     from r1v_quant.model.layout import is_quant_linear
     from r1v_quant.output import staged_dir
+    from r1v_quant.quant.export import copy_side_files, export_config
 
     cfg, ckpt = load_config(src), Checkpoint(src)
     worst_copy, taken = 0.0, 0
@@ -489,7 +489,7 @@ def convert_llmc(raw: Path, src: Path, dst: Path, tool: str) -> dict:
     and the scales become float16 (they are checked to be float16-exact)."""
     from safetensors.torch import load_file
 
-    from r1v_quant.quant.primitives import pack_awq
+    from r1v_quant.int4.format import pack_awq
 
     llm = {k: v for k, v in _read_folder(raw).items()
            if not k.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"))}
@@ -535,6 +535,7 @@ def _bitsandbytes_ready() -> str | None:
 def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
     from r1v_quant.calib.traces import model_identity
     from r1v_quant.evals import run as ev
+    from r1v_quant.quant import baselines
 
     settings = ev.EvalSettings(suite=s.suite, limit=s.questions, seed=s.seed, max_new_tokens=s.max_new_tokens,
                                batch_size=s.batch_size, device="cpu", dtype="bf16", cache_dir=s.work / "eval-cache")
@@ -548,13 +549,13 @@ def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
     skipped = {}
     for base in baselines:
         if base == "rtn":
-            specs.append(ev.ModelSpec("rtn", "baseline", lambda: ev.build_rtn(s.model, GROUP, "cpu", "bf16")))
+            specs.append(ev.ModelSpec("rtn", "baseline", lambda: baselines.build_rtn(s.model, GROUP, "cpu", "bf16")))
         elif base == "nf4":
             why = _bitsandbytes_ready()
             if why:
                 skipped["nf4"] = why
             else:
-                specs.append(ev.ModelSpec("nf4", "baseline", lambda: ev.build_nf4(s.model, "cpu", "bf16")))
+                specs.append(ev.ModelSpec("nf4", "baseline", lambda: baselines.build_nf4(s.model, "cpu", "bf16")))
 
     def progress(label, done, total):
         if done in (0, total) or done % max(1, total // 4) == 0:
@@ -681,7 +682,8 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="full-precision R1V checkpoint (default: models/r1v-mini, the trained small model)")
     p.add_argument("--work", type=Path, help="work folder (default: runs/peers or runs/peers-quick)")
-    p.add_argument("--quick", action="store_true", help="smoke run: a random tiny checkpoint unless --model, few samples and questions")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: a random tiny checkpoint unless --model, few samples and questions")
     p.add_argument("--samples", type=int, help="calibration sequences (default 16; quick 8)")
     p.add_argument("--seq-len", type=int, help="tokens per text calibration sequence (default 512; quick 128)")
     p.add_argument("--questions", type=int, help="held-out questions evaluated (default 240; quick 8)")
@@ -757,7 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     baselines = [b for b in ("rtn", "nf4") if b not in s.skip]
 
     results = {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
-               "calibration": calib, "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+               "calibration": calib,
+               "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if not s.cost_only:
         say("evaluating every variant against the reference")
         results["eval"] = evaluate(s, runs, baselines)
@@ -772,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     blocks = []
     if not s.cost_only:
         q_rows = quality_rows(results, runs)
-        print_table(f"Quality on {results['eval']['questions']} held-out questions of suite {s.suite} (reference: {s.model.name})",
+        print_table(f"Quality on {results['eval']['questions']} held-out questions of suite {s.suite} "
+                    f"(reference: {s.model.name})",
                     QUALITY_HEAD, q_rows)
         blocks.append(markdown_table(QUALITY_HEAD, q_rows))
         results["quality_table"] = [dict(zip(QUALITY_HEAD, row)) for row in q_rows]

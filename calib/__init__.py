@@ -1,0 +1,1 @@
+"""Calibration sets and self traces; installed as r1v_quant.calib."""

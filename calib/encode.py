@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -20,7 +20,7 @@ class Encoded:
 
 
 def encode_sample(sample: Sample, cfg, tok, seq_len: int) -> Encoded:
-    from r1v_quant.model.generate import Conversation, encode_conversation
+    from r1v_quant.model.generate import encode_prompt
 
     img_start = tok.convert_tokens_to_ids(IMG_START)
     img_end = tok.convert_tokens_to_ids(IMG_END)
@@ -28,9 +28,7 @@ def encode_sample(sample: Sample, cfg, tok, seq_len: int) -> Encoded:
     if sample.kind == "text":
         ids = tok(sample.prompt, add_special_tokens=True).input_ids
     else:
-        conv = Conversation()
-        conv.add_user(sample.prompt, sample.images)
-        ids_t, pixels, tiles = encode_conversation(cfg, tok, conv)
+        ids_t, pixels, tiles = encode_prompt(cfg, tok, sample.prompt, sample.images)
         ids = ids_t[0].tolist()
     if sample.response:
         ids = ids + tok(sample.response, add_special_tokens=False).input_ids + [tok.eos_token_id]

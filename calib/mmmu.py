@@ -34,6 +34,7 @@ from typing import Any
 from PIL import Image
 
 from r1v_quant.errors import UserError
+from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, with_image_placeholders
 
 from . import hub
 from .sample import Sample
@@ -77,7 +78,6 @@ MMMU_SUBJECTS: tuple[str, ...] = (
 IMAGE_COLUMNS: tuple[str, ...] = tuple(f"image_{k}" for k in range(1, 8))
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "question", "options", "answer")
 
-IMAGE_PLACEHOLDER = "<image>"
 OPTIONS_INSTRUCTION = "Please select the correct answer from the options above. \n"
 
 _MARKER = re.compile(r"<image (\d+)>")
@@ -152,7 +152,7 @@ def _place_images(text: str, row: dict, row_id: str) -> tuple[str, list[Image.Im
         return _MARKER.sub(IMAGE_PLACEHOLDER, text), [image_number(k) for k in numbers]
     present = [k for k in range(1, len(IMAGE_COLUMNS) + 1) if row.get(f"image_{k}") is not None]
     images = [image_number(k) for k in present]
-    return f"{IMAGE_PLACEHOLDER}\n" * len(images) + text, images
+    return with_image_placeholders(text, len(images)), images
 
 
 def format_mmmu_question(row: dict) -> tuple[str, list[Image.Image]]:
@@ -160,11 +160,10 @@ def format_mmmu_question(row: dict) -> tuple[str, list[Image.Image]]:
     row_id = str(row.get("id", "?"))
     options = parse_options(row.get("options"), row_id)
     text = pose_question(str(row["question"]), options, row.get("hint") or None)
-    prompt, images = _place_images(text, row, row_id)
-    if prompt.count(IMAGE_PLACEHOLDER) != len(images):
+    if IMAGE_PLACEHOLDER in text:
         # a literal "<image>" in MMMU's own text would pair pictures with the wrong slots
         raise UserError(f"MMMU row {row_id} contains a literal {IMAGE_PLACEHOLDER} in its text.")
-    return prompt, images
+    return _place_images(text, row, row_id)
 
 
 def subject_of(row_id: str, fallback: str = "unknown") -> str:

@@ -23,16 +23,16 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from r1v_quant.cache import CACHE_ENV, cache_folder
 from r1v_quant.errors import UserError
+from r1v_quant.output import write_text_atomic
 
 from .sample import Sample
 
 CACHE_FORMAT = 1
-CACHE_ENV = "R1V_QUANT_CACHE"
 DTYPE = "bf16"  # what load_model uses by default; part of the settings a trace depends on
 
 # files beside the weights whose content decides how prompts are rendered and replies decoded
@@ -52,8 +52,7 @@ def _sha256(data: bytes) -> str:
 
 def default_cache_dir() -> Path:
     """``$R1V_QUANT_CACHE/traces`` when the variable is set, else ``~/.cache/r1v-quant/traces``."""
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "r1v-quant") / "traces"
+    return cache_folder("traces")
 
 
 def model_identity(model_dir: Path) -> dict:
@@ -126,17 +125,7 @@ def _make_folder(path: Path) -> None:
 def _write_atomic(path: Path, data: dict) -> None:
     _make_folder(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     except OSError as error:
         raise _cache_error(path, error) from None
 
@@ -146,12 +135,10 @@ def _write_atomic(path: Path, data: dict) -> None:
 
 def generate_trace(loaded, sample: Sample, max_trace_tokens: int) -> dict:
     """The model's greedy reply to one sample: the text after the generation prompt, eos left out."""
-    from r1v_quant.model.generate import Conversation, Sampling, reply_to
+    from r1v_quant.model.generate import Sampling, reply_to, user_turn
     from r1v_quant.model.prompt import IMG_CONTEXT, IMG_END, IMG_START
 
-    conv = Conversation()
-    conv.add_user(sample.prompt, sample.images)
-    reply = reply_to(loaded, conv, Sampling(greedy=True, max_new_tokens=max_trace_tokens))
+    reply = reply_to(loaded, user_turn(sample.prompt, sample.images), Sampling(greedy=True, max_new_tokens=max_trace_tokens))
     body = reply.token_ids[:-1] if reply.finished else reply.token_ids
     # image-block tokens in a reply would be read as image slots when the sample is encoded;
     # a trained model never writes them, an untrained one might

@@ -55,8 +55,8 @@ def command(
     json_out: Path | None = typer.Option(None, "--json", help="Write a JSON report here."),
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
+    from r1v_quant.deploy.units import parse_size
     from r1v_quant.errors import UserError
-    from r1v_quant.deploy.plan import parse_size
     from r1v_quant.quant.pipeline import AWQSettings
     from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-THINK_END = "</think>"
+from r1v_quant.model.prompt import THINK_END
+
 HELP_TEXT = "commands: /image PATH (attach to your next message), /reset (new conversation), /exit"
 
 

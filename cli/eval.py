@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -16,6 +15,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from r1v_quant.output import write_text_atomic
 
 # Exit status when the candidate lost more accuracy than --max-drop allows (2 is bad input).
 DROP_EXCEEDED = 1
@@ -62,15 +63,6 @@ def _text_markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> Path:
-    """Written under a temporary name and renamed, so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def _write_reports(run, json_out: Path | None, markdown: Path | None, plot: Path | None, console: Console) -> None:
     from r1v_quant.evals import report
 
@@ -79,7 +71,7 @@ def _write_reports(run, json_out: Path | None, markdown: Path | None, plot: Path
         console.print(f"wrote {report.to_json(results, json_out)}")
     if markdown:
         text = _text_markdown(results) if is_text else report.to_markdown(results)
-        console.print(f"wrote {_write_text(Path(markdown), text)}")
+        console.print(f"wrote {write_text_atomic(Path(markdown), text)}")
     if plot:
         console.print(f"wrote {report.plot_per_subject(results, plot)}")
 
@@ -113,22 +105,39 @@ def _check_drop(run, max_drop: float | None, console: Console) -> None:
 def command(
     reference: str = typer.Option(..., "--reference", "-r", help="Full-precision checkpoint folder or Hugging Face id."),
     candidate: str = typer.Option(..., "--candidate", "-c", help="Quantised export (or any checkpoint) to compare with it."),
-    suite: str = typer.Option("builtin", help="builtin (held-out built-in questions), r1v-mini (held-out questions of the skills r1v-mini was trained on), mmmu-sample, the vendor's mathvista (testmini), math-500, aime-2024 and gpqa-diamond, text:PATH (perplexity), or a folder / .parquet file in MMMU's layout."),
-    data_path: Path | None = typer.Option(None, "--data-path", "--calib-path", help="Local data for --suite mmmu-sample (MMMU folder or parquet files) or a vendor suite (parquet, jsonl, json or csv in the data set's public schema)."),
-    limit: int | None = typer.Option(None, min=1, help="Questions to use (default: 64 for builtin and text suites, 120 for r1v-mini, all for MMMU)."),
-    baseline: list[str] = typer.Option([], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 (bitsandbytes); repeatable."),
-    max_new_tokens: int = typer.Option(2048, min=1, help="Longest reply (the vendor allows up to 64000); replies cut here without an answer count as runaway."),
-    greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding (default: reproducible and cacheable) or the vendor's sampling (temperature 0.6, top_p 0.95)."),
+    suite: str = typer.Option(
+        "builtin", help="builtin (held-out built-in questions), r1v-mini (held-out questions of the skills r1v-mini was "
+        "trained on), mmmu-sample, the vendor's mathvista (testmini), math-500, aime-2024 and gpqa-diamond, text:PATH "
+        "(perplexity), or a folder / .parquet file in MMMU's layout."),
+    data_path: Path | None = typer.Option(
+        None, "--data-path", "--calib-path", help="Local data for --suite mmmu-sample (MMMU folder or parquet files) or a vendor "
+        "suite (parquet, jsonl, json or csv in the data set's public schema)."),
+    limit: int | None = typer.Option(
+        None, min=1, help="Questions to use (default: 64 for builtin and text suites, 120 for r1v-mini, all for MMMU)."),
+    baseline: list[str] = typer.Option(
+        [], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 "
+        "(bitsandbytes); repeatable."),
+    max_new_tokens: int = typer.Option(
+        2048, min=1, help="Longest reply (the vendor allows up to 64000); replies cut here without an answer count as "
+        "runaway."),
+    greedy: bool = typer.Option(
+        True, "--greedy/--sample", help="Greedy decoding (default: reproducible and cacheable) or the vendor's sampling "
+        "(temperature 0.6, top_p 0.95)."),
     seed: int = typer.Option(0, help="Seed for choosing questions and for --sample."),
-    samples_per_question: int = typer.Option(1, "--samples-per-question", "-k", min=1, help="With --sample: ask each question k times and report pass@1 averaged over the k replies (interval: cluster bootstrap over questions)."),
+    samples_per_question: int = typer.Option(
+        1, "--samples-per-question", "-k", min=1, help="With --sample: ask each question k times and report pass@1 "
+        "averaged over the k replies (interval: cluster bootstrap over questions)."),
     batch_size: int = typer.Option(4, min=1, help="Questions generated at once."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
     dtype: str = typer.Option("bf16", help="Activation dtype: bf16, fp16 or fp32."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here."),
     markdown: Path | None = typer.Option(None, "--markdown", help="Write the tables as Markdown here."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of accuracy per subject here."),
-    max_drop: float | None = typer.Option(None, "--max-drop", help="Exit with status 1 when the candidate's accuracy is more than this many points below the reference's."),
-    cache_dir: Path | None = typer.Option(None, help="Where reference outputs are cached (default: $R1V_QUANT_CACHE/eval or ~/.cache/r1v-quant/eval)."),
+    max_drop: float | None = typer.Option(
+        None, "--max-drop", help="Exit with status 1 when the candidate's accuracy is more than this many points below the "
+        "reference's."),
+    cache_dir: Path | None = typer.Option(
+        None, help="Where reference outputs are cached (default: $R1V_QUANT_CACHE/eval or ~/.cache/r1v-quant/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the reference cache."),
     wide: bool = typer.Option(False, "--wide", help="Show every column of the summary (the default fits 80 columns)."),
 ) -> None:

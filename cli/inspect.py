@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from r1v_quant.errors import UserError
 from r1v_quant.deploy.inspect_export import InspectReport, inspect
-from r1v_quant.deploy.plan import human_bytes
+from r1v_quant.deploy.units import human_bytes
+from r1v_quant.errors import UserError
 
 STATUS_STYLE = {"pass": "[green]pass[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
 

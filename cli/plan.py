@@ -10,8 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from r1v_quant.deploy.plan import Plan, parse_gpu_mems, plan_model
+from r1v_quant.deploy.units import GiB, human_bytes
 from r1v_quant.errors import UserError
-from r1v_quant.deploy.plan import GiB, Plan, human_bytes, parse_gpu_mems, plan_model
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "short": "[yellow]short[/]", "no": "[red]no[/]"}
 
@@ -26,7 +27,8 @@ def _params(n: int) -> str:
 
 def render(plan: Plan, console: Console) -> None:
     console.print(f"[bold]{plan.source}[/]  ({plan.model_type}, {plan.model_dtype}; "
-                  f"{'planning the existing ' if plan.already_quantized else ''}AWQ {plan.bits}-bit, group size {plan.group_size})")
+                  f"{'planning the existing ' if plan.already_quantized else ''}AWQ {plan.bits}-bit, "
+                  f"group size {plan.group_size})")
 
     t = Table(title="Weights by component", title_justify="left")
     t.add_column("component")
@@ -78,13 +80,20 @@ def render(plan: Plan, console: Console) -> None:
 
 
 def command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint or export folder, config.json, Hugging Face id, or r1v-38b (built in, offline).")],
-    group_size: Annotated[int | None, typer.Option("--group-size", "-g", help="AWQ group size (default 128; an export's own when it has one; -1 = one group per row).")] = None,
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Checkpoint or export folder, config.json, Hugging Face id, or r1v-38b (built in, offline).")],
+    group_size: Annotated[int | None, typer.Option(
+        "--group-size", "-g",
+        help="AWQ group size (default 128; an export's own when it has one; -1 = one group per row).")] = None,
     kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="KV cache dtype: bf16 or fp8.")] = "bf16",
     util: Annotated[float, typer.Option("--util", help="vLLM --gpu-memory-utilization.")] = 0.9,
-    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Comma-separated card sizes, e.g. 24GiB,30GB,81559MiB (bare numbers are GiB). Default 24,32,40,48,80.")] = None,
-    max_batched_tokens: Annotated[int, typer.Option("--max-batched-tokens", help="vLLM --max-num-batched-tokens the reserve assumes.")] = 2048,
-    max_tiles: Annotated[int | None, typer.Option("--max-tiles", help="max_dynamic_patch the reserve assumes (default: the config's).")] = None,
+    gpu_mem: Annotated[str | None, typer.Option(
+        "--gpu-mem", help="Comma-separated card sizes, e.g. 24GiB,30GB,81559MiB (bare numbers are GiB). Default "
+        "24,32,40,48,80.")] = None,
+    max_batched_tokens: Annotated[int, typer.Option(
+        "--max-batched-tokens", help="vLLM --max-num-batched-tokens the reserve assumes.")] = 2048,
+    max_tiles: Annotated[int | None, typer.Option(
+        "--max-tiles", help="max_dynamic_patch the reserve assumes (default: the config's).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
 ) -> None:
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from r1v_quant.errors import UserError
 from r1v_quant.deploy.serve import DEFAULT_IMAGES_PER_PROMPT, DEFAULT_UTIL
+from r1v_quant.errors import UserError
 
 # Register with: app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
 # so that options typer does not know (vLLM's) reach the command as ctx.args.
@@ -35,15 +35,17 @@ def command(
     ctx: typer.Context,
     folder: Annotated[Path, typer.Argument(help="Export folder written by `r1v-quant awq`.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the vllm command instead of running it.")] = False,
-    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Plan --max-model-len for this card size (e.g. 80GiB, 49140MiB) instead of the GPU found.")] = None,
-    util: Annotated[float, typer.Option("--util", help="vLLM --gpu-memory-utilization, also what the plan assumes.")] = DEFAULT_UTIL,
-    images: Annotated[int, typer.Option("--images", min=0, help="Images allowed per prompt (0 = text only, which leaves more room for the KV cache).")] = DEFAULT_IMAGES_PER_PROMPT,
+    gpu_mem: Annotated[str | None, typer.Option(
+        "--gpu-mem", help="Plan --max-model-len for this card size (e.g. 80GiB, 49140MiB) instead of the GPU found.")] = None,
+    util: Annotated[float, typer.Option(
+        "--util", help="vLLM --gpu-memory-utilization, also what the plan assumes.")] = DEFAULT_UTIL,
+    images: Annotated[int, typer.Option(
+        "--images", min=0,
+        help="Images allowed per prompt (0 = text only, which leaves more room for the KV cache).")] = DEFAULT_IMAGES_PER_PROMPT,
 ) -> None:
     """Run `vllm serve` on an export with --trust-remote-code, --dtype bfloat16, a --max-model-len that fits
     the GPU, and images per prompt; any further arguments go to vLLM and win over ours
     (r1v-quant serve r1v-38b-awq --port 8000 --kv-cache-dtype fp8)."""
-    from r1v_quant.model.config import load_config
-    from r1v_quant.deploy.plan import parse_size
     from r1v_quant.deploy.serve import (
         build_serve,
         command_line,
@@ -51,6 +53,8 @@ def command(
         find_vllm,
         gpu_memory,
     )
+    from r1v_quant.deploy.units import parse_size
+    from r1v_quant.model.config import load_config
 
     err = Console(stderr=True)
     extra = list(ctx.args)

@@ -1,0 +1,1 @@
+"""Accuracy comparisons of a quantised model with its reference; installed as r1v_quant.evals."""

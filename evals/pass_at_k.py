@@ -13,10 +13,10 @@ import dataclasses
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-from r1v_quant.calib.sample import Sample
-from r1v_quant.evals.stats import Estimate
 
+from r1v_quant.calib.sample import Sample
 from r1v_quant.errors import UserError
+from r1v_quant.evals.stats import Estimate
 
 _REPLICA = "#"
 

@@ -69,17 +69,15 @@ def heldout_prompts(loaded, n: int) -> tuple[list, list]:
     """The first ``n`` built-in "eval" questions as model inputs ``(ids, pixels)``: with their
     pictures, and as text only (the picture placeholder removed)."""
     from r1v_quant.calib.builtin import builtin_samples
-    from r1v_quant.model.generate import Conversation, encode_conversation
+    from r1v_quant.model.generate import encode_prompt
+    from r1v_quant.model.prompt import IMAGE_PLACEHOLDER
 
     with_images, text_only = [], []
     for s in builtin_samples(n, seed=0, split="eval"):
-        conv = Conversation()
-        conv.add_user(s.prompt, s.images)
-        ids, pixels, _ = encode_conversation(loaded.config, loaded.tokenizer, conv)
+        ids, pixels, _ = encode_prompt(loaded.config, loaded.tokenizer, s.prompt, s.images)
         with_images.append((ids, pixels.to(loaded.dtype)))
-        conv = Conversation()
-        conv.add_user(s.prompt.replace("<image>", "").strip())
-        text_only.append((encode_conversation(loaded.config, loaded.tokenizer, conv)[0], None))
+        text = s.prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+        text_only.append((encode_prompt(loaded.config, loaded.tokenizer, text)[0], None))
     return with_images, text_only
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from rich.table import Table
 
 from r1v_quant.errors import UserError
 from r1v_quant.evals.stats import accuracy_interval, answer_agreement, mcnemar_p, paired_difference
+from r1v_quant.output import write_atomic, write_text_atomic
 
 SCHEMA_VERSION = 1
 ROLES = ("reference", "candidate", "baseline")
@@ -103,16 +103,6 @@ class EvalResults:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalResults:
-        version = data.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
-            raise UserError(f"Results file has schema version {version}; this version reads {SCHEMA_VERSION}.")
-        fields = dict(data)
-        fields["models"] = [ModelResult(**m) for m in data.get("models", [])]
-        fields["comparisons"] = [Comparison(**c) for c in data.get("comparisons", [])]
-        return cls(**fields)
 
 
 # ---------------------------------------------------------------- building results
@@ -335,40 +325,11 @@ def to_markdown(results: EvalResults) -> str:
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file beside ``path`` so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_json(results: EvalResults, path: str | os.PathLike) -> Path:
     """Write the results as JSON (the schema in this module's doc)."""
     path = Path(path)
     text = json.dumps(results.to_dict(), indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return path
-
-
-def from_json(path: str | os.PathLike) -> EvalResults:
-    """Read results written by ``to_json``."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"Results file {path} does not exist.") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"Results file {path} is not valid JSON ({err.msg} at line {err.lineno}).") from None
-    try:
-        return EvalResults.from_dict(data)
-    except TypeError as err:
-        raise UserError(f"Results file {path} does not follow the results schema ({err}).") from None
+    return write_text_atomic(path, text)
 
 
 # ---------------------------------------------------------------- per-subject chart
@@ -448,5 +409,5 @@ def plot_per_subject(results: EvalResults, png_path: str | os.PathLike) -> Path:
             draw.text((xe + 4, yb + 1), f"{value:.1f}", fill="black", font=small)
 
     path = Path(png_path)
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
     return path

@@ -26,11 +26,7 @@ written as soon as the question is done: an interrupted run resumes where it sto
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import math
-import os
-import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,484 +35,32 @@ from pathlib import Path
 
 import torch
 
-from r1v_quant.calib.sample import Sample
 from r1v_quant.errors import UserError
 from r1v_quant.evals import pass_at_k, published, report
+from r1v_quant.evals.forcing import (
+    Closeness,
+    Prompt,
+    Reply,
+    batches,
+    closeness,
+    coarse_kl,
+    concat_dists,
+    embed_prompt,
+    encode,
+    generate_batch,
+    position_logprobs,
+    prompt_opens_think,
+    summarize,
+)
 from r1v_quant.evals.math_scoring import grade
-from r1v_quant.evals.scoring import THINK_CLOSE, reasoning_length
-from r1v_quant.evals.vendor_suites import VENDOR_SUITES, load_vendor_suite
-
-CACHE_FORMAT = 1
-CACHE_ENV = "R1V_QUANT_CACHE"
-DEFAULT_LIMITS = {"builtin": 64, "r1v-mini": 120, "text": 64}  # other suites: every question they hold
-BASELINES = ("rtn", "nf4")
-SUITE_FORMS = "builtin, r1v-mini, mmmu-sample, mathvista, math-500, aime-2024, gpqa-diamond, text:PATH (.txt or .jsonl), or a folder / .parquet file in MMMU's layout"
-DEFAULT_GROUP_SIZE = 128
-
-# (model label, questions done, questions in all) after each step of one model's work.
-ProgressFn = Callable[[str, int, int], None]
-
-
-@dataclass
-class EvalSettings:
-    suite: str = "builtin"
-    data_path: Path | None = None
-    limit: int | None = None          # None: the suite's default (see DEFAULT_LIMITS)
-    seed: int = 0
-    max_new_tokens: int = 2048
-    greedy: bool = True               # deterministic, so reruns and the cache agree
-    temperature: float = 0.6
-    top_p: float = 0.95
-    repetition_penalty: float = 1.05
-    batch_size: int = 4
-    device: str | None = None
-    dtype: str = "bf16"
-    cache_dir: Path | None = None
-    use_cache: bool = True
-    top_k: int = 64                   # reference log-probs kept per position
-    kl_positions: int = 1024          # measured positions per reply (its first tokens)
-    text_tokens: int = 2048           # longest text-suite item, in tokens
-    samples_per_question: int = 1     # k sampled replies per question, scored as pass@1
-
-    def generation(self) -> dict:
-        """The settings a reply depends on (part of the cache key)."""
-        out = {"max_new_tokens": self.max_new_tokens, "greedy": self.greedy, "batch_size": self.batch_size,
-               "dtype": self.dtype}
-        if self.samples_per_question > 1:
-            out["samples_per_question"] = self.samples_per_question
-        if not self.greedy:
-            out.update(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                       seed=self.seed)
-        return out
-
-    def describe(self) -> dict:
-        """Run settings for the report."""
-        decoding = "greedy" if self.greedy else (
-            f"sampled (temperature {self.temperature}, top_p {self.top_p}, "
-            f"repetition_penalty {self.repetition_penalty}, seed {self.seed})")
-        return {"suite": self.suite, "data_path": None if self.data_path is None else str(self.data_path),
-                "limit": self.limit, "seed": self.seed, "decoding": decoding,
-                "samples_per_question": self.samples_per_question,
-                "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "dtype": self.dtype,
-                "kl": f"top-{self.top_k} coarse-grained KL(reference || model) on the reference's own outputs, "
-                      f"first {self.kl_positions} reply tokens per question"}
-
-
-def check_settings(s: EvalSettings) -> None:
-    for name, value in (("--limit", s.limit if s.limit is not None else 1), ("--max-new-tokens", s.max_new_tokens),
-                        ("--batch-size", s.batch_size), ("top-k", s.top_k), ("KL positions", s.kl_positions),
-                        ("text tokens", s.text_tokens)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1 (got {value}).")
-    if s.samples_per_question < 1:
-        raise UserError(f"--samples-per-question must be at least 1 (got {s.samples_per_question}).")
-    if s.samples_per_question > 1 and s.greedy:
-        raise UserError("--samples-per-question needs --sample: greedy decoding gives the same reply every time.")
-
-
-# ---------------------------------------------------------------- suites
-
-
-@dataclass
-class Suite:
-    spec: str
-    name: str
-    kind: str                  # "qa": questions with gold answers; "text": perplexity on text
-    samples: list[Sample]
-    samples_per_question: int = 1   # k > 1: each question's k copies stand next to each other
-
-
-def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[[int | None, int], list[Sample]]]:
-    """(display name, kind, loader(limit, seed)) of a suite spec; bad specs fail here."""
-    from r1v_quant.calib.builtin import builtin_samples
-    from r1v_quant.calib.mmmu import load_mmmu
-    from r1v_quant.calib.text import load_text
-
-    if spec == "builtin":
-        return "builtin", "qa", lambda n, seed: builtin_samples(n or DEFAULT_LIMITS["builtin"], seed=seed, split="eval")
-    if spec == "r1v-mini":
-        from r1v_quant.calib.skills import suite_samples
-
-        return "r1v-mini", "qa", lambda n, seed: suite_samples(n or DEFAULT_LIMITS["r1v-mini"], seed=seed)
-    if spec == "mmmu-sample":
-        return "mmmu-val", "qa", lambda n, seed: load_mmmu(data_path, n=n or 10**9, seed=seed)
-    if spec in VENDOR_SUITES:
-        return VENDOR_SUITES[spec].label, "qa", lambda n, seed: load_vendor_suite(spec, data_path, n, seed)
-    if spec.startswith("text:") and len(spec) > len("text:"):
-        path = Path(spec[len("text:"):]).expanduser()
-        return f"text:{path.name}", "text", lambda n, seed: load_text(path, n=n or DEFAULT_LIMITS["text"], seed=seed)
-    path = Path(spec).expanduser()
-    if path.is_dir() or path.suffix == ".parquet":
-        return path.name or spec, "qa", lambda n, seed: load_mmmu(path, n=n or 10**9, seed=seed)
-    raise UserError(f"unknown suite {spec!r}; use {SUITE_FORMS}.")
-
-
-def load_suite(settings: EvalSettings) -> Suite:
-    from r1v_quant.calib.mmmu import NO_DATA_MESSAGE
-
-    name, kind, load = suite_loader(settings.suite, settings.data_path)
-    try:
-        samples = load(settings.limit, settings.seed)
-    except UserError as error:
-        if str(error) != NO_DATA_MESSAGE:
-            raise
-        # the calibration wording names awq's flags; say it with this command's
-        raise UserError("MMMU validation data is not available offline and the Hugging Face Hub cannot be reached; "
-                        "download the MMMU/MMMU parquet files on a connected machine and pass their folder with "
-                        "--data-path (or use --suite builtin).") from None
-    if not samples:
-        raise UserError(f"suite {settings.suite!r} has no questions.")
-    samples = pass_at_k.replicate(samples, settings.samples_per_question)
-    if kind == "qa":
-        unanswered = [s.id for s in samples if s.answer is None or not str(s.answer).strip()]
-        if unanswered:
-            raise UserError(f"suite {settings.suite!r}: question {unanswered[0]} has no gold answer, so it cannot be scored.")
-    return Suite(settings.suite, name, kind, samples, settings.samples_per_question)
-
-
-def _recipe_samples(recipe: dict) -> int | None:
-    for key in ("samples requested", "samples"):
-        if isinstance(recipe.get(key), int):
-            return recipe[key]
-    match = re.match(r"\s*(\d+)", str(recipe.get("samples / tokens", "")))
-    return int(match.group(1)) if match else None
-
-
-def calibration_overlap(candidate: Path, suite: Suite, data_path: Path | None) -> str | None:
-    """A warning when questions of the suite were also calibration questions of the
-    candidate, recomputed from the recipe in its r1v_quant_report.json; None when clean."""
-    from r1v_quant.calib.sets import load_calibration
-
-    path = Path(candidate) / "r1v_quant_report.json"
-    if not path.is_file():
-        return None
-    try:
-        recipe = json.loads(path.read_text(encoding="utf-8")).get("recipe", {})
-    except (OSError, ValueError, AttributeError):
-        return f"{path} is unreadable, so the overlap of eval and calibration questions was not checked."
-    spec = str(recipe.get("calibration set", "")).split(" + self traces", 1)[0].strip()
-    count = _recipe_samples(recipe)
-    if not spec or not count:
-        return None
-    seed = int(recipe.get("seed", 0))
-    try:
-        calib_ids = {s.id for s in load_calibration(spec, n=count, seed=seed, calib_path=data_path)}
-    except UserError as error:
-        return f"the overlap of eval and calibration questions was not checked ({error})"
-    shared = [s.id for s in suite.samples if s.id in calib_ids]
-    if not shared:
-        return None
-    return (f"{len(shared)} of {len(suite.samples)} eval questions were also calibration questions of "
-            f"{Path(candidate).name} ({spec}, {count} samples, seed {seed}), which flatters the candidate; "
-            "evaluate on other questions (another --seed or suite) for a clean estimate.")
-
-
-# ---------------------------------------------------------------- encoding
-
-
-@dataclass
-class Prompt:
-    ids: torch.Tensor                 # [1, T] on CPU
-    pixels: torch.Tensor | None       # [tiles, 3, H, W] on CPU
-
-
-def encode(loaded, sample: Sample, text_tokens: int) -> Prompt:
-    """What the model reads: the chat prompt (question suites) or the text itself."""
-    from r1v_quant.model.generate import Conversation, encode_conversation
-
-    tok = loaded.tokenizer
-    if sample.kind == "text":
-        ids = tok(sample.prompt, add_special_tokens=True).input_ids[:text_tokens]
-        return Prompt(torch.tensor([ids]), None)
-    conv = Conversation()
-    conv.add_user(sample.prompt, sample.images)
-    ids, pixels, _ = encode_conversation(loaded.config, tok, conv)
-    return Prompt(ids, pixels)
-
-
-def prompt_opens_think(tok, ids: torch.Tensor) -> bool:
-    """Whether the rendered generation prompt already opened the reasoning block, so a
-    reply without ``</think>`` is unfinished rather than an answer."""
-    tail = tok.decode(ids[0, -8:].tolist(), skip_special_tokens=False)
-    return tail.rstrip().endswith("<think>")
-
-
-def _embed_prompt(loaded, prompt: Prompt) -> torch.Tensor:
-    pixels = None if prompt.pixels is None else prompt.pixels.to(loaded.device, loaded.dtype)
-    return loaded.model.input_embeddings(prompt.ids.to(loaded.device), pixels)
-
-
-# ---------------------------------------------------------------- generation
-
-
-@dataclass
-class Reply:
-    ids: list[int]        # generated tokens, the end-of-sequence token included when reached
-    text: str             # decoded, end-of-sequence token left out
-    finished: bool        # False when max_new_tokens ran out first
-
-
-def _sampling(settings: EvalSettings):
-    from r1v_quant.model.generate import Sampling
-
-    return Sampling(temperature=settings.temperature, top_p=settings.top_p,
-                    repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
-                    greedy=settings.greedy)
-
-
-def _left_pad(rows: list[torch.Tensor], value: float) -> torch.Tensor:
-    width = max(r.shape[0] for r in rows)
-    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
-    for i, r in enumerate(rows):
-        out[i, width - r.shape[0]:] = r
-    return out
-
-
-def _cut_reply(tok, row: list[int], eos: int) -> Reply:
-    finished = eos in row
-    ids = row[: row.index(eos) + 1] if finished else row
-    body = ids[:-1] if finished else ids
-    return Reply(ids, tok.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False), finished)
-
-
-@torch.inference_mode()
-def generate_batch(loaded, prompts: Sequence[Prompt], embeds: Sequence[torch.Tensor], settings: EvalSettings,
-                   seed: int) -> list[Reply]:
-    """Replies to several prompts at once (``embeds``: each prompt's [T, D] input embeddings):
-    left-padded, one generate call."""
-    tok, lm = loaded.tokenizer, loaded.model.language_model
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    ids = _left_pad([p.ids[0].to(loaded.device) for p in prompts], pad)
-    mask = _left_pad([torch.ones(p.ids.shape[1], dtype=torch.long, device=loaded.device) for p in prompts], 0)
-    if not settings.greedy:
-        torch.manual_seed(seed)
-    out = lm.generate(input_ids=ids, inputs_embeds=_left_pad(list(embeds), 0.0), attention_mask=mask,
-                      max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                      **_sampling(settings).generate_kwargs())
-    return [_cut_reply(tok, row, eos) for row in out[:, ids.shape[1]:].tolist()]
-
-
-def batches(lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (less padding), in a fixed order."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
-# ---------------------------------------------------------------- teacher forcing
-
-
-@dataclass
-class RefDist:
-    """The reference at the measured positions of one sequence."""
-
-    logp: torch.Tensor      # [P, k] float32, its k largest log-probs, descending
-    ids: torch.Tensor       # [P, k] int64, their tokens
-    tail: torch.Tensor      # [P] float32, log of the mass outside them (-inf when k covers the vocabulary)
-    top1: torch.Tensor      # [P] int64, its most likely token
-    nll: torch.Tensor       # [P] float32, -log p(actual next token)
-
-
-_DIST_FIELDS = ("logp", "ids", "tail", "top1", "nll")
-
-
-@dataclass
-class Closeness:
-    """One model against the reference on one sequence, summed over positions."""
-
-    kl: float = 0.0
-    top1_same: int = 0
-    nll: float = 0.0
-    positions: int = 0
-
-
-_LOGIT_CHUNK = 512  # positions per float32 [chunk, vocab] block: bounds memory on a 152k vocabulary
-
-
-def _measured(prompt_len: int, reply_ids: Sequence[int] | None, kl_positions: int) -> tuple[torch.Tensor, int, int]:
-    """(tokens appended after the prompt, first measured position, number of measured positions)."""
-    if reply_ids is None:  # text: every next-token prediction of the text itself
-        return torch.empty(0, dtype=torch.long), 0, prompt_len - 1
-    reply = torch.tensor(list(reply_ids)[:kl_positions], dtype=torch.long)
-    return reply, prompt_len - 1, reply.numel()
-
-
-@torch.inference_mode()
-def position_logprobs(loaded, prompt_embeds: torch.Tensor, prompt_ids: torch.Tensor, reply_ids: Sequence[int] | None,
-                      kl_positions: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(float32 log-probs [c, vocab], next tokens [c]) at the measured positions, in chunks.
-
-    ``prompt_embeds`` [T, D] are the prompt's input embeddings, pictures merged in; the
-    reply is appended as plain token embeddings, so a stray image token written by an
-    untrained model never asks for a picture."""
-    lm = loaded.model.language_model
-    reply, start, count = _measured(prompt_ids.shape[0], reply_ids, kl_positions)
-    if count <= 0:
-        return
-    embeds = prompt_embeds
-    if reply.numel():
-        embeds = torch.cat([embeds, lm.get_input_embeddings()(reply.to(loaded.device)).to(embeds.dtype)])
-    tokens = torch.cat([prompt_ids.cpu(), reply]).to(loaded.device)
-    hidden = lm.model(inputs_embeds=embeds[None], use_cache=False).last_hidden_state[0]
-    for lo in range(start, start + count, _LOGIT_CHUNK):
-        hi = min(lo + _LOGIT_CHUNK, start + count)
-        # stays on the device: only the top-k summary or a few sums ever leave it
-        yield torch.log_softmax(lm.lm_head(hidden[lo:hi]).float(), dim=-1), tokens[lo + 1:hi + 1]
-
-
-def _tail(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logp.scatter(1, ids, float("-inf")), dim=-1)
-
-
-def summarize(logp: torch.Tensor, targets: torch.Tensor, k: int) -> RefDist:
-    """The reference's summary of some positions, moved to the CPU for the cache."""
-    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    dist = RefDist(values, ids, _tail(logp, ids), logp.argmax(dim=-1), -logp.gather(1, targets[:, None]).squeeze(1))
-    return RefDist(*(getattr(dist, f).cpu() for f in _DIST_FIELDS))
-
-
-def concat_dists(parts: Sequence[RefDist], k: int) -> RefDist:
-    if not parts:
-        empty = torch.empty(0)
-        return RefDist(empty.reshape(0, k), empty.reshape(0, k).long(), empty, empty.long(), empty)
-    return RefDist(*(torch.cat([getattr(p, f) for p in parts]) for f in _DIST_FIELDS))
-
-
-# Tail log-masses below this are treated alike on both sides: exp(-80) is far below any
-# measurable effect, and clamping both the same way keeps identical models at exactly 0.
-_TAIL_FLOOR = -80.0
-
-
-def coarse_kl(ref: RefDist, cand_logp: torch.Tensor) -> torch.Tensor:
-    """Per-position KL(reference || candidate) over the reference's top-k tokens plus one
-    bin for the rest (see the module doc); exactly 0 when the candidate is the reference."""
-    lq = cand_logp.gather(1, ref.ids)
-    head = (ref.logp.exp() * (ref.logp - lq)).sum(dim=-1)
-    rt, ct = ref.tail.clamp_min(_TAIL_FLOOR), _tail(cand_logp, ref.ids).clamp_min(_TAIL_FLOOR)
-    tail = torch.where(torch.isneginf(ref.tail), torch.zeros_like(rt), rt.exp() * (rt - ct))
-    return (head + tail).clamp_min(0.0)
-
-
-def closeness(ref: RefDist, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Closeness:
-    """Compare a model's log-prob chunks with the reference's summary of the same positions."""
-    out, at = Closeness(), 0
-    for logp, targets in chunks:
-        n = logp.shape[0]
-        part = RefDist(*(getattr(ref, f)[at:at + n].to(logp.device) for f in _DIST_FIELDS))
-        out.kl += float(coarse_kl(part, logp).double().sum())
-        out.top1_same += int((logp.argmax(dim=-1) == part.top1).sum())
-        out.nll += float(-logp.gather(1, targets[:, None]).double().sum())
-        out.positions += n
-        at += n
-    if at != ref.top1.shape[0]:
-        raise UserError("the reference's cached outputs do not match the sequence being compared; "
-                        "clear the eval cache (--no-cache or --cache-dir) and run again.")
-    return out
-
-
-# ---------------------------------------------------------------- the reference cache
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "r1v-quant") / "eval"
-
-
-def _sha(data: str) -> str:
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()
-
-
-def cache_key(identity: dict, suite: Suite, settings: EvalSettings) -> dict:
-    from r1v_quant.calib.traces import sample_key
-
-    return {
-        "format": CACHE_FORMAT,
-        "model": identity,
-        "suite": suite.spec,
-        "limit": settings.limit,
-        "seed": settings.seed,
-        # what the model is shown, not the gold answers, which its outputs do not depend on
-        "questions": _sha("\n".join(sample_key(s) for s in suite.samples)),
-        "generation": settings.generation() if suite.kind == "qa" else {"dtype": settings.dtype},
-        "device": "cpu" if settings.device is None and not torch.cuda.is_available() else str(settings.device or "cuda"),
-        "top_k": settings.top_k,
-        "kl_positions": settings.kl_positions,
-        "text_tokens": settings.text_tokens,
-    }
-
-
-@dataclass
-class RefItem:
-    sample_id: str
-    prompt_ids: list[int]
-    reply: Reply | None          # None for text suites
-    think_opened: bool
-    dist: RefDist
-
-
-class ReferenceCache:
-    """One file per question under a folder named by the hash of everything the reference's
-    outputs depend on; files are written whole (temporary name, then rename)."""
-
-    def __init__(self, folder: Path, key: dict):
-        self.folder = folder
-        self.key = key
-
-    @classmethod
-    def open(cls, root: Path, key: dict) -> ReferenceCache:
-        name = Path(key["model"]["path"]).name or "model"
-        folder = root / f"{name}-{_sha(json.dumps(key, sort_keys=True))[:24]}"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-        except OSError as error:
-            raise UserError(f"could not write the eval cache {folder} ({error.strerror or error}); "
-                            f"pass --cache-dir or set {CACHE_ENV} to a writable folder.") from None
-        return cls(folder, key)
-
-    def path(self, index: int) -> Path:
-        return self.folder / f"{index:05d}.safetensors"
-
-    def load(self, index: int, sample_id: str) -> RefItem | None:
-        from safetensors import safe_open
-
-        path = self.path(index)
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception:  # noqa: BLE001 - a damaged cache file is simply redone
-            return None
-        if meta.get("id") != sample_id:
-            return None
-        reply = None
-        if meta.get("kind") == "qa":
-            reply = Reply(t["reply_ids"].tolist(), meta["text"], meta["finished"] == "1")
-        dist = RefDist(t["logp"], t["ids"].long(), t["tail"], t["top1"].long(), t["nll"])
-        return RefItem(sample_id, t["prompt_ids"].tolist(), reply, meta.get("think_opened") == "1", dist)
-
-    def save(self, index: int, item: RefItem) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {"prompt_ids": torch.tensor(item.prompt_ids, dtype=torch.int64),
-                   "logp": item.dist.logp.contiguous(), "ids": item.dist.ids.to(torch.int32).contiguous(),
-                   "tail": item.dist.tail.contiguous(), "top1": item.dist.top1.to(torch.int32),
-                   "nll": item.dist.nll.contiguous()}
-        meta = {"id": item.sample_id, "kind": "text", "think_opened": "1" if item.think_opened else "0"}
-        if item.reply is not None:
-            tensors["reply_ids"] = torch.tensor(item.reply.ids, dtype=torch.int64)
-            meta.update(kind="qa", text=item.reply.text, finished="1" if item.reply.finished else "0")
-        path = self.path(index)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except OSError as error:
-            Path(tmp).unlink(missing_ok=True)
-            raise UserError(f"could not write the eval cache {path} ({error.strerror or error}).") from None
+from r1v_quant.evals.ref_cache import ReferenceCache, RefItem, cache_key, default_cache_dir
+from r1v_quant.evals.scoring import reasoning_length
+from r1v_quant.evals.settings import BASELINES, EvalSettings, ProgressFn, check_settings
+from r1v_quant.evals.suites import Suite, calibration_overlap, load_suite, suite_loader
+from r1v_quant.model.prompt import THINK_END
+
+__all__ = ["EvalSettings", "ReferenceCache", "cache_key", "coarse_kl", "evaluate", "load_suite", "suite_loader",
+           "summarize"]
 
 
 # ---------------------------------------------------------------- models
@@ -547,64 +91,13 @@ def loaded_model(spec: ModelSpec):
         free_memory()
 
 
-def _quant_linears(model) -> list[tuple[str, torch.nn.Linear]]:
-    from r1v_quant.model.layout import is_quant_linear
-
-    return [(n, m) for n, m in model.named_modules() if is_quant_linear(n) and isinstance(m, torch.nn.Linear)]
-
-
-def _swap(model, name: str, new: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-
-
-def build_rtn(reference: Path, group_size: int, device: str | None, dtype: str):
-    """The reference with every quantised linear rounded to nearest (4 bits, same group
-    size, no activation-aware scaling): what AWQ is measured against."""
-    from r1v_quant.model.r1v import load_model
-    from r1v_quant.quant.linear import AWQLinear
-
-    loaded = load_model(reference, device=device, dtype=dtype)
-    for name, linear in _quant_linears(loaded.model):
-        _swap(loaded.model, name, AWQLinear.from_linear(linear, group_size, name).to(loaded.device))
-    return loaded
-
-
-def _bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise UserError("--baseline nf4 needs bitsandbytes: pip install 'r1v-quant[nf4]'.") from None
-    return bitsandbytes
-
-
-def build_nf4(reference: Path, device: str | None, dtype: str):
-    """The reference with every quantised linear in bitsandbytes NF4 (4 bits, blocks of 64)."""
-    from r1v_quant.model.r1v import load_model
-
-    bnb = _bitsandbytes()
-
-    loaded = load_model(reference, device=device, dtype=dtype)
-    try:
-        for name, linear in _quant_linears(loaded.model):
-            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                      compute_dtype=loaded.dtype, quant_type="nf4", device="cpu")
-            layer.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-            if linear.bias is not None:
-                layer.bias = torch.nn.Parameter(linear.bias.data.cpu(), requires_grad=False)
-            _swap(loaded.model, name, layer.to(loaded.device))
-    except Exception as error:  # noqa: BLE001 - bitsandbytes fails in many ways on unsupported devices
-        raise UserError(f"bitsandbytes could not build the NF4 baseline on {loaded.device} "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:160]}).") from None
-    return loaded
-
-
 def group_size_of(candidate: Path) -> int:
     """The candidate's quantisation group size, for an RTN baseline of equal size."""
+    from r1v_quant.int4.format import read_quantization_config
     from r1v_quant.model.config import load_config
 
-    q = load_config(candidate).quantization or {}
-    return int(q.get("group_size", q.get("q_group_size", DEFAULT_GROUP_SIZE)))
+    cfg = load_config(candidate)
+    return read_quantization_config(cfg.quantization or {}, str(candidate)).group_size
 
 
 def display_name(spec: str, path: Path) -> str:
@@ -614,6 +107,7 @@ def display_name(spec: str, path: Path) -> str:
 def model_specs(reference: Path, ref_name: str, candidate: Path, cand_name: str, baselines: Sequence[str],
                 settings: EvalSettings) -> list[ModelSpec]:
     from r1v_quant.model.r1v import load_model
+    from r1v_quant.quant.baselines import bitsandbytes, build_nf4, build_rtn
 
     if cand_name == ref_name:
         cand_name += " (candidate)"
@@ -625,7 +119,7 @@ def model_specs(reference: Path, ref_name: str, candidate: Path, cand_name: str,
             specs.append(ModelSpec(f"RTN w4 g{group}", "baseline",
                                    lambda g=group: build_rtn(reference, g, settings.device, settings.dtype)))
         elif base == "nf4":
-            _bitsandbytes()  # missing: say so now, not after the reference has run
+            bitsandbytes()  # missing: say so now, not after the reference has run
             specs.append(ModelSpec("NF4 (bitsandbytes)", "baseline",
                                    lambda: build_nf4(reference, settings.device, settings.dtype)))
         else:
@@ -676,7 +170,7 @@ def model_pass(loaded, suite: Suite, settings: EvalSettings, indices: Sequence[i
         chosen = [indices[g] for g in group]
         prompts = [encode(loaded, suite.samples[i], settings.text_tokens) for i in chosen]
         with torch.inference_mode():
-            embeds = [_embed_prompt(loaded, p)[0] for p in prompts]
+            embeds = [embed_prompt(loaded, p)[0] for p in prompts]
         replies: list[Reply | None] = [None] * len(chosen)
         if suite.kind == "qa":
             replies = generate_batch(loaded, prompts, embeds, settings, seed=settings.seed * 1_000_003 + b)
@@ -902,7 +396,7 @@ def _think_close_id(model_dir: Path) -> int | None:
     from r1v_quant.model.r1v import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    found = tok.convert_tokens_to_ids(THINK_CLOSE)
+    found = tok.convert_tokens_to_ids(THINK_END)
     return None if found in (None, tok.unk_token_id) else int(found)
 
 

@@ -34,11 +34,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from r1v_quant.errors import UserError
+from r1v_quant.model.prompt import THINK_END, THINK_START
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 # `</think>` in the DeepSeek-R1-Distill-Qwen tokenizer that the R1V models share.
-THINK_CLOSE_ID = 151649
+THINK_END_ID = 151649
 
 MULTIPLE_CHOICE = "multiple-choice"
 
@@ -56,17 +55,17 @@ _REL_TOL = 1e-4
 def is_unfinished(response: str, *, think_opened: bool = False) -> bool:
     """True when the reply opened a reasoning block and never closed it (ran away or
     hit the token limit).  ``think_opened``: the prompt itself ended with ``<think>``."""
-    if THINK_CLOSE in response:
+    if THINK_END in response:
         return False
-    return think_opened or THINK_OPEN in response
+    return think_opened or THINK_START in response
 
 
 def visible_answer(response: str, *, think_opened: bool = False) -> str | None:
     """The text after the last ``</think>``; ``None`` for an unfinished reply."""
     if is_unfinished(response, think_opened=think_opened):
         return None
-    if THINK_CLOSE in response:
-        return response.rsplit(THINK_CLOSE, 1)[1]
+    if THINK_END in response:
+        return response.rsplit(THINK_END, 1)[1]
     return response
 
 
@@ -83,10 +82,10 @@ def reasoning_length(
     opening ``<think>``) measured by ``tokenize`` when given, else in whitespace words.
     """
     if isinstance(tokens_or_text, str):
-        marker = THINK_CLOSE if end is None else str(end)
-        reasoning = tokens_or_text.split(marker, 1)[0].replace(THINK_OPEN, "")
+        marker = THINK_END if end is None else str(end)
+        reasoning = tokens_or_text.split(marker, 1)[0].replace(THINK_START, "")
         return len(tokenize(reasoning)) if tokenize else len(reasoning.split())
-    marker_id = THINK_CLOSE_ID if end is None else int(end)
+    marker_id = THINK_END_ID if end is None else int(end)
     ids = list(tokens_or_text)
     return ids.index(marker_id) if marker_id in ids else len(ids)
 
@@ -137,7 +136,7 @@ _SPACING = re.compile(r"\\(?:left|right|displaystyle|quad|qquad|[,;:! ])")
 
 def _unwrap(text: str) -> str:
     """Replace ``\\text{x}`` and friends by ``x``, innermost first, however deep."""
-    pattern = re.compile(r"\\(?:%s)\s*\{([^{}]*)\}" % "|".join(_WRAPPERS))
+    pattern = re.compile(r"\\(?:" + "|".join(_WRAPPERS) + r")\s*\{([^{}]*)\}")
     while True:
         new = pattern.sub(lambda m: m.group(1), text)
         if new == text:

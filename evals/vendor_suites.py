@@ -36,10 +36,9 @@ from pathlib import Path
 from r1v_quant.calib import hub
 from r1v_quant.calib.mmmu import IMAGE_PLACEHOLDER, decode_image, pose_question
 from r1v_quant.calib.sample import Sample
+from r1v_quant.errors import UserError
 from r1v_quant.evals.math_scoring import FREE_FORM, MATH
 from r1v_quant.evals.scoring import MULTIPLE_CHOICE
-
-from r1v_quant.errors import UserError
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # GPQA's answers are shuffled with this seed (and the question's id): fixed, so the order

@@ -1,4 +1,4 @@
-"""Output folders that appear whole or not at all."""
+"""Output files and folders that appear whole or not at all."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from r1v_quant.errors import UserError
 
@@ -72,3 +72,24 @@ def _share(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_dir():
             f.chmod(0o777 & ~umask)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`, so a crash
+    leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`write_atomic` for UTF-8 text."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -30,7 +30,6 @@ if str(ROOT) not in sys.path:
 from r1v_quant.calib.skills import heldout_questions  # noqa: E402
 from r1v_quant.errors import UserError  # noqa: E402
 from r1v_quant.fixtures.mini import MINI_DIR  # noqa: E402
-from r1v_quant.output import check_out_dir, staged_dir  # noqa: E402
 from r1v_quant.fixtures.train import (  # noqa: E402
     TrainSettings,
     accuracy_table,
@@ -39,6 +38,7 @@ from r1v_quant.fixtures.train import (  # noqa: E402
     train,
     write_checkpoint,
 )
+from r1v_quant.output import check_out_dir, staged_dir  # noqa: E402
 
 DEFAULTS = TrainSettings()
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
-from r1v_quant.model.checkpoint import Checkpoint
+
 from r1v_quant.errors import UserError
+from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.layout import is_quant_linear
 from r1v_quant.quant.pipeline import AWQSettings
 from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
@@ -47,7 +47,7 @@ def test_export_layout_and_untouched_tensors(tiny_dir, tiny_export):
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and is_quant_linear(module):
             assert name not in out.shard_of
-            assert out.dtype_of(module + ".qweight") == "I32" and out.dtype_of(module + ".scales") == "F16"
+            assert out.get(module + ".qweight").dtype == torch.int32 and out.get(module + ".scales").dtype == torch.float16
             continue
         if name.startswith(("vision_model.", "mlp1.", "language_model.model.embed_tokens.", "language_model.lm_head.")):
             a, b = src.get(name), out.get(name)
@@ -60,8 +60,8 @@ def test_export_layout_and_untouched_tensors(tiny_dir, tiny_export):
 
 
 def test_runtime_reads_the_export_as_the_format_says(tiny_export):
+    from r1v_quant.int4.linear import AWQLinear
     from r1v_quant.model.r1v import load_model
-    from r1v_quant.quant.linear import AWQLinear
 
     loaded = load_model(tiny_export, device="cpu", dtype="fp32")
     ckpt = Checkpoint(tiny_export)
@@ -81,8 +81,8 @@ def test_export_is_closer_to_the_source_than_round_to_nearest(tiny_dir, tiny_exp
     text-heavy target is what `--calib A+text:PATH` mixtures and `--traces self` are for.
     """
     from r1v_quant.evals.quick import heldout_prompts, prompt_kl
-    from r1v_quant.evals.run import build_rtn
     from r1v_quant.model.r1v import load_model
+    from r1v_quant.quant.baselines import build_rtn
 
     src = load_model(tiny_dir, device="cpu")
     awq = load_model(tiny_export, device="cpu")
@@ -168,9 +168,9 @@ def test_already_quantized_source_is_refused(tiny_export, tmp_path):
 def test_plan_predicts_the_export_bytes_exactly_and_inspect_passes(tiny_export):
     from safetensors import safe_open
 
-    from r1v_quant.model.config import load_config
     from r1v_quant.deploy.inspect_export import inspect
     from r1v_quant.deploy.plan import make_plan
+    from r1v_quant.model.config import load_config
 
     real = 0
     for shard in tiny_export.glob("*.safetensors"):

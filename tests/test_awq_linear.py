@@ -4,13 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1v_quant.errors import UserError
-from r1v_quant.quant.linear import (
-    AWQLinear,
-    awq_module_names,
-    prepare_awq,
-    swap_to_awq,
-    swap_to_empty_awq,
-)
+from r1v_quant.int4.linear import AWQLinear, prepare_awq, replace_linear, swap_to_empty_awq
+from r1v_quant.quant.baselines import rtn_linear
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, fake_quantize
 
 HAS_CPU_INT4 = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
@@ -36,7 +31,7 @@ def _close_bf16(a, b):
 
 
 def test_state_dict_names_shapes_and_dtypes():
-    m = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 128)
+    m = rtn_linear(_linear(dtype=torch.bfloat16), 128)
     sd = m.state_dict()
     assert list(sd) == ["qweight", "qzeros", "scales", "bias"]
     assert sd["qweight"].shape == (256, 8) and sd["qweight"].dtype == torch.int32
@@ -44,17 +39,13 @@ def test_state_dict_names_shapes_and_dtypes():
     assert sd["scales"].shape == (2, 64) and sd["scales"].dtype == torch.float16
     assert sd["bias"].dtype == torch.bfloat16
     assert (m.in_features, m.out_features, m.group_size) == (256, 64, 128)
-    assert list(AWQLinear.from_linear(_linear(bias=False), 128).state_dict()) == ["qweight", "qzeros", "scales"]
+    assert list(rtn_linear(_linear(bias=False), 128).state_dict()) == ["qweight", "qzeros", "scales"]
     assert list(m.parameters()) == []
-
-    root = nn.Module()
-    root.proj = m
-    assert awq_module_names(root.state_dict()) == ["proj"]
 
 
 def test_from_linear_equals_float_linear_on_fake_quantised_weights():
     lin = _linear()
-    m = AWQLinear.from_linear(lin, 64)
+    m = rtn_linear(lin, 64)
     x = _x(3, 5, 256)
     y = m(x)
     assert y.shape == (3, 5, 64) and y.dtype == torch.float32
@@ -70,7 +61,7 @@ def test_from_linear_equals_float_linear_on_fake_quantised_weights():
 @pytest.mark.parametrize("bias", [True, False])
 def test_int4_kernel_matches_dequantise_path(group_size, bias):
     lin = _linear(bias=bias, dtype=torch.bfloat16)
-    m = AWQLinear.from_linear(lin, group_size)
+    m = rtn_linear(lin, group_size)
     x = _x(2, 7, 256, dtype=torch.bfloat16)
     fast = m(x)
     assert m.prepared, "bf16 on CPU should take the int4 kernel"
@@ -82,16 +73,16 @@ def test_int4_kernel_matches_dequantise_path(group_size, bias):
 
 
 def test_kernel_cache_is_built_once_and_refreshed_on_load():
-    m = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 128)
+    m = rtn_linear(_linear(dtype=torch.bfloat16), 128)
     x = _x(4, 256, dtype=torch.bfloat16)
     m(x)
     packed, table = m._packed, m._scale_table(x.dtype)
     m(x)
     assert m._packed is packed and m._scale_table(x.dtype) is table
-    other = AWQLinear.from_linear(_linear(seed=5, dtype=torch.bfloat16), 128)
+    other = rtn_linear(_linear(seed=5, dtype=torch.bfloat16), 128)
     m.load_state_dict(other.state_dict())
     assert torch.equal(m(x), other(x))
-    third = AWQLinear.from_linear(_linear(seed=6, dtype=torch.bfloat16), 128)
+    third = rtn_linear(_linear(seed=6, dtype=torch.bfloat16), 128)
     m.scales = third.scales  # replacing one buffer by assignment is noticed too
     assert not torch.equal(m(x), other(x))
     m.load_state_dict(other.state_dict())
@@ -103,23 +94,23 @@ def test_kernel_cache_is_built_once_and_refreshed_on_load():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_output_dtype_follows_input(dtype):
-    m = AWQLinear.from_linear(_linear(), 128)
+    m = rtn_linear(_linear(), 128)
     y = m(_x(3, 256, dtype=dtype))
     assert y.dtype == dtype and y.shape == (3, 64)
 
 
 def test_bias_is_added():
     lin = _linear()
-    with_bias = AWQLinear.from_linear(lin, 128)
+    with_bias = rtn_linear(lin, 128)
     lin.bias = None
-    without = AWQLinear.from_linear(lin, 128)
+    without = rtn_linear(lin, 128)
     x = _x(2, 256)
     assert torch.allclose(with_bias(x) - without(x), with_bias.bias.expand(2, -1), atol=1e-5)
 
 
 def test_widths_the_cpu_kernel_cannot_take_still_work():
     lin = _linear(in_features=96, out_features=24, dtype=torch.bfloat16)  # 24 % 16 != 0
-    m = AWQLinear.from_linear(lin, 32)
+    m = rtn_linear(lin, 32)
     x = _x(3, 96, dtype=torch.bfloat16)
     y = m(x)
     assert not m.prepared and m.qweight is not None
@@ -128,14 +119,14 @@ def test_widths_the_cpu_kernel_cannot_take_still_work():
 
 
 def test_gradient_reaches_the_input():
-    m = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 128)
+    m = rtn_linear(_linear(dtype=torch.bfloat16), 128)
     x = _x(2, 256, dtype=torch.bfloat16).requires_grad_()
     m(x).float().sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_model_wide_casts_keep_float16_scales():
-    m = AWQLinear.from_linear(_linear(), 128)
+    m = rtn_linear(_linear(), 128)
     scales = m.scales.clone()
     m.to(torch.bfloat16)
     assert m.scales.dtype == torch.float16 and torch.equal(m.scales, scales)
@@ -149,7 +140,7 @@ def test_model_wide_casts_keep_float16_scales():
 
 
 def test_empty_on_meta_then_assign():
-    src = AWQLinear.from_linear(_linear(dtype=torch.bfloat16), 64)
+    src = rtn_linear(_linear(dtype=torch.bfloat16), 64)
     m = AWQLinear.empty(256, 64, 64, bias=True)
     assert m.qweight.is_meta
     m.load_state_dict(src.state_dict(), assign=True)
@@ -166,7 +157,7 @@ def test_from_tensors_checks_shapes_and_dtypes():
     with pytest.raises(UserError, match="bias"):
         AWQLinear.from_tensors(t["qweight"], t["qzeros"], t["scales"], torch.zeros(3), 64)
     with pytest.raises(UserError, match="does not divide"):
-        AWQLinear.from_linear(_linear(in_features=96), 64, name="mlp.down_proj")
+        rtn_linear(_linear(in_features=96), 64, name="mlp.down_proj")
     with pytest.raises(UserError, match="multiple of 8"):
         AWQLinear(128, 20, 32)
 
@@ -193,15 +184,16 @@ def test_swap_to_awq_replaces_named_linears():
         if lin.bias is not None:
             tensors[name]["bias"] = lin.bias.detach()
     ref = model(x)
-    assert swap_to_awq(model, tensors, 32) == names
+    for name, t in tensors.items():
+        replace_linear(model, name, lambda old, t=t: AWQLinear.from_tensors(
+            t["qweight"], t["qzeros"], t["scales"], t.get("bias"), 32))
     assert isinstance(model[0].attn["q_proj"], AWQLinear) and isinstance(model[0].attn["o_proj"], nn.Linear)
     assert isinstance(model[1].attn["o_proj"], AWQLinear)
-    assert awq_module_names(model.state_dict()) == names
     assert (model(x) - ref).norm() / ref.norm() < 0.1
 
     # Rebuild the same layout on meta and assign the quantised state dict.
     fresh = nn.Sequential(_Block(), _Block())
-    swap_to_empty_awq(fresh, awq_module_names(model.state_dict()), 32)
+    assert swap_to_empty_awq(fresh, names, 32) == names
     assert fresh[0].attn["q_proj"].qweight.is_meta
     fresh.load_state_dict(model.state_dict(), assign=True)
     assert torch.equal(fresh(x), model(x))
@@ -209,13 +201,10 @@ def test_swap_to_awq_replaces_named_linears():
 
 def test_swap_errors():
     model = nn.Sequential(_Block())
-    t = awq_tensors(torch.randn(64, 128), 32)
     with pytest.raises(UserError, match="no module named 0.attn.k_proj"):
-        swap_to_awq(model, {"0.attn.k_proj": t}, 32)
+        swap_to_empty_awq(model, ["0.attn.k_proj"], 32)
     with pytest.raises(UserError, match="not a Linear"):
         swap_to_empty_awq(model, ["0.norm"], 32)
-    with pytest.raises(UserError, match="128->64 but the model's linear is 64->128"):
-        swap_to_awq(model, {"0.attn.o_proj": t}, 32)
 
 
 def _held_storage_bytes(module: nn.Module) -> dict[int, int]:
@@ -238,7 +227,7 @@ def _held_storage_bytes(module: nn.Module) -> dict[int, int]:
 
 
 def _layer(group_size=128, in_features=512, out_features=256, seed=0):
-    return AWQLinear.from_linear(_linear(in_features, out_features, seed=seed, dtype=torch.bfloat16), group_size)
+    return rtn_linear(_linear(in_features, out_features, seed=seed, dtype=torch.bfloat16), group_size)
 
 
 @pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
@@ -361,7 +350,7 @@ def test_loaded_export_holds_its_codes_once(tiny_export):
 
 @pytest.mark.skipif(not HAS_CPU_INT4, reason="torch < 2.6 has no CPU int4 kernel")
 def test_qweight_is_rebuilt_in_chunks(monkeypatch):
-    from r1v_quant.quant import linear
+    from r1v_quant.int4 import linear
 
     monkeypatch.setattr(linear, "_REBUILD_CODES", 256 * 3)  # 3 input channels at a time, ragged end
     m = _layer()

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from r1v_quant.model.vision import RMSNorm
 from r1v_quant.quant.awq import (
     apply_clip,
     candidate_scales,
@@ -12,7 +13,6 @@ from r1v_quant.quant.awq import (
     search_scales,
 )
 from r1v_quant.quant.primitives import fake_quantize
-from r1v_quant.model.vision import RMSNorm
 
 
 def salient_inputs(tokens=512, width=256, salient=(3, 77, 150, 201), gain=30.0, seed=0):

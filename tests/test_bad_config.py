@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.config import load_config, parse_config
@@ -133,7 +133,8 @@ def test_side_files_never_gain_permissions(model, tmp_path):
     assert stat.S_IMODE((dst / "tokenizer_config.json").stat().st_mode) == 0o600
     umask = os.umask(0)
     os.umask(umask)
-    assert stat.S_IMODE((dst / "tokenizer.json").stat().st_mode) == stat.S_IMODE((model / "tokenizer.json").stat().st_mode) & ~umask
+    src_mode = stat.S_IMODE((model / "tokenizer.json").stat().st_mode)
+    assert stat.S_IMODE((dst / "tokenizer.json").stat().st_mode) == src_mode & ~umask
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])

@@ -16,8 +16,8 @@ from r1v_quant.calib.mmmu import (
     pose_question,
     stratified_counts,
 )
-from r1v_quant.fixtures.mmmu_fixture import fixture_row, write_mmmu_fixture
 from r1v_quant.errors import UserError
+from r1v_quant.fixtures.mmmu_fixture import fixture_row, write_mmmu_fixture
 
 SUBJECTS = ("Accounting", "Art_Theory", "Math", "Physics", "Sociology")
 

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 AWQ = ["awq", "--samples", "2", "--max-tokens", "768", "--seq-len", "384", "--grid", "4", "--no-kl-check"]
@@ -94,8 +93,9 @@ def test_disk_full_during_the_run_keeps_finished_layers_for_resume(tiny_dir, sma
     def fill(i, total, report):
         if i == 0:
             if injected:
-                import r1v_quant.quant.workdir as wd
                 from safetensors import SafetensorError
+
+                import r1v_quant.quant.workdir as wd
 
                 def full(*a, **k):
                     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -115,7 +115,8 @@ def test_disk_full_during_the_run_keeps_finished_layers_for_resume(tiny_dir, sma
     assert "disk is full" in text and "layers 0-0 are kept" in text and "--resume" in text, text
     work = fs / ".out.awq-work"
     assert json.loads((work / "state.json").read_text())["done"] == 0
-    assert sorted(p.name for p in work.iterdir()) == sorted(json.loads((work / "state.json").read_text())["files"]) + ["state.json"]
+    named = json.loads((work / "state.json").read_text())["files"]
+    assert sorted(p.name for p in work.iterdir()) == sorted(named) + ["state.json"]
     assert not out.exists() and not [p for p in fs.iterdir() if ".partial-" in p.name]
     filler.unlink(missing_ok=True)
     monkeypatch.undo()

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from r1v_quant.errors import UserError
 from r1v_quant.locks import FolderLock, lock_path
 

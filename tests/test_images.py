@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from r1v_quant.model.config import parse_config
 from r1v_quant.errors import UserError
+from r1v_quant.model.config import parse_config
 from r1v_quant.model.images import candidate_grids, closest_grid, load_image, normalize, preprocess, tile_image
 
 T = 448

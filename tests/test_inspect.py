@@ -12,11 +12,13 @@ import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from r1v_quant.model.config import parse_config
-from r1v_quant.errors import UserError
-from r1v_quant.deploy.inspect_export import inspect, read_safetensors_header, vllm_prefix
-from r1v_quant.model.layout import awq_shapes, checkpoint_shapes, is_quant_linear
+from r1v_quant.deploy.inspect_export import inspect, vllm_prefix
 from r1v_quant.deploy.plan import make_plan
+from r1v_quant.deploy.tensor_files import read_safetensors_header
+from r1v_quant.errors import UserError
+from r1v_quant.int4.format import awq_shapes
+from r1v_quant.model.config import parse_config
+from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear
 
 INDEX = "model.safetensors.index.json"
 
@@ -234,7 +236,8 @@ def test_damaged_shard_fails(tmp_path):
 
 
 def test_header_reader_and_vllm_prefixes(tmp_path):
-    save_file({"a": torch.zeros(3, 4, dtype=torch.int32), "b": torch.zeros(5, dtype=torch.bfloat16)}, str(tmp_path / "x.safetensors"))
+    save_file({"a": torch.zeros(3, 4, dtype=torch.int32), "b": torch.zeros(5, dtype=torch.bfloat16)},
+              str(tmp_path / "x.safetensors"))
     h = read_safetensors_header(tmp_path / "x.safetensors")
     assert (h["a"].dtype, h["a"].shape, h["a"].nbytes) == ("I32", (3, 4), 48)
     assert (h["b"].dtype, h["b"].nbytes) == ("BF16", 10)

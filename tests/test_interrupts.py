@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 FLAGS = ["--samples", "2", "--max-tokens", "768", "--seq-len", "384", "--grid", "4"]
@@ -75,7 +74,7 @@ def test_sigint_says_after_which_layer_it_stopped_and_resume_continues(tiny_dir,
 
 @pytest.mark.slow
 def test_sigterm_during_the_kl_check_cleans_up(tiny_dir, tmp_path):
-    out, work = tmp_path / "out", tmp_path / ".out.awq-work"
+    out = tmp_path / "out"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}

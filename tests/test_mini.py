@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-
-from r1v_quant.fixtures import mini
-from r1v_quant.errors import UserError
-from r1v_quant.calib.skills import CHANCE, heldout_questions
-from r1v_quant.fixtures.train import TrainSettings, accuracy_table, answer_questions, settings_record, train
 from conftest import run_cli
+
+from r1v_quant.calib.skills import CHANCE, heldout_questions
+from r1v_quant.errors import UserError
+from r1v_quant.fixtures import mini
+from r1v_quant.fixtures.train import TrainSettings, accuracy_table, answer_questions, settings_record, train
 
 # Held-out picture questions the test asks (a third of each trained family), and the
 # accuracy r1v-mini scored on exactly these when it was committed.
@@ -46,7 +46,7 @@ def test_mini_has_the_real_layout():
     ckpt = Checkpoint(path)
     shapes = checkpoint_shapes(cfg)
     assert set(ckpt.names()) == set(shapes)
-    assert {ckpt.dtype_of(n) for n in shapes} == {"BF16"}
+    assert {ckpt.get(n).dtype for n in shapes} == {torch.bfloat16}
     assert sum(f.stat().st_size for f in path.iterdir()) <= 15 * 1024**2
 
 
@@ -89,8 +89,8 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_trained_weights_are_written_in_the_checkpoint_layout(tmp_path):
-    from r1v_quant.model.r1v import load_model
     from r1v_quant.fixtures.train import write_checkpoint
+    from r1v_quant.model.r1v import load_model
 
     trained = train(TrainSettings(pictures=1, steps=1, image_batch=1, text_batch=1, warmup_steps=1), tmp_path / "tok")
     out = tmp_path / "ckpt"

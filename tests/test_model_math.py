@@ -5,11 +5,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from r1v_quant.fixtures.tiny import TinySizes, init_tensor, tiny_config
 from r1v_quant.model.config import parse_config
 from r1v_quant.model.layout import checkpoint_shapes
 from r1v_quant.model.projector import pixel_shuffle
 from r1v_quant.model.r1v import R1VModel, _refresh_rotary, assign_tensor
-from r1v_quant.fixtures.tiny import TinySizes, init_tensor, tiny_config
 
 SPECIAL = {"bos": 1, "eos": 2, "pad": 2}
 
@@ -57,7 +57,7 @@ def plain_vision(sd, cfg, pixels):
     x = torch.cat([cls, x], 1) + sd["vision_model.embeddings.position_embedding"]
     heads, d = v.num_attention_heads, v.hidden_size
     for i in range(v.num_hidden_layers):
-        L = lambda k: sd.get(f"vision_model.encoder.layers.{i}.{k}")  # noqa: E731
+        L = lambda k, i=i: sd.get(f"vision_model.encoder.layers.{i}.{k}")  # noqa: E731
         h = plain_norm(x, L("norm1.weight"), L("norm1.bias"), v.layer_norm_eps, v.norm_type)
         qkv = h @ L("attn.qkv.weight").T
         if L("attn.qkv.bias") is not None:
@@ -127,7 +127,7 @@ def plain_qwen2(sd, cfg, ids):
 
     mask = torch.full((T, T), float("-inf")).triu(1)
     for i in range(llm["num_hidden_layers"]):
-        L = lambda k: sd[f"language_model.model.layers.{i}.{k}"]  # noqa: E731
+        L = lambda k, i=i: sd[f"language_model.model.layers.{i}.{k}"]  # noqa: E731
         h = rms(x, L("input_layernorm.weight"))
         q = h @ L("self_attn.q_proj.weight").T + L("self_attn.q_proj.bias")
         k = h @ L("self_attn.k_proj.weight").T + L("self_attn.k_proj.bias")

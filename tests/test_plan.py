@@ -13,13 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from r1v_quant.model.config import parse_config
+from r1v_quant.deploy.plan import component_of, estimate_reserve, kv_bytes_per_token, make_plan, parse_gpu_mems, plan_model
+from r1v_quant.deploy.units import GiB, parse_size
 from r1v_quant.errors import UserError
-from r1v_quant.model.layout import awq_shapes, checkpoint_shapes, is_quant_linear
-from r1v_quant.deploy.plan import (
-    GiB, component_of, estimate_reserve, kv_bytes_per_token, make_plan, parse_gpu_mems, parse_size, plan_model,
-    resolve_config,
-)
+from r1v_quant.int4.format import awq_shapes
+from r1v_quant.model.checkpoint import resolve_config
+from r1v_quant.model.config import parse_config
+from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear
 
 # ---------------------------------------------------------------------------------------------
 # A hand-built export: written from layout.py and awq_shapes only, independent of plan.py.
@@ -73,7 +73,8 @@ def write_export(folder: Path, raw: dict, group: int | None = 128, shards: int =
         save_file({n: tensors[n] for n in part}, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     if group is not None:
         raw = {**raw, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                               "version": "gemm", "modules_to_not_convert": ["vision_model", "mlp1"]}}
@@ -136,7 +137,7 @@ def test_float32_model_dtype_counts_four_bytes(tmp_path):
 
 
 def test_group_size_that_does_not_divide_is_refused():
-    with pytest.raises(UserError, match="does not divide the input width 256"):
+    with pytest.raises(UserError, match="group size 96 does not divide the 256 input channels"):
         make_plan(parse_config(small_config()), group_size=96)
 
 

@@ -9,7 +9,6 @@ from r1v_quant.errors import UserError
 from r1v_quant.model.prompt import (
     IMG_CONTEXT,
     IMG_END,
-    IMG_START,
     expand_image_placeholders,
     merge_image_embeddings,
     split_thinking,

@@ -2,22 +2,16 @@ import pytest
 import torch
 
 from r1v_quant.errors import UserError
+from r1v_quant.int4.format import awq_codes, check_group_size, pack_awq, unpack_awq
+from r1v_quant.int4.kernels import awq_to_int4pack, int4pack, int4unpack, tinygemm_scales_and_zeros
 from r1v_quant.quant.primitives import (
-    awq_codes,
     awq_dequantize,
     awq_tensors,
-    awq_to_int4pack,
     check_awq_shape,
-    check_group_size,
     dequantize,
     fake_quantize,
-    int4pack,
-    int4unpack,
     minmax_params,
-    pack_awq,
     quantize,
-    tinygemm_scales_and_zeros,
-    unpack_awq,
 )
 
 
@@ -153,10 +147,11 @@ def test_awq_codes_layout():
 def test_group_size_errors_name_the_layer():
     with pytest.raises(UserError, match=r"layer blk\.q_proj: group size 128 does not divide the 100"):
         check_group_size(100, 128, "blk.q_proj")
-    for bad in (0, -1):
+    for bad in (0, -2, 2.0, True, "big"):
         with pytest.raises(UserError):
             check_group_size(128, bad)
-    check_group_size(256, 256)
+    assert check_group_size(256, 256) == 256
+    assert check_group_size(96, -1) == 96  # -1: one group per row
     with pytest.raises(UserError, match="multiple of 8"):
         check_awq_shape(12, 128, 32, "x")
     with pytest.raises(UserError, match="does not divide"):
@@ -231,7 +226,7 @@ def test_int4unpack_learns_each_cpu_layout(capability):
         pytest.skip("this CPU has no AVX2")
     script = "\n".join([
         "import torch",
-        "from r1v_quant.quant.primitives import int4pack, int4unpack",
+        "from r1v_quant.int4.kernels import int4pack, int4unpack",
         inspect.getsource(_check_unpack_round_trips),
         f"_check_unpack_round_trips({_UNPACK_SHAPES!r})",
         "print(torch.backends.cpu.get_cpu_capability())",
@@ -261,7 +256,7 @@ def _fake_global_pack(codes, inner_k_tiles):
 
 @pytest.mark.parametrize("packer", [_fake_tiled_pack, _fake_global_pack])
 def test_int4unpack_learns_any_nibble_layout(monkeypatch, packer):
-    from r1v_quant.quant import primitives
+    from r1v_quant.int4 import kernels as primitives
 
     monkeypatch.setattr(primitives, "int4pack", packer)
     monkeypatch.setattr(primitives, "_code_sources", {})

@@ -17,20 +17,12 @@ from test_inspect import build, quant_config, small_config
 from typer.testing import CliRunner
 
 from r1v_quant.deploy import serve as serve_mod
-from r1v_quant.model.config import parse_config
+from r1v_quant.deploy.plan import make_plan
+from r1v_quant.deploy.serve import VLLM_MISSING, build_serve, find_vllm, flag_name, images_from_limit, user_flags
+from r1v_quant.deploy.units import GiB, human_int
 from r1v_quant.errors import UserError
-from r1v_quant.deploy.plan import DATA_DIR, GiB, make_plan, resolve_config
-from r1v_quant.deploy.serve import (
-    VLLM_MISSING,
-    build_serve,
-    find_vllm,
-    flag_name,
-    human_int,
-    images_from_limit,
-    serve_args,
-    user_flags,
-)
-
+from r1v_quant.model.checkpoint import DATA_DIR, resolve_config
+from r1v_quant.model.config import parse_config
 from r1v_quant.model.generate import Sampling
 
 
@@ -53,7 +45,7 @@ def r1v_38b():
 
 def test_small_config_argv_is_exact():
     cfg = parse_config(small_config())
-    args = serve_args("/exports/tiny", cfg, 24 * GiB, ["--port", "8001"])
+    args = build_serve("/exports/tiny", cfg, 24 * GiB, ["--port", "8001"]).args
     n = plan_len(cfg, 24 * GiB)
     assert n == 4096        # the KV cache would hold more; capped at max_position_embeddings
     assert args == ["serve", "/exports/tiny", "--trust-remote-code", "--dtype", "bfloat16", "--max-model-len", str(n),
@@ -128,7 +120,7 @@ def test_cpu_offload_counts_toward_the_budget():
     (["--no-trust-remote-code"], "--trust-remote-code"),
 ])
 def test_user_flags_replace_ours(extra, ours_dropped):
-    args = serve_args("d", r1v_38b(), 80 * GiB, extra)
+    args = build_serve("d", r1v_38b(), 80 * GiB, extra).args
     ours = args[:-len(extra)]
     assert args[-len(extra):] == extra          # the user's flags, unchanged, last
     assert ours_dropped not in ours and not any(a.startswith(ours_dropped + "=") for a in ours)

@@ -92,12 +92,12 @@ def _cli(python: str, *args: str) -> float:
 
 def reference_cases(model_dir: Path, image: Path, max_new_tokens: int) -> list[dict]:
     """Our runtime's view of each case: the prompt vLLM must be given, its ids, and the greedy reply."""
+    import torch
+
     from r1v_quant.model.generate import Conversation, encode_conversation, greedy_ids
     from r1v_quant.model.images import load_image
-    from r1v_quant.model.r1v import load_model
     from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, render_chat
-
-    import torch
+    from r1v_quant.model.r1v import load_model
 
     loaded = load_model(model_dir, device="cpu")
     cases = []
@@ -326,7 +326,8 @@ def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, str
             i = _first_difference(got_prompt, case["prompt_ids"])
             _log(f"{case['name']}: prompt ids differ at {i}: vllm {got_prompt[max(0, (i or 0) - 5):(i or 0) + 5]} "
                  f"ours {case['prompt_ids'][max(0, (i or 0) - 5):(i or 0) + 5]}")
-        _log(f"{case['name']}: {'OK' if r['ok'] else 'FAIL'} ({'identical replies' if exact else 'replies differ at step ' + str(r['first_difference'])}); "
+        same = 'identical replies' if exact else 'replies differ at step ' + str(r['first_difference'])
+        _log(f"{case['name']}: {'OK' if r['ok'] else 'FAIL'} ({same}); "
              f"along our reply: {r['teacher_forced']}; LLM.chat agrees: {chat_ok}")
         _log(f"{case['name']}: vllm {got}")
         _log(f"{case['name']}: ours {case['output_ids']}")

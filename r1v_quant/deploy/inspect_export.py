@@ -21,47 +21,34 @@ The vLLM contract checked here (see design/AWQ-AND-VLLM.md):
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.model.config import R1VConfig, parse_config
-from r1v_quant.errors import UserError
-from r1v_quant.model.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
+from r1v_quant.deploy.checks import MAX_LISTED, Check, listing
 from r1v_quant.deploy.plan import (
-    COMPONENT_LABELS, COMPONENTS, MARLIN_GROUP_SIZES, ST_ITEMSIZE, TORCH_TO_ST, bytes_by_component, component_of,
-    effective_group, export_tensor_specs, model_dtype,
+    COMPONENT_LABELS,
+    COMPONENTS,
+    MARLIN_GROUP_SIZES,
+    bytes_by_component,
+    component_of,
+    export_tensor_specs,
+    model_dtype,
 )
+from r1v_quant.deploy.tensor_files import TensorInfo, read_tensors
+from r1v_quant.deploy.units import ST_TO_TORCH, TORCH_TO_ST
+from r1v_quant.errors import UserError
+from r1v_quant.int4.format import AWQ_DTYPE_NAMES, AWQ_LEAVES, PACK, awq_shapes, group_width, quant_field
+from r1v_quant.model.config import R1VConfig, parse_config
+from r1v_quant.model.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
 
-INDEX_NAME = "model.safetensors.index.json"
-AWQ_LEAVES = ("qweight", "qzeros", "scales")
-AWQ_DTYPES = {"qweight": "I32", "qzeros": "I32", "scales": "F16"}
-ST_TO_TORCH = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "I32": "int32", "I8": "int8", "U8": "uint8",
-               "I64": "int64", "F64": "float64", "BOOL": "bool", "I16": "int16", "F8_E4M3": "float8_e4m3fn",
-               "F8_E5M2": "float8_e5m2"}
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+# The stored tensors' safetensors codes.
+AWQ_DTYPES = {leaf: TORCH_TO_ST[name] for leaf, name in AWQ_DTYPE_NAMES.items()}
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 _REL_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_][\w.]*)?\s+import\s+([\w ,()]+)", re.MULTILINE)
-MAX_LISTED = 3
-
-
-@dataclass
-class TensorInfo:
-    name: str
-    dtype: str                 # safetensors code: BF16, F16, I32, ...
-    shape: tuple[int, ...]
-    nbytes: int
-    file: str
-
-
-@dataclass
-class Check:
-    name: str
-    status: str                # "pass", "warn" or "fail"
-    message: str
 
 
 @dataclass
@@ -105,53 +92,12 @@ class InspectReport:
 # Reading
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes, shapes and byte sizes from a safetensors header; ValueError if it is damaged."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 1024**2):
-            raise ValueError("header length exceeds the file")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError("header is not JSON") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    data_size = size - 8 - n
-    out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"entry {name} lacks dtype, shape or data_offsets") from None
-        if dtype not in ST_ITEMSIZE:
-            raise ValueError(f"tensor {name} has unknown dtype {dtype}")
-        nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
-        if end - begin != nbytes or end > data_size or begin < 0:
-            raise ValueError(f"tensor {name} has data offsets that do not match its shape or the file size")
-        out[name] = TensorInfo(name, dtype, shape, nbytes, path.name)
-    return out
-
-
 def vllm_prefix(module: str) -> str:
     """The prefix vLLM gives a module: q/k/v become `qkv_proj`, gate/up become `gate_up_proj` in the LLM."""
     if module.startswith("language_model.model.layers."):
         head, _, leaf = module.rpartition(".")
         return f"{head}.{_FUSED.get(leaf, leaf)}"
     return module
-
-
-def _listing(items: list[str], total: int | None = None) -> str:
-    total = len(items) if total is None else total
-    shown = ", ".join(items[:MAX_LISTED])
-    return shown + (f" and {total - MAX_LISTED} more" if total > MAX_LISTED else "")
 
 
 def _area(module: str) -> str:
@@ -180,10 +126,10 @@ def _check_quant_config(raw: dict[str, Any]) -> tuple[Check, dict[str, Any] | No
     method = str(top.get("quant_method", "")).lower()
     if method != "awq":
         problems.append(f"quant_method is {top.get('quant_method')!r}, not 'awq'")
-    bits = top.get("bits", top.get("w_bit"))
+    bits = quant_field(top, "bits")
     if bits != 4:
         problems.append(f"bits is {bits!r}, not 4")
-    group = top.get("group_size", top.get("q_group_size"))
+    group = quant_field(top, "group_size")
     if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
         problems.append(f"group_size is {group!r}, not a positive integer or -1")
         group = None
@@ -213,7 +159,7 @@ def _check_not_convert(qc: dict[str, Any], unquantised: list[str], quantised: li
     if uncovered:
         areas = ", ".join(f"{a}: {n}" for a, n in sorted(Counter(_area(m) for m in uncovered).items()))
         expose = (f"vLLM would expect 4-bit tensors for {len(uncovered)} unquantised linears ({areas}), "
-                  f"e.g. {_listing(uncovered)}")
+                  f"e.g. {listing(uncovered)}")
         if not entries:
             problems.append("modules_to_not_convert is missing or empty, so vLLM skips only vision_model (which it adds "
                             f"by itself): {expose}; list [\"vision_model\", \"mlp1\"] explicitly")
@@ -244,7 +190,7 @@ def _check_quantised_where(quantised: list[str]) -> Check:
     for area, mods in sorted(by_area.items()):
         what = {"vision_model": "the vision encoder's linears were quantised", "mlp1": "the projector mlp1 was quantised",
                 "lm_head": "lm_head was quantised"}.get(area, f"modules under {area} were quantised")
-        parts.append(f"{what} ({len(mods)} modules with qweight, e.g. {_listing(mods)})")
+        parts.append(f"{what} ({len(mods)} modules with qweight, e.g. {listing(mods)})")
     return Check(name, "fail", "; ".join(parts) + "; r1v-quant keeps everything but the decoder linears in bf16.")
 
 
@@ -272,7 +218,7 @@ def _check_awq_tensors(modules: dict[str, dict[str, TensorInfo]], quantised: lis
             problems.append(f"{m}: qweight/qzeros/scales are not 2-D")
             continue
         in_f, out_f, groups = qw[0], sc[1], sc[0]
-        if qw[1] * 8 != out_f or qz != (groups, qw[1]):
+        if qw[1] * PACK != out_f or qz != (groups, qw[1]):
             problems.append(f"{m}: qweight {list(qw)}, qzeros {list(qz)} and scales {list(sc)} disagree "
                             f"(want [in, out/8], [in/g, out/8], [in/g, out])")
             continue
@@ -281,7 +227,7 @@ def _check_awq_tensors(modules: dict[str, dict[str, TensorInfo]], quantised: lis
             continue
         g = in_f // groups
         inferred.add(-1 if groups == 1 else g)
-        if group is not None and effective_group(group, in_f) != g:
+        if group is not None and group_width(group, in_f) != g:
             problems.append(f"{m}: scales imply group size {g}, quantization_config says {group}")
         want = expected_shapes.get(m)
         if want is not None and (out_f, in_f) != want:
@@ -337,7 +283,7 @@ def _check_marlin(group: int | None, modules: dict[str, dict[str, TensorInfo]], 
             odd.append(f"{m} ({in_f}->{out_f})")
     if odd:
         notes.append(f"{len(odd)} linears have widths Marlin's tiles do not divide (outputs by 64, inputs by 128), "
-                     f"e.g. {_listing(odd)}")
+                     f"e.g. {listing(odd)}")
     if notes:
         return Check(name, "warn", "; ".join(notes) + ".")
     return Check(name, "pass", f"group size {group} and every linear's widths suit vLLM's Marlin kernels.")
@@ -379,76 +325,12 @@ def _check_remote_code(folder: Path, raw: dict[str, Any]) -> Check:
                     missing.append(f"{c} (imported by {f})")
     problems = []
     if missing:
-        problems.append(f"missing {_listing(sorted(set(missing)))}")
+        problems.append(f"missing {listing(sorted(set(missing)))}")
     if elsewhere:
-        problems.append(f"auto_map points at another repository's code, absent here: {_listing(sorted(set(elsewhere)))}")
+        problems.append(f"auto_map points at another repository's code, absent here: {listing(sorted(set(elsewhere)))}")
     if problems:
         return Check(name, "fail", "remote-code files for --trust-remote-code: " + "; ".join(problems) + ".")
     return Check(name, "pass", f"{', '.join(sorted(seen))} present.")
-
-
-def _read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], Check]:
-    """All tensors of the folder's safetensors files, and the index check."""
-    name = "safetensors index"
-    problems: list[str] = []
-    warnings: list[str] = []
-    files = sorted(p.name for p in folder.glob("*.safetensors"))
-    headers: dict[str, dict[str, TensorInfo]] = {}
-    for f in files:
-        try:
-            headers[f] = read_safetensors_header(folder / f)
-        except (ValueError, OSError) as e:
-            problems.append(f"{f} is not a readable safetensors file ({e})")
-    tensors: dict[str, TensorInfo] = {}
-    dupes = []
-    for f, h in headers.items():
-        for t, info in h.items():
-            if t in tensors:
-                dupes.append(f"{t} ({tensors[t].file} and {f})")
-            tensors[t] = info
-    if dupes:
-        problems.append(f"{len(dupes)} tensors stored twice, e.g. {_listing(dupes)}")
-    index_path = folder / INDEX_NAME
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            return tensors, Check(name, "fail", f"{INDEX_NAME} is not valid JSON with a weight_map.")
-        listed_shards = sorted(set(weight_map.values()))
-        absent = [s for s in listed_shards if s not in files]
-        if absent:
-            lost = sum(1 for s in weight_map.values() if s in absent)
-            problems.append(f"shard {_listing(absent)} named by the index is missing ({lost} tensors)")
-        misplaced = [t for t, s in weight_map.items() if s in headers and t not in headers[s]]
-        if misplaced:
-            problems.append(f"{len(misplaced)} tensors listed in the index are not in their shard, e.g. {_listing(misplaced)}")
-        unlisted = [t for s in listed_shards if s in headers for t in headers[s] if weight_map.get(t) != s]
-        if unlisted:
-            problems.append(f"{len(unlisted)} tensors in the shards are not listed in the index, e.g. {_listing(unlisted)}")
-        stray = [f for f in files if f not in listed_shards]
-        if stray:
-            warnings.append(f"{_listing(stray)} not named by the index (loaders ignore it)")
-        total = (index.get("metadata") or {}).get("total_size")
-        actual = sum(i.nbytes for s in listed_shards if s in headers for i in headers[s].values())
-        if total is not None and total != actual and not absent:
-            warnings.append(f"index metadata total_size {total} differs from the shards' tensor bytes {actual}")
-        summary = f"{len(listed_shards)} shards, {len(weight_map)} tensors, all listed and present"
-    elif not files:
-        problems.append("the folder holds no .safetensors files")
-        summary = ""
-    elif len(files) > 1:
-        warnings.append(f"{len(files)} safetensors files but no {INDEX_NAME}; transformers needs the index")
-        summary = f"{len(files)} files"
-    else:
-        summary = f"single file {files[0]}, {len(tensors)} tensors"
-    if problems:
-        return tensors, Check(name, "fail", "; ".join(problems + warnings) + ".")
-    if warnings:
-        return tensors, Check(name, "warn", "; ".join(warnings) + ".")
-    return tensors, Check(name, "pass", summary + ".")
 
 
 def _check_layout(cfg: R1VConfig, tensors: dict[str, TensorInfo], quantised: set[str], group: int | None) -> Check:
@@ -464,12 +346,12 @@ def _check_layout(cfg: R1VConfig, tensors: dict[str, TensorInfo], quantised: set
                     expected[f"{module}.{q}"] = ((), None)   # shapes already checked under "AWQ tensors"
                 continue
             out_f, in_f = shape
-            g = effective_group(group, in_f)
-            if in_f % g:
-                continue
-            expected[f"{module}.qweight"] = ((in_f, out_f // 8), "I32")
-            expected[f"{module}.qzeros"] = ((in_f // g, out_f // 8), "I32")
-            expected[f"{module}.scales"] = ((in_f // g, out_f), "F16")
+            try:
+                leaves = awq_shapes(out_f, in_f, group)
+            except UserError:
+                continue  # reported under "AWQ tensors"
+            for q, (qshape, qdtype) in leaves.items():
+                expected[f"{module}.{q}"] = (qshape, TORCH_TO_ST[qdtype])
         else:
             expected[tname] = (tuple(shape), dtype)
     missing = [t for t in expected if t not in tensors]
@@ -480,14 +362,14 @@ def _check_layout(cfg: R1VConfig, tensors: dict[str, TensorInfo], quantised: set
                           if t in tensors and d == dtype and tensors[t].dtype != dtype})
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensors the config implies are missing, e.g. {_listing(missing)}")
+        problems.append(f"{len(missing)} tensors the config implies are missing, e.g. {listing(missing)}")
     if wrong_shape:
-        problems.append(f"{len(wrong_shape)} tensors have the wrong shape, e.g. {_listing(wrong_shape)}")
+        problems.append(f"{len(wrong_shape)} tensors have the wrong shape, e.g. {listing(wrong_shape)}")
     if problems:
         return Check(name, "fail", "; ".join(problems) + ".")
     notes = []
     if extra:
-        notes.append(f"{len(extra)} tensors the config does not imply, e.g. {_listing(extra)} (vLLM may reject them)")
+        notes.append(f"{len(extra)} tensors the config does not imply, e.g. {listing(extra)} (vLLM may reject them)")
     if other_dtype:
         notes.append(f"unquantised tensors stored as {', '.join(other_dtype)} while config.json says {model_dtype(cfg)}")
     if notes:
@@ -524,7 +406,7 @@ def inspect(folder: str | Path) -> InspectReport:
         cfg = None
         checks.append(Check("config", "fail", str(e)))
 
-    tensors, index_check = _read_tensors(folder)
+    tensors, index_check = read_tensors(folder)
     modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
     for t, info in tensors.items():
         module, _, leaf = t.rpartition(".")
@@ -579,7 +461,7 @@ def inspect(folder: str | Path) -> InspectReport:
         off = [f"{c.name} {c.bytes - c.planned_bytes:+,d} B" for c in components if c.planned_bytes != c.bytes]
         if off:
             checks.append(Check("sizes match the plan", "warn", f"tensor bytes differ from `r1v-quant plan`'s prediction "
-                                                                 f"for this config: {_listing(off)}."))
+                                                                 f"for this config: {listing(off)}."))
         else:
             checks.append(Check("sizes match the plan", "pass", f"tensor bytes equal `r1v-quant plan`'s prediction, "
                                                                  f"{total:,d} B."))
@@ -588,7 +470,7 @@ def inspect(folder: str | Path) -> InspectReport:
     layers = sorted({int(m.split(".")[3]) for m in quantised if is_quant_linear(m)})
     quant_summary = {
         "format": "AutoAWQ GEMM (qweight/qzeros int32, scales float16)" if quantised else None,
-        "bits": (qc or {}).get("bits", (qc or {}).get("w_bit")),
+        "bits": quant_field(qc or {}, "bits"),
         "group_size": group_used,
         "zero_point": (qc or {}).get("zero_point"),
         "modules": len(quantised),

@@ -45,30 +45,17 @@ Card sizes are taken as GiB (what `nvidia-smi` reports for a "24 GB" card is abo
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from r1v_quant.model.config import R1VConfig, load_config, parse_config
+from r1v_quant.deploy.units import KV_DTYPE_BYTES, GiB, dtype_bytes, parse_size, spec_bytes
 from r1v_quant.errors import UserError
-from r1v_quant.model.layout import awq_shapes, checkpoint_shapes, is_quant_linear, llm_linear_shapes
+from r1v_quant.int4.format import AWQ_LEAVES, awq_shapes, check_awq_shape, read_quantization_config
+from r1v_quant.model.checkpoint import resolve_config
+from r1v_quant.model.config import R1VConfig
+from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear, llm_linear_shapes
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-
-# Built-in configs, so planning works offline for the models this project targets.
-BUILTIN_CONFIGS = {"r1v-38b": "r1v-38b.json"}
-ALIASES = {
-    "r1v-38b": "r1v-38b",
-    "skywork-r1v-38b": "r1v-38b",
-    "skywork/skywork-r1v-38b": "r1v-38b",
-}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-GiB = 1024**3
 DEFAULT_CARDS_GIB = (24, 32, 40, 48, 80)
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 BLOCK_TOKENS = 16                      # vLLM's KV block size
@@ -89,79 +76,6 @@ COMPONENT_LABELS = {
     "other": "other tensors",
 }
 
-# safetensors dtype codes and sizes; torch dtype names map onto them.
-ST_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}
-TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "int32": "I32", "int8": "I8", "uint8": "U8"}
-KV_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "auto": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the config
-
-
-def builtin_config_path(name: str) -> Path:
-    return DATA_DIR / BUILTIN_CONFIGS[name]
-
-
-def _load_json_config(path: Path) -> R1VConfig:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a readable JSON config ({e}).") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} does not hold a JSON object.")
-    return parse_config(raw, str(path))
-
-
-def resolve_config(spec: str) -> tuple[R1VConfig, str]:
-    """The config for `--model`, and a description of where it came from.
-
-    Order: a local folder (its config.json) or a config .json file; a Hugging Face id's config.json
-    in the local cache; a built-in config for a known alias (`r1v-38b`, `Skywork/Skywork-R1V-38B`);
-    finally the hub, fetching config.json only (never the weights) unless HF_HUB_OFFLINE is set.
-    """
-    text = str(spec).strip()
-    if not text:
-        raise UserError("--model is empty; pass a checkpoint folder, a config.json, a Hugging Face id or r1v-38b.")
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return load_config(path), str(path)
-    if path.is_file():
-        return _load_json_config(path), str(path)
-    alias = ALIASES.get(text.lower())
-    is_hub_id = bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
-    if is_hub_id:
-        cached = _cached_hub_config(text)
-        if cached is not None:
-            return _load_json_config(cached), f"{text} (local Hugging Face cache)"
-    if alias is not None:
-        return _load_json_config(builtin_config_path(alias)), f"{text} (built-in config {BUILTIN_CONFIGS[alias]})"
-    if not is_hub_id:
-        known = ", ".join(sorted(ALIASES))
-        raise UserError(f"{text} is not a folder, a config file, a Hugging Face id or a known model ({known}).")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise UserError(f"{text} has no config.json in the local Hugging Face cache and HF_HUB_OFFLINE is set.")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return _load_json_config(Path(hf_hub_download(text, "config.json"))), f"{text} (config.json from the hub)"
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end the same way
-        raise UserError(f"{text} is not in the local cache and its config.json could not be fetched ({type(e).__name__}).") from None
-
-
-def _cached_hub_config(repo_id: str) -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # noqa: BLE001 - a broken cache is the same as no cache here
-        return None
-    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,14 +93,6 @@ def model_dtype(cfg: R1VConfig) -> str:
     return "bfloat16"
 
 
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a torch dtype name or a safetensors code."""
-    code = TORCH_TO_ST.get(dtype, dtype)
-    if code not in ST_ITEMSIZE:
-        raise UserError(f"unknown tensor dtype {dtype!r}.")
-    return ST_ITEMSIZE[code]
-
-
 def component_of(name: str) -> str:
     """Which plan component a tensor (by checkpoint name) belongs to."""
     if name.startswith("vision_model."):
@@ -199,26 +105,16 @@ def component_of(name: str) -> str:
         return "lm_head"
     if name.startswith("language_model."):
         module, _, leaf = name.rpartition(".")
-        if leaf in ("weight", "qweight", "qzeros", "scales") and is_quant_linear(module):
+        if (leaf == "weight" or leaf in AWQ_LEAVES) and is_quant_linear(module):
             return "llm_linears"
         return "llm_other"
     return "other"
 
 
-def effective_group(group_size: int, in_features: int) -> int:
-    return in_features if group_size == -1 else group_size
-
-
-def check_group_size(cfg: R1VConfig, group_size: int) -> None:
+def check_linears_fit(cfg: R1VConfig, group_size: int) -> None:
     """Raise UserError unless every quantised linear can be packed with this group size."""
-    if group_size != -1 and group_size <= 0:
-        raise UserError(f"group size {group_size} is invalid; use a positive size such as 128, or -1 for one group per row.")
     for name, (out_f, in_f) in llm_linear_shapes(cfg, 0).items():
-        short = name.split(".", 4)[-1]
-        if in_f % effective_group(group_size, in_f):
-            raise UserError(f"group size {group_size} does not divide the input width {in_f} of {short}.")
-        if out_f % 8:
-            raise UserError(f"{short} has {out_f} outputs, not a multiple of 8, so it cannot be packed 8 per int32.")
+        check_awq_shape(out_f, in_f, group_size, name.split(".", 4)[-1])
 
 
 def source_tensor_specs(cfg: R1VConfig, dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -227,24 +123,21 @@ def source_tensor_specs(cfg: R1VConfig, dtype: str | None = None) -> dict[str, t
     return {name: (tuple(shape), dtype) for name, shape in checkpoint_shapes(cfg).items()}
 
 
-def export_tensor_specs(cfg: R1VConfig, group_size: int = 128, dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+def export_tensor_specs(cfg: R1VConfig, group_size: int = 128,
+                        dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor of our AWQ GEMM export: name -> (shape, dtype name)."""
     dtype = dtype or model_dtype(cfg)
-    check_group_size(cfg, group_size)
+    check_linears_fit(cfg, group_size)
     specs: dict[str, tuple[tuple[int, ...], str]] = {}
     for name, shape in checkpoint_shapes(cfg).items():
         module, _, leaf = name.rpartition(".")
         if leaf == "weight" and is_quant_linear(module):
             out_f, in_f = shape
-            for suffix, (qshape, qdtype) in awq_shapes(out_f, in_f, effective_group(group_size, in_f)).items():
+            for suffix, (qshape, qdtype) in awq_shapes(out_f, in_f, group_size).items():
                 specs[f"{module}.{suffix}"] = (tuple(qshape), qdtype)
         else:
             specs[name] = (tuple(shape), dtype)
     return specs
-
-
-def spec_bytes(shape: tuple[int, ...], dtype: str) -> int:
-    return math.prod(shape) * dtype_bytes(dtype)
 
 
 def bytes_by_component(specs: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, int]:
@@ -343,30 +236,6 @@ def fit_status(tokens: int) -> str:
     if tokens < LONG_CONTEXT:
         return "short"
     return "ok"
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNIT = {"": GiB, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-         "g": GiB, "gb": 1000**3, "gib": GiB, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
-
-
-def human_bytes(n: int) -> str:
-    """Bytes in binary units: '28.48 GiB', '2.84 MiB'."""
-    for unit, size in (("TiB", 1024**4), ("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n:,d} B"
-
-
-def parse_size(text: str, flag: str = "--gpu-mem entry", minimum: int = GiB) -> int:
-    """'24GiB' -> bytes; GB/MB are decimal, GiB/MiB binary; a bare number is GiB (a card's nominal size)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise UserError(f"{flag} {text!r} is not a size such as 24GiB, 30GB or 81559MiB.")
-    value = float(m.group(1)) * _UNIT[(m.group(2) or "").lower()]
-    if value < minimum:
-        raise UserError(f"{flag} {text!r} is under {human_bytes(minimum)}; write the unit, e.g. 24GiB.")
-    return int(value)
 
 
 def parse_gpu_mems(text: str | None) -> list[tuple[str, int]]:
@@ -537,19 +406,21 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
     if not 0 < util <= 1:
         raise UserError(f"--util {util} must lie in (0, 1], e.g. 0.9.")
     notes: list[str] = []
-    qcfg = cfg.quantization or cfg.llm.get("quantization_config")
+    qcfg = cfg.quantization if cfg.quantization is not None else cfg.llm.get("quantization_config")
     already = qcfg is not None
     bits = 4
     if already:
-        method = str(qcfg.get("quant_method", "")).lower()
-        if method not in ("awq", "awq_marlin", "auto_awq"):
-            raise UserError(f"{source or 'the config'} is quantised with {method or 'an unnamed method'}; plan knows AWQ only.")
-        bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
+        qc = read_quantization_config(qcfg, source or "the config")
+        if not qc.is_awq:
+            raise UserError(f"{source or 'the config'} is quantised with {qc.quant_method or 'an unnamed method'}; "
+                            "plan knows AWQ only.")
+        bits = 4 if qc.bits is None else qc.bits
         if bits != 4:
             raise UserError(f"{source or 'the config'} uses {bits}-bit AWQ; only 4-bit is supported.")
-        found = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
+        found = qc.group_size
         if group_size is not None and group_size != found:
-            raise UserError(f"{source or 'the folder'} is already quantised with group size {found}; drop --group-size or pass {found}.")
+            raise UserError(f"{source or 'the folder'} is already quantised with group size {found}; "
+                            f"drop --group-size or pass {found}.")
         group_size = found
         notes.append(f"{source or 'the config'} already holds an AWQ quantization_config (group size {found}): "
                      "planned as that export, assuming the standard layout (LLM decoder linears quantised, the rest unchanged).")

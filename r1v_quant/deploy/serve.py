@@ -27,17 +27,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from r1v_quant.model.config import R1VConfig
+from r1v_quant.deploy.plan import DEFAULT_MAX_BATCHED_TOKENS, MIN_USEFUL_CONTEXT, CardFit, make_plan, max_tiles
+from r1v_quant.deploy.units import GiB, human_int
 from r1v_quant.errors import UserError
-from r1v_quant.deploy.plan import (
-    DEFAULT_MAX_BATCHED_TOKENS,
-    MIN_USEFUL_CONTEXT,
-    CardFit,
-    GiB,
-    make_plan,
-    max_tiles,
-)
+from r1v_quant.model.config import R1VConfig
 
 VLLM_MISSING = ("vLLM is not installed; pip install 'r1v-quant[vllm]' on a CUDA machine, "
                 "or see scripts/vllm-env.sh for CPU checks.")
@@ -101,22 +96,6 @@ def user_value(extra: Sequence[str], name: str) -> str | None:
     return found
 
 
-_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def human_int(text: str) -> int:
-    """An integer as vLLM reads one: '2048', '8k' (8000) or '8K' (8192)."""
-    text = text.strip()
-    suffix = text[-1:] if text[-1:] in _DECIMAL or text[-1:] in _BINARY else ""
-    number = text[: len(text) - len(suffix)]
-    if suffix in _BINARY:
-        return int(number) * _BINARY[suffix]
-    if suffix:
-        return int(float(number) * _DECIMAL[suffix])
-    return int(number)
-
-
 def _number(extra: Sequence[str], name: str, kind, default):
     text = user_value(extra, name)
     if text is None:
@@ -162,6 +141,33 @@ def gpu_memory() -> tuple[int, str] | None:
         return None
 
 
+def vllm_settings(images_per_prompt: int, util: float, max_model_len: int | None = None) -> dict[str, Any]:
+    """What this model needs from vLLM (see the module doc), as `vllm.LLM` keyword arguments;
+    `serve_flags` spells the same settings for `vllm serve`."""
+    out: dict[str, Any] = {"trust_remote_code": True, "dtype": "bfloat16"}
+    if max_model_len is not None:
+        out["max_model_len"] = int(max_model_len)
+    out["limit_mm_per_prompt"] = {"image": images_per_prompt}
+    out["gpu_memory_utilization"] = util
+    return out
+
+
+def serve_flags(settings: dict[str, Any], skip: set[str] = frozenset()) -> list[str]:
+    """`vllm serve` flags for `vllm_settings`, leaving out the flags (dashed names) in `skip`."""
+    args: list[str] = []
+    for key, value in settings.items():
+        flag = key.replace("_", "-")
+        if flag in skip:
+            continue
+        if value is True:
+            args.append(f"--{flag}")
+        elif isinstance(value, dict):
+            args += [f"--{flag}", json.dumps(value)]
+        else:
+            args += [f"--{flag}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return args
+
+
 def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, extra_args: Sequence[str] = (),
                 util: float = DEFAULT_UTIL, images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT,
                 gpu_label: str | None = None) -> ServeCommand:
@@ -191,15 +197,10 @@ def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, ex
     chunk = _number(extra, "max-num-batched-tokens", human_int, DEFAULT_MAX_BATCHED_TOKENS)
     offload_gb = _number(extra, "cpu-offload-gb", float, 0.0)
 
-    args = ["serve", str(model_dir)]
-    if "trust-remote-code" not in given:
-        args.append("--trust-remote-code")
-    if "dtype" not in given:
-        args += ["--dtype", "bfloat16"]
-    elif (user_value(extra, "dtype") or "").lower() in ("half", "float16", "fp16"):
+    if "dtype" in given and (user_value(extra, "dtype") or "").lower() in ("half", "float16", "fp16"):
         notes.append("--dtype float16 was kept as given, but fp16 AWQ kernels overflow on Qwen2; bfloat16 is safer.")
 
-    result = ServeCommand(args, notes)
+    result = ServeCommand([], notes)
     if "max-model-len" in given:
         notes.append("--max-model-len as given (vLLM 0.32 and later also take 'auto', which measures the card); "
                      "`r1v-quant plan` shows what fits each GPU.")
@@ -220,7 +221,6 @@ def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, ex
             raise UserError(
                 f"{model_dir} does not fit the {label} at --gpu-memory-utilization {run_util} ({card.reason}); "
                 "pass --max-model-len yourself to try anyway, or see `r1v-quant plan` for what would fit.")
-        args += ["--max-model-len", str(card.max_model_len)]
         result.max_model_len = card.max_model_len
         detail = f"{card.max_context:,d} tokens of KV cache fit the {label} at {run_util:.0%}"
         if card.max_model_len < card.max_context:
@@ -235,18 +235,9 @@ def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, ex
                 notes.append(f"{images} images at the most tiles take {images * per_image:,d} tokens, more than the "
                              "context; smaller images take fewer.")
 
-    if "limit-mm-per-prompt" not in given:
-        args += ["--limit-mm-per-prompt", json.dumps({"image": images_per_prompt})]
-    if "gpu-memory-utilization" not in given:
-        args += ["--gpu-memory-utilization", f"{util:g}"]
-    args += extra
+    settings = vllm_settings(images_per_prompt, util, result.max_model_len)
+    result.args = ["serve", str(model_dir), *serve_flags(settings, given), *extra]
     return result
-
-
-def serve_args(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, extra_args: Sequence[str] = (),
-               util: float = DEFAULT_UTIL, images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT) -> list[str]:
-    """The `vllm serve` arguments (after the executable): ['serve', DIR, '--trust-remote-code', ...]."""
-    return build_serve(model_dir, cfg, gpu_bytes, extra_args, util=util, images_per_prompt=images_per_prompt).args
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.errors import UserError
 from r1v_quant.deploy.serve import VLLM_MISSING
-
-IMAGE_PLACEHOLDER = "<image>"   # vLLM's SkyworkR1VChatModel.get_placeholder_str("image", i)
+from r1v_quant.errors import UserError
+from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, with_image_placeholders
 
 
 def import_vllm():
@@ -34,15 +33,15 @@ def import_vllm():
             raise UserError(VLLM_MISSING) from None
         raise UserError(f"vLLM is installed but does not import here: module {e.name} is missing.") from None
     except Exception as e:  # noqa: BLE001 - broken native deps surface as many error types
-        raise UserError(f"vLLM is installed but does not import here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"vLLM is installed but does not import here ({type(e).__name__}: {first}).") from None
     return vllm
 
 
 def with_placeholders(prompt: str, n_images: int) -> str:
     """The user text with exactly one `<image>` per image: kept where the user wrote them, else prepended."""
+    prompt = with_image_placeholders(prompt, n_images)
     found = prompt.count(IMAGE_PLACEHOLDER)
-    if found == 0:
-        return f"{IMAGE_PLACEHOLDER}\n" * n_images + prompt
     if found != n_images:
         raise UserError(f"the prompt has {found} {IMAGE_PLACEHOLDER} markers but {n_images} images were given; "
                         f"use one marker per image, or none to put the images first.")
@@ -108,19 +107,18 @@ class EngineSettings:
 def engine_kwargs(model: str, n_images: int, gpu_bytes: int | None = None, max_model_len: int | None = None,
                   util: float = 0.9) -> EngineSettings:
     """`vllm.LLM` arguments for this model; max_model_len from the plan when a GPU is known."""
-    kwargs: dict[str, Any] = {"model": str(model), "trust_remote_code": True, "dtype": "bfloat16",
-                              "limit_mm_per_prompt": {"image": n_images}, "gpu_memory_utilization": util}
+    from r1v_quant.deploy.serve import gpu_memory, vllm_settings
+
+    kwargs: dict[str, Any] = {"model": str(model), **vllm_settings(n_images, util, max_model_len)}
     if max_model_len is not None:
-        kwargs["max_model_len"] = int(max_model_len)
         return EngineSettings(kwargs, f"max_model_len {max_model_len} as given")
     if gpu_bytes is None:
-        from r1v_quant.deploy.serve import gpu_memory
-
         found = gpu_memory()
         gpu_bytes = found[0] if found else None
     if gpu_bytes is None:
         return EngineSettings(kwargs, "no CUDA GPU found: max_model_len left to vLLM")
-    from r1v_quant.deploy.plan import make_plan, resolve_config
+    from r1v_quant.deploy.plan import make_plan
+    from r1v_quant.model.checkpoint import resolve_config
 
     cfg, source = resolve_config(str(model))
     card = make_plan(cfg, source=source, util=util, gpu_mems=[("GPU", gpu_bytes)], images=n_images > 0).cards[0]

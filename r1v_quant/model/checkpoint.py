@@ -15,6 +15,24 @@ from r1v_quant.errors import UserError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+# Configs shipped with r1v-quant, so planning works offline for the models it targets.
+BUILTIN_CONFIGS = {"r1v-38b": "r1v-38b.json"}
+ALIASES = {
+    "r1v-38b": "r1v-38b",
+    "skywork-r1v-38b": "r1v-38b",
+    "skywork/skywork-r1v-38b": "r1v-38b",
+}
+
+
+def is_hub_id(text: str) -> bool:
+    """True for text shaped like a Hugging Face id (`owner/name`) rather than a path."""
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids reaching the hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
@@ -25,7 +43,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
             raise UserError(f"{path} is a file; --model takes a checkpoint folder or a Hugging Face id.")
         return path
     text = str(spec)
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+    if not is_hub_id(text):
         raise UserError(f"{text} does not exist.")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -36,13 +54,15 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         pass
     except Exception:  # noqa: BLE001 - any cache problem falls through to a download attempt
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise UserError(f"{text} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or pass a folder.")
+    if hub_offline():
+        raise UserError(f"{text} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                        "download it first or pass a folder.")
     try:
         return Path(snapshot_download(text))
     except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end the same way for the user
         raise UserError(
-            f"{text} is neither a local folder nor in the Hugging Face cache, and the hub could not provide it ({type(e).__name__})."
+            f"{text} is neither a local folder nor in the Hugging Face cache, and the hub could not provide it "
+            f"({type(e).__name__})."
         ) from None
 
 
@@ -67,6 +87,68 @@ def check_inside(model_dir: Path, name: str, source: str) -> None:
     if not isinstance(name, str) or os.path.isabs(name) or ".." in Path(name).parts or \
             not is_inside(model_dir, Path(model_dir) / name):
         raise UserError(f"{source} names {name!r}, which lies outside {model_dir}; refusing to read it.")
+
+
+def _json_config(path: Path):
+    from r1v_quant.model.config import parse_config
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable JSON config ({e}).") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} does not hold a JSON object.")
+    return parse_config(raw, str(path))
+
+
+def _cached_hub_config(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - a broken cache is the same as no cache here
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def resolve_config(spec: str):
+    """The R1VConfig for `--model` when only the config is needed, and where it came from.
+
+    Like `resolve_model`, and also a config .json file, or a built-in config for a known alias
+    (`r1v-38b`, `Skywork/Skywork-R1V-38B`) when the hub id is not cached; from the hub it fetches
+    config.json only, never the weights.
+    """
+    from r1v_quant.model.config import load_config
+
+    text = str(spec).strip()
+    if not text:
+        raise UserError("--model is empty; pass a checkpoint folder, a config.json, a Hugging Face id or r1v-38b.")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return load_config(path), str(path)
+    if path.is_file():
+        return _json_config(path), str(path)
+    alias = ALIASES.get(text.lower())
+    if is_hub_id(text):
+        cached = _cached_hub_config(text)
+        if cached is not None:
+            return _json_config(cached), f"{text} (local Hugging Face cache)"
+    if alias is not None:
+        return _json_config(DATA_DIR / BUILTIN_CONFIGS[alias]), f"{text} (built-in config {BUILTIN_CONFIGS[alias]})"
+    if not is_hub_id(text):
+        known = ", ".join(sorted(ALIASES))
+        raise UserError(f"{text} is not a folder, a config file, a Hugging Face id or a known model ({known}).")
+    if hub_offline():
+        raise UserError(f"{text} has no config.json in the local Hugging Face cache and HF_HUB_OFFLINE is set.")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _json_config(Path(hf_hub_download(text, "config.json"))), f"{text} (config.json from the hub)"
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end the same way
+        raise UserError(f"{text} is not in the local cache and its config.json could not be fetched "
+                        f"({type(e).__name__}).") from None
 
 
 class Checkpoint:
@@ -136,9 +218,6 @@ class Checkpoint:
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.shard_of[name]).get_slice(name).get_shape())
-
-    def dtype_of(self, name: str) -> str:
-        return self._handle(self.shard_of[name]).get_slice(name).get_dtype()
 
     def with_prefix(self, prefix: str) -> list[str]:
         return [n for n in self.shard_of if n.startswith(prefix)]

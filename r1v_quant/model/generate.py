@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from r1v_quant.model.images import load_image, preprocess
-from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, expand_image_placeholders, render_chat, split_thinking
+from r1v_quant.model.prompt import expand_image_placeholders, render_chat, split_thinking, with_image_placeholders
 
 
 @dataclass
@@ -48,9 +48,7 @@ class Conversation:
 
     def add_user(self, text: str, images: list[Image.Image] | None = None) -> None:
         images = list(images or [])
-        if images and IMAGE_PLACEHOLDER not in text:
-            text = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + text
-        self.turns.append(Turn("user", text, images))
+        self.turns.append(Turn("user", with_image_placeholders(text, len(images)), images))
 
     def add_assistant(self, text: str) -> None:
         self.turns.append(Turn("assistant", text))
@@ -61,6 +59,18 @@ class Conversation:
     @property
     def images(self) -> list[Image.Image]:
         return [im for t in self.turns for im in t.images]
+
+
+def user_turn(text: str, images: list[Image.Image] | None = None) -> Conversation:
+    """A conversation of one user message: how a single question (a sample, a prompt) is posed."""
+    conv = Conversation()
+    conv.add_user(text, images)
+    return conv
+
+
+def encode_prompt(cfg, tok, text: str, images: list[Image.Image] | None = None):
+    """`encode_conversation` of one user message: (ids [1, T], pixel values or None, tiles per image)."""
+    return encode_conversation(cfg, tok, user_turn(text, images))
 
 
 def encode_conversation(cfg, tok, conv: Conversation) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
@@ -158,6 +168,5 @@ def greedy_ids(model_dir, prompt_text: str, max_new_tokens: int = 16, image_path
     from r1v_quant.model.r1v import load_model
 
     loaded = load_model(model_dir, device=device)
-    conv = Conversation()
-    conv.add_user(prompt_text, [load_image(Path(p)) for p in image_paths])
+    conv = user_turn(prompt_text, [load_image(Path(p)) for p in image_paths])
     return reply_to(loaded, conv, Sampling(greedy=True, max_new_tokens=max_new_tokens)).token_ids

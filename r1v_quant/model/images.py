@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from r1v_quant.model.config import R1VConfig
 from r1v_quant.errors import UserError
+from r1v_quant.model.config import R1VConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

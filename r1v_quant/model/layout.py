@@ -10,7 +10,6 @@ import re
 
 from r1v_quant.model.config import R1VConfig
 
-LLM_PREFIX = "language_model."
 # The Qwen2 linears that AWQ quantises; everything else stays in the source dtype.
 QUANT_LINEAR_SUFFIXES = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -119,15 +118,6 @@ def checkpoint_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
     return {**vision_shapes(cfg), **projector_shapes(cfg), **llm_shapes(cfg)}
 
 
-def awq_shapes(out_features: int, in_features: int, group_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """AutoAWQ GEMM tensors of one linear: suffix -> (shape, dtype name)."""
-    return {
-        "qweight": ((in_features, out_features // 8), "int32"),
-        "qzeros": ((in_features // group_size, out_features // 8), "int32"),
-        "scales": ((in_features // group_size, out_features), "float16"),
-    }
-
-
 # Which config keys set a tensor's shape (first match wins), to name them when the weights disagree.
 _SHAPE_KEYS = (
     ("embed_tokens.", ("llm_config", "vocab_size", "hidden_size")),
@@ -147,7 +137,7 @@ _PROJ_KEYS = {"gate_proj": ("intermediate_size",), "up_proj": ("intermediate_siz
 def shape_keys(cfg: R1VConfig, name: str) -> str:
     """'llm_config intermediate_size 999' for the keys that shape tensor `name`."""
     proj = re.search(r"\.(\w+_proj)\.", name)
-    if proj and name.startswith(LLM_PREFIX):
+    if proj and name.startswith("language_model."):
         section, keys = "llm_config", _PROJ_KEYS[proj.group(1)]
     else:
         section, *keys = next(v for part, v in _SHAPE_KEYS if part in name)

@@ -28,16 +28,20 @@ def image_block(tiles: int, num_image_token: int) -> str:
     return IMG_START + IMG_CONTEXT * (num_image_token * tiles) + IMG_END
 
 
+def with_image_placeholders(text: str, n_images: int) -> str:
+    """The text as written when it places any `<image>`; else one `<image>` per image up front, one per
+    line, as the vendor's chat scripts and vLLM's processor do."""
+    if n_images and IMAGE_PLACEHOLDER not in text:
+        return (IMAGE_PLACEHOLDER + "\n") * n_images + text
+    return text
+
+
 def expand_image_placeholders(text: str, tiles_per_image: Sequence[int], num_image_token: int) -> str:
     """Replace each `<image>`, in order, by its image's `<img><IMG_CONTEXT>...</img>` block."""
     if any(t < 1 for t in tiles_per_image):
         raise ValueError(f"every image needs at least one tile, got tiles_per_image={list(tiles_per_image)}.")
+    text = with_image_placeholders(text, len(tiles_per_image))
     found = text.count(IMAGE_PLACEHOLDER)
-    if found == 0 and tiles_per_image:
-        # A prompt that names no position gets its images up front, one per line, as the
-        # vendor's chat scripts do.
-        text = (IMAGE_PLACEHOLDER + "\n") * len(tiles_per_image) + text
-        found = len(tiles_per_image)
     if found != len(tiles_per_image):
         raise UserError(
             f"The prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) but {len(tiles_per_image)} image(s) "

@@ -9,13 +9,15 @@ import torch
 from torch import nn
 from transformers import Qwen2ForCausalLM
 
+from r1v_quant.errors import UserError
+from r1v_quant.int4.format import read_quantization_config
+from r1v_quant.int4.linear import swap_to_empty_awq
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import R1VConfig, load_config
-from r1v_quant.model.layout import check_checkpoint_shapes
-from r1v_quant.errors import UserError
+from r1v_quant.model.layout import check_checkpoint_shapes, llm_linear_shapes
 from r1v_quant.model.projector import make_projector, tokens_from_patches
-from r1v_quant.model.vision import VisionModel
 from r1v_quant.model.prompt import IMG_CONTEXT, merge_image_embeddings
+from r1v_quant.model.vision import VisionModel
 
 
 class R1VModel(nn.Module):
@@ -84,28 +86,17 @@ def build_empty(cfg: R1VConfig) -> R1VModel:
     """The module tree on the meta device: shapes and names only, no memory."""
     with torch.device("meta"):
         model = R1VModel(cfg)
-    if cfg.quantization:
+    if cfg.quantization is not None:
         swap_quantized(model, cfg)
     return model
 
 
 def swap_quantized(model: R1VModel, cfg: R1VConfig) -> None:
     """Give an export's quantised linears their AWQ form before its tensors are assigned."""
-    from r1v_quant.model.layout import llm_linear_shapes
-    from r1v_quant.quant.linear import swap_to_empty_awq
-
-    q = cfg.quantization or {}
-    method = q.get("quant_method")
-    bits = q.get("bits", q.get("w_bit"))
-    if method not in ("awq", "awq_marlin", "auto_awq") or bits != 4 or not q.get("zero_point", True):
-        raise UserError(
-            f"quantization_config {method!r} with {bits} bits is not supported; r1v-quant loads 4-bit AWQ (zero point) exports."
-        )
-    if str(q.get("version", "gemm")).lower() != "gemm":
-        raise UserError(f"AWQ version {q.get('version')!r} is not supported; r1v-quant loads the GEMM layout.")
-    group = int(q.get("group_size", q.get("q_group_size", 128)))
+    qc = read_quantization_config(cfg.quantization)
+    qc.check_loadable("config.json")
     names = [n for i in range(cfg.num_layers) for n in llm_linear_shapes(cfg, i)]
-    swap_to_empty_awq(model, names, group)
+    swap_to_empty_awq(model, names, qc.group_size)
 
 
 def load_front(cfg: R1VConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> R1VModel:

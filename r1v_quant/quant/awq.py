@@ -7,8 +7,8 @@ float function is unchanged, and `search_clip` shrinks each weight group's range
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn

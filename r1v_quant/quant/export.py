@@ -12,6 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from r1v_quant.errors import UserError
+from r1v_quant.int4.format import AWQ_LEAVES, quantization_config
 from r1v_quant.model.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, ShardWriter, is_inside
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import MODULES_TO_NOT_CONVERT, is_quant_linear
@@ -22,20 +23,9 @@ _SKIP_SIDE = {"config.json", INDEX_NAME, SINGLE_NAME, "README.md", ".gitattribut
 _SKIP_SUFFIX = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
-def quantization_config(group_size: int) -> dict:
-    return {
-        "quant_method": "awq",
-        "bits": 4,
-        "group_size": group_size,
-        "zero_point": True,
-        "version": "gemm",
-        "modules_to_not_convert": list(MODULES_TO_NOT_CONVERT),
-    }
-
-
 def export_config(cfg: R1VConfig, group_size: int) -> dict:
     raw = json.loads(json.dumps(cfg.raw))
-    raw["quantization_config"] = quantization_config(group_size)
+    raw["quantization_config"] = quantization_config(group_size, MODULES_TO_NOT_CONVERT)
     # A quant config left inside llm_config makes some readers quantise with the wrong settings.
     raw.get("llm_config", {}).pop("quantization_config", None)
     return raw
@@ -61,7 +51,7 @@ def write_tensors(ckpt: Checkpoint, layer_file, out_dir: Path, max_shard_bytes: 
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and is_quant_linear(module):
             base = rest.removesuffix(".weight")
-            for suffix in ("qweight", "qzeros", "scales"):
+            for suffix in AWQ_LEAVES:
                 writer.add(f"{module}.{suffix}", tensors[f"{base}.{suffix}"])
         else:
             writer.add(name, tensors[rest])

@@ -12,20 +12,20 @@ import hashlib
 import json
 import resource
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.config import R1VConfig
-from r1v_quant.errors import UserError
 from r1v_quant.model.layout import llm_linear_shapes
-from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales, token_weights
 from r1v_quant.quant.activations import ActivationStore
+from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales, token_weights
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
 

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import load_config
 from r1v_quant.model.layout import check_checkpoint_shapes
-from r1v_quant.errors import UserError
-from r1v_quant.quant.export import copy_side_files, export_config, model_card, side_files, write_tensors
 from r1v_quant.output import check_out_dir, staged_dir
+from r1v_quant.quant.export import copy_side_files, export_config, model_card, side_files, write_tensors
 from r1v_quant.quant.pipeline import AWQSettings, run_awq, validate_group_size
-from r1v_quant.quant.workdir import LayerReport, WorkFolder
 from r1v_quant.quant.run_guard import guarded, work_path
 from r1v_quant.quant.space import check_space, run_needs
+from r1v_quant.quant.workdir import LayerReport, WorkFolder
 from r1v_quant.replace_guard import check_replaceable
 
 
@@ -121,7 +121,7 @@ def quantize_checkpoint(
     check_out_dir(out, force, source=src)
     work_folder = work_path(out, work_dir)
     protected = {"source checkpoint": src, "offload folder": offload_dir, "work folder": work_folder,
-                 **{"calibration data": p for p in calib_paths(calib)}}
+                 **{f"calibration data {p}": p for p in calib_paths(calib)}}
     check_replaceable(out, protected)
     check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, settings.max_tokens,
                           resume))

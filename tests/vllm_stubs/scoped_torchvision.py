@@ -41,11 +41,11 @@ def import_internvl_processor():
     import transformers.image_utils  # noqa: F401
     import transformers.processing_utils  # noqa: F401
     import transformers.video_processing_utils  # noqa: F401
-    from transformers import BaseVideoProcessor, BatchFeature, ImageProcessingMixin, TensorType  # noqa: F401
     import vllm.multimodal.image  # noqa: F401
     import vllm.multimodal.processing  # noqa: F401
     import vllm.tokenizers.hf  # noqa: F401
     import vllm.transformers_utils.processors  # noqa: F401
+    from transformers import BaseVideoProcessor, BatchFeature, ImageProcessingMixin, TensorType  # noqa: F401
 
     sys.path.insert(0, STUB_ROOT)
     try:

@@ -18,7 +18,7 @@ on a GPU, move the model to the CPU first), `load_state_dict()`, a move to anoth
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from functools import cache
 
 import torch
@@ -26,18 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1v_quant.errors import UserError
-from r1v_quant.quant.primitives import (
+from r1v_quant.int4.format import (
+    AWQ_DTYPES,
     PACK,
     awq_dequantize,
-    awq_tensors,
+    awq_shapes,
     check_awq_shape,
+    check_awq_tensors,
     dequantize,
-    int4pack,
-    int4unpack,
     pack_awq,
-    tinygemm_scales_and_zeros,
     unpack_awq,
 )
+from r1v_quant.int4.kernels import awq_scale_table, awq_to_int4pack, int4_mm, int4unpack
 
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # Introduced in torch 2.6, when the CUDA packer also switched to the byte layout int4pack_cuda writes.
@@ -83,14 +83,11 @@ class AWQLinear(nn.Module):
         name: str = "",
     ) -> None:
         super().__init__()
-        check_awq_shape(out_features, in_features, group_size, name)
         self.in_features = in_features
         self.out_features = out_features
-        self.group_size = group_size
-        groups = in_features // group_size
-        self.register_buffer("qweight", torch.empty(in_features, out_features // PACK, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.empty(groups, out_features // PACK, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
+        self.group_size = check_awq_shape(out_features, in_features, group_size, name)
+        for leaf, (shape, _) in awq_shapes(out_features, in_features, group_size).items():
+            self.register_buffer(leaf, torch.empty(shape, dtype=AWQ_DTYPES[leaf], device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
         # Turned off to force the dequantise path (tests compare the two).
         self.use_int4_kernel = True
@@ -126,37 +123,12 @@ class AWQLinear(nn.Module):
         name: str = "",
     ) -> AWQLinear:
         """Wrap existing AutoAWQ tensors (not copied), checking their shapes and dtypes."""
-        where = f"layer {name}: " if name else ""
-        if qweight.dim() != 2:
-            raise UserError(f"{where}qweight must be 2-D [in, out/8], got shape {tuple(qweight.shape)}.")
-        in_features, out_features = qweight.shape[0], qweight.shape[1] * PACK
-        check_awq_shape(out_features, in_features, group_size, name)
-        groups = in_features // group_size
-        expected = {
-            "qweight": (qweight, (in_features, out_features // PACK), torch.int32),
-            "qzeros": (qzeros, (groups, out_features // PACK), torch.int32),
-            "scales": (scales, (groups, out_features), torch.float16),
-        }
-        for key, (t, shape, dtype) in expected.items():
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise UserError(
-                    f"{where}{key} is {t.dtype} {tuple(t.shape)} but group size {group_size} needs {dtype} {shape}."
-                )
-        if bias is not None and tuple(bias.shape) != (out_features,):
-            raise UserError(f"{where}bias has shape {tuple(bias.shape)}, expected ({out_features},).")
+        in_features, out_features = check_awq_tensors(qweight, qzeros, scales, bias, group_size, name)
         layer = cls.empty(in_features, out_features, group_size, bias is not None)
         layer.qweight, layer.qzeros, layer.scales = qweight, qzeros, scales
         if bias is not None:
             layer.bias = bias
         return layer
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int, name: str = "") -> AWQLinear:
-        """Round-to-nearest quantisation of a float linear (no activation-aware scaling)."""
-        check_awq_shape(linear.out_features, linear.in_features, group_size, name)
-        t = awq_tensors(linear.weight.detach(), group_size)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls.from_tensors(t["qweight"], t["qzeros"], t["scales"], bias, group_size, name)
 
     def extra_repr(self) -> str:
         return (
@@ -212,7 +184,7 @@ class AWQLinear(nn.Module):
             return _cuda_inner_k_tiles(self.in_features) if _cuda_has_int4_mm(index) else None
         return None
 
-    def _pack(self, tiles: int) -> torch.Tensor:
+    def _pack(self, tiles: int, dtype: torch.dtype) -> torch.Tensor:
         """The packed codes for this tile count, packing (and dropping qweight) if need be."""
         if self._packed is not None and self._buffers["qweight"] is None and self._packed_tiles == tiles:
             return self._packed
@@ -220,9 +192,10 @@ class AWQLinear(nn.Module):
             if self._packed is not None and self._buffers["qweight"] is None:
                 self._restore_qweight()  # packed for other tiles: go back to the source first
             # A qweight assigned while packed makes the packed codes stale; it wins.
-            qweight = self._buffers["qweight"]
-            packed = int4pack(unpack_awq(qweight).t(), tiles)
+            zeros, scales = self.qzeros, self.scales
+            packed, table = awq_to_int4pack(self._buffers["qweight"], zeros, scales, dtype, tiles)
         self._packed, self._packed_tiles = packed, tiles
+        self._table = (zeros, _version(zeros), scales, _version(scales), dtype, table)
         self._buffers["qweight"] = None
         return packed
 
@@ -232,7 +205,7 @@ class AWQLinear(nn.Module):
         if (hit is None or hit[0] is not zeros or hit[1] != _version(zeros) or hit[2] is not scales
                 or hit[3] != _version(scales) or hit[4] != dtype):
             with torch.no_grad():
-                table = tinygemm_scales_and_zeros(scales, unpack_awq(zeros), dtype)
+                table = awq_scale_table(zeros, scales, dtype)
             hit = (zeros, _version(zeros), scales, _version(scales), dtype, table)
             self._table = hit
         return hit[5]
@@ -253,7 +226,7 @@ class AWQLinear(nn.Module):
         tiles = self._kernel_tiles(self.qzeros.device, dtype)
         if tiles is None or self.qzeros.is_meta:
             return False
-        self._pack(tiles)
+        self._pack(tiles, dtype)
         self._scale_table(dtype)
         return True
 
@@ -276,10 +249,9 @@ class AWQLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             y = F.linear(x2, self.dequantized_weight(x.dtype), bias)
         else:
-            packed = self._pack(tiles)
+            packed = self._pack(tiles, x2.dtype)
             table = self._scale_table(x2.dtype)
-            mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x2.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
-            y = mm(x2.contiguous(), packed, self.group_size, table)
+            y = int4_mm(x2.contiguous(), packed, self.group_size, table)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
@@ -344,12 +316,6 @@ def prepare_awq(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     return sum(m.prepare(dtype) for m in model.modules() if isinstance(m, AWQLinear))
 
 
-def awq_module_names(state_dict_keys: Iterable[str]) -> list[str]:
-    """Names of the modules that have a `<name>.qweight` tensor, in key order."""
-    suffix = ".qweight"
-    return [k[: -len(suffix)] for k in state_dict_keys if k.endswith(suffix)]
-
-
 def _linear_to_replace(root: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear]:
     parent_name, _, child = name.rpartition(".")
     try:
@@ -362,22 +328,12 @@ def _linear_to_replace(root: nn.Module, name: str) -> tuple[nn.Module, str, nn.L
     return parent, child, old
 
 
-def swap_to_awq(root: nn.Module, tensors: Mapping[str, Mapping[str, torch.Tensor]], group_size: int) -> list[str]:
-    """Replace named nn.Linear submodules with AWQLinear layers built from AutoAWQ tensors.
-
-    tensors: module name (relative to root) -> {"qweight", "qzeros", "scales", optional "bias"}.
-    Returns the swapped names.
-    """
-    for name, t in tensors.items():
-        parent, child, old = _linear_to_replace(root, name)
-        new = AWQLinear.from_tensors(t["qweight"], t["qzeros"], t["scales"], t.get("bias"), group_size, name)
-        if (new.in_features, new.out_features) != (old.in_features, old.out_features):
-            raise UserError(
-                f"layer {name}: AWQ tensors are {new.in_features}->{new.out_features} "
-                f"but the model's linear is {old.in_features}->{old.out_features}."
-            )
-        setattr(parent, child, new)
-    return list(tensors)
+def replace_linear(root: nn.Module, name: str, build: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Put `build(old)` where the nn.Linear submodule `name` of root was; returns the new module."""
+    parent, child, old = _linear_to_replace(root, name)
+    new = build(old)
+    setattr(parent, child, new)
+    return new
 
 
 def swap_to_empty_awq(
@@ -388,14 +344,14 @@ def swap_to_empty_awq(
     For loaders that build on the meta device and then `load_state_dict(..., assign=True)`.
     The bias (if any) keeps the replaced linear's dtype.
     """
-    swapped = []
+    def empty(name: str) -> Callable[[nn.Linear], AWQLinear]:
+        def build(old: nn.Linear) -> AWQLinear:
+            has_bias = old.bias is not None
+            return AWQLinear(old.in_features, old.out_features, group_size, has_bias, device=device,
+                             bias_dtype=old.bias.dtype if has_bias else torch.bfloat16, name=name)
+        return build
+
+    names = list(names)
     for name in names:
-        parent, child, old = _linear_to_replace(root, name)
-        has_bias = old.bias is not None
-        layer = AWQLinear(
-            old.in_features, old.out_features, group_size, has_bias, device=device,
-            bias_dtype=old.bias.dtype if has_bias else torch.bfloat16, name=name,
-        )
-        setattr(parent, child, layer)
-        swapped.append(name)
-    return swapped
+        replace_linear(root, name, empty(name))
+    return names

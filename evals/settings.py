@@ -1,0 +1,74 @@
+"""What one accuracy comparison is run with: suites' default sizes, decoding, KL settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from r1v_quant.errors import UserError
+
+DEFAULT_LIMITS = {"builtin": 64, "r1v-mini": 120, "text": 64}  # other suites: every question they hold
+BASELINES = ("rtn", "nf4")
+SUITE_FORMS = ("builtin, r1v-mini, mmmu-sample, mathvista, math-500, aime-2024, gpqa-diamond, text:PATH (.txt or .jsonl), "
+               "or a folder / .parquet file in MMMU's layout")
+
+# (model label, questions done, questions in all) after each step of one model's work.
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class EvalSettings:
+    suite: str = "builtin"
+    data_path: Path | None = None
+    limit: int | None = None          # None: the suite's default (see DEFAULT_LIMITS)
+    seed: int = 0
+    max_new_tokens: int = 2048
+    greedy: bool = True               # deterministic, so reruns and the cache agree
+    temperature: float = 0.6
+    top_p: float = 0.95
+    repetition_penalty: float = 1.05
+    batch_size: int = 4
+    device: str | None = None
+    dtype: str = "bf16"
+    cache_dir: Path | None = None
+    use_cache: bool = True
+    top_k: int = 64                   # reference log-probs kept per position
+    kl_positions: int = 1024          # measured positions per reply (its first tokens)
+    text_tokens: int = 2048           # longest text-suite item, in tokens
+    samples_per_question: int = 1     # k sampled replies per question, scored as pass@1
+
+    def generation(self) -> dict:
+        """The settings a reply depends on (part of the cache key)."""
+        out = {"max_new_tokens": self.max_new_tokens, "greedy": self.greedy, "batch_size": self.batch_size,
+               "dtype": self.dtype}
+        if self.samples_per_question > 1:
+            out["samples_per_question"] = self.samples_per_question
+        if not self.greedy:
+            out.update(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                       seed=self.seed)
+        return out
+
+    def describe(self) -> dict:
+        """Run settings for the report."""
+        decoding = "greedy" if self.greedy else (
+            f"sampled (temperature {self.temperature}, top_p {self.top_p}, "
+            f"repetition_penalty {self.repetition_penalty}, seed {self.seed})")
+        return {"suite": self.suite, "data_path": None if self.data_path is None else str(self.data_path),
+                "limit": self.limit, "seed": self.seed, "decoding": decoding,
+                "samples_per_question": self.samples_per_question,
+                "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "dtype": self.dtype,
+                "kl": f"top-{self.top_k} coarse-grained KL(reference || model) on the reference's own outputs, "
+                      f"first {self.kl_positions} reply tokens per question"}
+
+
+def check_settings(s: EvalSettings) -> None:
+    for name, value in (("--limit", s.limit if s.limit is not None else 1), ("--max-new-tokens", s.max_new_tokens),
+                        ("--batch-size", s.batch_size), ("top-k", s.top_k), ("KL positions", s.kl_positions),
+                        ("text tokens", s.text_tokens)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value}).")
+    if s.samples_per_question < 1:
+        raise UserError(f"--samples-per-question must be at least 1 (got {s.samples_per_question}).")
+    if s.samples_per_question > 1 and s.greedy:
+        raise UserError("--samples-per-question needs --sample: greedy decoding gives the same reply every time.")
