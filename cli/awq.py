@@ -55,18 +55,12 @@ def command(
     json_out: Path | None = typer.Option(None, "--json", help="Write a JSON report here."),
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
-    from r1v_quant.errors import UserError
     from r1v_quant.deploy.plan import parse_size
-    from r1v_quant.quant.pipeline import AWQSettings
-    from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+    from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
+    from r1v_quant.quant.run import quantize_checkpoint
 
-    if propagate not in ("quantized", "float"):
-        raise UserError(f"--propagate {propagate} is not one of quantized, float.")
-    if group_size <= 0:
-        raise UserError(f"--group-size {group_size} must be positive.")
-    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
-                           seq_len=seq_len, max_tokens=max_tokens, samples=samples, seed=seed)
-    choice = CalibChoice(calib, calib_path, _mix(mix), traces, max_trace_tokens)
+    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance)
+    choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed)
     console = Console()
     columns = (TextColumn("[bold]AWQ[/] layer"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())

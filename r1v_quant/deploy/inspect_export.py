@@ -32,6 +32,7 @@ from typing import Any
 from r1v_quant.model.config import R1VConfig, parse_config
 from r1v_quant.errors import UserError
 from r1v_quant.model.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
+from r1v_quant.quant.topology import FUSED_LINEARS
 from r1v_quant.deploy.plan import (
     COMPONENT_LABELS, COMPONENTS, MARLIN_GROUP_SIZES, ST_ITEMSIZE, TORCH_TO_ST, bytes_by_component, component_of,
     effective_group, export_tensor_specs, model_dtype,
@@ -43,7 +44,7 @@ AWQ_DTYPES = {"qweight": "I32", "qzeros": "I32", "scales": "F16"}
 ST_TO_TORCH = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "I32": "int32", "I8": "int8", "U8": "uint8",
                "I64": "int64", "F64": "float64", "BOOL": "bool", "I16": "int16", "F8_E4M3": "float8_e4m3fn",
                "F8_E5M2": "float8_e5m2"}
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_FUSED = {leaf: fused for fused, leaves in FUSED_LINEARS.items() for leaf in leaves}
 _REL_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_][\w.]*)?\s+import\s+([\w ,()]+)", re.MULTILINE)
 MAX_LISTED = 3
 
@@ -295,9 +296,10 @@ def _check_awq_tensors(modules: dict[str, dict[str, TensorInfo]], quantised: lis
         if not is_quant_linear(m):
             continue
         head, _, leaf = m.rpartition(".")
-        if leaf in ("k_proj", "v_proj", "up_proj"):
+        fused = FUSED_LINEARS.get(_FUSED.get(leaf, ""), (leaf,))
+        if leaf != fused[0]:
             continue
-        partners = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}.get(leaf, ())
+        partners = fused[1:]
         states = {f"{head}.{p}" in qset for p in (leaf, *partners) if f"{head}.{p}" in modules}
         if len(states) > 1:
             problems.append(f"{head}: {leaf} and {'/'.join(partners)} differ in quantisation, but vLLM fuses them "

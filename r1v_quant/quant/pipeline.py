@@ -8,11 +8,9 @@ finished layer is saved to a work folder so an interrupted run resumes where it 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -24,31 +22,12 @@ from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.errors import UserError
 from r1v_quant.model.layout import llm_linear_shapes
-from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales, token_weights
+from r1v_quant.quant.awq import ScaleResult, apply_clip, fold_scales, search_clip, search_scales, token_weights
 from r1v_quant.quant.activations import ActivationStore
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
+from r1v_quant.quant.recipe import AWQSettings
+from r1v_quant.quant.topology import NORMS, QUANT_LINEARS, QWEN2_GROUPS, ScaleGroup
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
-
-NO_CLIP = ("q_proj", "k_proj")  # softmax amplifies their errors, so AWQ leaves their range alone
-
-
-@dataclass(frozen=True)
-class AWQSettings:
-    group_size: int = 128
-    grid: int = 20
-    clip: bool = True
-    duo: bool = True
-    propagate: str = "quantized"  # feed layer i+1 with layer i's quantised ("quantized") or float ("float") outputs
-    balance: bool = True  # image and text tokens weigh half each in the searches
-    seq_len: int = 2048
-    max_tokens: int = 65536
-    samples: int = 128
-    seed: int = 0
-
-    def fingerprint(self, model_dir: Path, calib: str) -> str:
-        blob = json.dumps({**asdict(self), "model": str(Path(model_dir).resolve()), "calib": calib}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -106,11 +85,11 @@ class LayerRunner:
 
 
 def capture_inputs(runner: LayerRunner, layer: nn.Module, store: ActivationStore, dtype: torch.dtype):
-    """Float outputs of the layer and the inputs of its four linear groups, over all real tokens."""
-    names = {"q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
-    feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    hooks = [m.register_forward_hook(lambda _m, args, _o, k=k: feats[k].append(args[0].reshape(-1, args[0].shape[-1])))
-             for k, m in names.items()]
+    """Float outputs of the layer and the inputs each scale group reads, over all real tokens."""
+    keys = [g.reads for g in QWEN2_GROUPS]
+    feats: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    hooks = [layer.get_submodule(k).register_forward_hook(
+        lambda _m, args, _o, k=k: feats[k].append(args[0].reshape(-1, args[0].shape[-1]))) for k in keys]
     outputs, lengths = [], []
     try:
         with torch.no_grad():
@@ -124,10 +103,20 @@ def capture_inputs(runner: LayerRunner, layer: nn.Module, store: ActivationStore
     return {k: torch.cat(v) for k, v in feats.items()}, outputs, lengths
 
 
-def _linears(layer) -> dict[str, nn.Linear]:
-    a, m = layer.self_attn, layer.mlp
-    return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
-            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+def linears_of(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: layer.get_submodule(name) for name in QUANT_LINEARS}
+
+
+def foldable(layer: nn.Module, group: ScaleGroup) -> bool:
+    """Whether the group's scales can be folded into its previous op.
+
+    A linear absorbs them only if its outputs are the group's inputs one to one: with grouped KV
+    heads v_proj is narrower than o_proj's input, so the o group is skipped there.
+    """
+    prev = layer.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        return prev.out_features == layer.get_submodule(group.linears[0]).in_features
+    return True
 
 
 def _relative_error(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
@@ -136,75 +125,126 @@ def _relative_error(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return (num / max(den, 1e-30)) ** 0.5
 
 
+@dataclass
+class LayerSearch:
+    """What the searches chose for one layer, as data: per group its scales and alpha, per linear its clip."""
+
+    scales: dict[str, ScaleResult] = field(default_factory=dict)
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        return {name: r.alpha for name, r in self.scales.items()}
+
+
+def _block(runner: LayerRunner, layer: nn.Module, group: ScaleGroup, lengths: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    if group.block == "self_attn":
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return runner.attention(layer, x)
+    else:
+        fn = layer.get_submodule(group.block)
+    if not group.mixes_tokens:
+        return fn
+
+    def per_sample(x: torch.Tensor) -> torch.Tensor:
+        # Attention mixes tokens, so it must see each sample on its own.
+        return torch.cat([fn(part[None])[0] for part in torch.split(x, lengths)])
+    return per_sample
+
+
+def rtn_outputs(runner: LayerRunner, layer: nn.Module, store: ActivationStore, s: AWQSettings, dtype: torch.dtype):
+    """The layer's outputs with plain round-to-nearest weights, for the report's comparison; weights restored."""
+    lin = linears_of(layer)
+    originals = {k: m.weight.data.clone() for k, m in lin.items()}
+    for k, m in lin.items():
+        m.weight.data = fake_quantize(originals[k], s.group_size).to(dtype)
+    with torch.no_grad():
+        out = [runner.layer(layer, x.to(runner.device, dtype)) for x in store]
+    for k, m in lin.items():
+        m.weight.data = originals[k]
+    return out
+
+
+def search_layer_scales(runner: LayerRunner, layer: nn.Module, feats: dict[str, torch.Tensor], lengths: list[int],
+                        s: AWQSettings, weights: torch.Tensor | None) -> LayerSearch:
+    """The scale search of every group, on the untouched layer (each group restores its weights).
+
+    Searching all groups before folding any is exact: no group's search reads a weight that an
+    earlier group's fold changes (the folds touch norms, the group's own linears and prev linears
+    that later searches do not run).
+    """
+    found = LayerSearch()
+    for g in QWEN2_GROUPS:
+        if not foldable(layer, g):
+            continue
+        targets = [layer.get_submodule(n) for n in g.linears]
+        found.scales[g.name] = search_scales(targets, feats[g.reads], _block(runner, layer, g, lengths),
+                                             s.group_size, s.grid, s.duo, weights)
+    return found
+
+
+def apply_scales(layer: nn.Module, feats: dict[str, torch.Tensor], found: LayerSearch) -> None:
+    """Fold each group's scales into the layer, in table order, and rescale the captured inputs to match."""
+    for g in QWEN2_GROUPS:
+        if g.name not in found.scales:
+            continue
+        scales = found.scales[g.name].scales
+        fold_scales(layer.get_submodule(g.prev), [layer.get_submodule(n) for n in g.linears], scales)
+        feats[g.reads] = feats[g.reads] / scales.to(feats[g.reads].dtype)
+
+
+def search_layer_clips(layer: nn.Module, feats: dict[str, torch.Tensor], s: AWQSettings,
+                       weights: torch.Tensor | None, found: LayerSearch) -> None:
+    """The clip threshold of each clipped linear, on the scaled weights and inputs."""
+    for g in QWEN2_GROUPS:
+        for name in g.clip:
+            found.clips[name] = search_clip(layer.get_submodule(name).weight.data, feats[g.reads], s.group_size,
+                                            s.grid, weights=weights)
+
+
+def apply_clips(layer: nn.Module, found: LayerSearch, group_size: int) -> None:
+    for name, max_val in found.clips.items():
+        m = layer.get_submodule(name)
+        m.weight.data = apply_clip(m.weight.data, max_val, group_size)
+
+
+def pack_layer(layer: nn.Module, group_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The layer's export tensors (by name inside the layer); the layer then computes with exactly those weights."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in linears_of(layer).items():
+        packed = awq_tensors(m.weight.data.float().cpu(), group_size)
+        for suffix, t in packed.items():
+            tensors[f"{name}.{suffix}"] = t
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.data.to(torch.bfloat16).cpu()
+        m.weight.data = awq_dequantize(packed["qweight"], packed["qzeros"], packed["scales"], group_size).to(device, dtype)
+    for norm in NORMS:
+        tensors[f"{norm}.weight"] = getattr(layer, norm).weight.data.to(torch.bfloat16).cpu()
+        getattr(layer, norm).weight.data = tensors[f"{norm}.weight"].to(device, dtype)
+    return tensors
+
+
 def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore, s: AWQSettings,
                    dtype: torch.dtype, weights: torch.Tensor | None = None
                    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerReport]:
-    """AWQ on one decoder layer. Returns its export tensors (by name inside the layer), the next inputs, a report.
+    """AWQ on one decoder layer: capture -> search scales -> apply -> search clips -> apply -> pack -> report.
 
+    Returns its export tensors (by name inside the layer), the next layer's inputs, and a report.
     `weights` gives each calibration token's share of the search objectives (uniform when None).
     """
     start = time.perf_counter()
     feats, fp_out, lengths = capture_inputs(runner, layer, store, dtype)
     if weights is not None:
         weights = weights.to(runner.device)
-    lin = _linears(layer)
-    originals = {k: m.weight.data.clone() for k, m in lin.items()}
-
-    # Plain round-to-nearest of the untouched layer, for the report's comparison.
-    for k, m in lin.items():
-        m.weight.data = fake_quantize(originals[k], s.group_size).to(dtype)
-    rtn_out = [runner.layer(layer, x.to(runner.device, dtype)) for x in store]
-    for k, m in lin.items():
-        m.weight.data = originals[k]
-
-    def per_sample(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        # Attention mixes tokens, so it must see each sample on its own.
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([fn(part[None])[0] for part in torch.split(x, lengths)])
-        return run
-
-    alphas = {}
+    rtn_out = rtn_outputs(runner, layer, store, s, dtype)
     with torch.no_grad():
-        attn = layer.self_attn
-        groups = [
-            ("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "q",
-             per_sample(lambda x: runner.attention(layer, x))),
-        ]
-        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-            groups.append(("o", attn.v_proj, [attn.o_proj], "o", attn.o_proj))
-        groups += [
-            ("gate_up", layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj], "gate", layer.mlp),
-            ("down", layer.mlp.up_proj, [layer.mlp.down_proj], "down", layer.mlp.down_proj),
-        ]
-        for tag, prev, targets, feat_key, block in groups:
-            result = search_scales(targets, feats[feat_key], block, s.group_size, s.grid, s.duo, weights)
-            fold_scales(prev, targets, result.scales)
-            feats[feat_key] = feats[feat_key] / result.scales.to(feats[feat_key].dtype)
-            alphas[tag] = result.alpha
+        found = search_layer_scales(runner, layer, feats, lengths, s, weights)
+        apply_scales(layer, feats, found)
         if s.clip:
-            feat_of = {"q_proj": "q", "k_proj": "q", "v_proj": "q", "o_proj": "o", "gate_proj": "gate", "up_proj": "gate", "down_proj": "down"}
-            for name, m in lin.items():
-                if name in NO_CLIP:
-                    continue
-                max_val = search_clip(m.weight.data, feats[feat_of[name]], s.group_size, s.grid, weights=weights)
-                m.weight.data = apply_clip(m.weight.data, max_val, s.group_size)
+            search_layer_clips(layer, feats, s, weights, found)
+            apply_clips(layer, found, s.group_size)
     del feats
-
-    tensors: dict[str, torch.Tensor] = {}
-    prefix = {"q_proj": "self_attn.", "k_proj": "self_attn.", "v_proj": "self_attn.", "o_proj": "self_attn.",
-              "gate_proj": "mlp.", "up_proj": "mlp.", "down_proj": "mlp."}
-    for name, m in lin.items():
-        packed = awq_tensors(m.weight.data.float().cpu(), s.group_size)
-        full = prefix[name] + name
-        for suffix, t in packed.items():
-            tensors[f"{full}.{suffix}"] = t
-        if m.bias is not None:
-            tensors[f"{full}.bias"] = m.bias.data.to(torch.bfloat16).cpu()
-        # From here on the layer computes with exactly the weights that were exported.
-        m.weight.data = awq_dequantize(packed["qweight"], packed["qzeros"], packed["scales"], s.group_size).to(runner.device, dtype)
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        tensors[f"{norm}.weight"] = getattr(layer, norm).weight.data.to(torch.bfloat16).cpu()
-        getattr(layer, norm).weight.data = tensors[f"{norm}.weight"].to(runner.device, dtype)
+    tensors = pack_layer(layer, s.group_size, runner.device, dtype)
 
     with torch.no_grad():
         q_out = [runner.layer(layer, x.to(runner.device, dtype)) for x in store]
@@ -214,7 +254,7 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
         rel_err_rtn=_relative_error(rtn_out, fp_out),
         seconds=time.perf_counter() - start,
         peak_mem_mb=peak_memory_mb(runner.device),
-        alphas=alphas,
+        alphas=found.alphas,
     )
     nxt = q_out if s.propagate == "quantized" else fp_out
     return tensors, nxt, report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,18 +15,9 @@ from r1v_quant.model.config import load_config
 from r1v_quant.errors import UserError
 from r1v_quant.quant.export import copy_side_files, export_config, model_card, write_tensors
 from r1v_quant.output import check_free_space, check_out_dir, staged_dir
-from r1v_quant.quant.pipeline import AWQSettings, run_awq, validate_group_size
+from r1v_quant.quant.pipeline import run_awq, validate_group_size
+from r1v_quant.quant.recipe import REPORT_NAME, AWQSettings, CalibrationRecipe, fingerprint
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
-
-
-@dataclass
-class CalibChoice:
-    spec: str = "builtin"
-    calib_path: Path | None = None
-    mix: list[float] | None = None
-    traces: str = "none"  # "none" or "self"
-    max_trace_tokens: int = 1024
-    trace_cache: Path | None = None
 
 
 @dataclass
@@ -61,18 +52,16 @@ def export_bytes(cfg, group_size: int) -> int:
     return sum(spec_bytes(shape, dtype) for shape, dtype in export_tensor_specs(cfg, group_size).values())
 
 
-def load_samples(choice: CalibChoice, settings: AWQSettings, model_dir: Path, device: str | None, progress=None):
+def load_samples(recipe: CalibrationRecipe, model_dir: Path, device: str | None, trace_cache: Path | None = None,
+                 progress=None):
     from r1v_quant.calib.sets import load_calibration
 
-    samples = load_calibration(choice.spec, n=settings.samples, seed=settings.seed,
-                               calib_path=choice.calib_path, mix=choice.mix)
-    if choice.traces == "self":
+    samples = load_calibration(recipe.spec, n=recipe.samples, seed=recipe.seed, calib_path=recipe.path, mix=recipe.mix)
+    if recipe.traces == "self":
         from r1v_quant.calib.traces import add_self_traces
 
-        samples = add_self_traces(samples, model_dir, choice.max_trace_tokens, cache_dir=choice.trace_cache, device=device,
+        samples = add_self_traces(samples, model_dir, recipe.trace_tokens, cache_dir=trace_cache, device=device,
                                   progress=progress)
-    elif choice.traces != "none":
-        raise UserError(f"--traces {choice.traces} is not one of none, self.")
     return samples
 
 
@@ -80,7 +69,7 @@ def quantize_checkpoint(
     model: str,
     out: Path,
     settings: AWQSettings = AWQSettings(),
-    calib: CalibChoice = CalibChoice(),
+    calib: CalibrationRecipe = CalibrationRecipe(),
     force: bool = False,
     device: str | None = None,
     work_dir: Path | None = None,
@@ -93,6 +82,7 @@ def quantize_checkpoint(
     stop_after: int | None = None,
     kl_check: Callable[[Path, Path], dict] | None = None,
     trace_progress: Callable[[int, int], None] | None = None,
+    trace_cache: Path | None = None,
 ) -> AWQResult:
     from r1v_quant.calib.encode import embed_encoded, encode_samples, image_token_share
     from r1v_quant.model.r1v import load_front, load_tokenizer, pick_device
@@ -110,8 +100,8 @@ def quantize_checkpoint(
     dev = pick_device(device)
     tok = load_tokenizer(src)
 
-    samples = load_samples(calib, settings, src, device, trace_progress)
-    encoded = encode_samples(samples, cfg, tok, settings.seq_len, settings.max_tokens)
+    samples = load_samples(calib, src, device, trace_cache, trace_progress)
+    encoded = encode_samples(samples, cfg, tok, calib.seq_len, calib.max_tokens)
     tokens = sum(len(e.ids) for e in encoded)
 
     def first_inputs():
@@ -121,38 +111,28 @@ def quantize_checkpoint(
         for enc, x in zip(encoded, embed_encoded(front, encoded, dev)):
             yield x, torch.tensor(enc.ids) == context
 
-    work = WorkFolder(work_dir or out.parent / f".{out.name}.awq-work", settings.fingerprint(src, calib.spec))
+    # The whole recipe goes into the fingerprint: a work folder made from other tokens is not resumed.
+    run_id = fingerprint({"model": str(Path(src).resolve())}, asdict(settings), calib.fingerprint_data())
+    work = WorkFolder(work_dir or out.parent / f".{out.name}.awq-work", run_id)
     reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
                       offload_above=offload_above,
                       progress=progress, stop_after=stop_after)
     result = AWQResult(out, reports, len(encoded), tokens, image_token_share(encoded, tok), time.perf_counter() - start)
 
-    recipe = {
-        "source": str(model),
-        "calibration set": calib.spec + (f" + self traces (<= {calib.max_trace_tokens} tokens)" if calib.traces == "self" else ""),
-        "samples requested": settings.samples,
-        "mix": calib.mix,
-        "samples / tokens": f"{len(encoded)} / {tokens}",
-        "group size": settings.group_size,
-        "grid": settings.grid,
-        "duo scaling": settings.duo,
-        "clipping": settings.clip,
-        "layer inputs": settings.propagate,
-        "image/text tokens balanced": settings.balance,
-        "seed": settings.seed,
-    }
+    card = {"source": str(model), **calib.display(), **settings.display()}
     with staged_dir(out, force=force) as tmp:
         write_tensors(ckpt, work.layer_file, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size), indent=2) + "\n")
         copy_side_files(src, tmp)
         if kl_check is not None:
             result.kl = kl_check(src, tmp)
-        (tmp / "README.md").write_text(model_card(str(model), cfg, recipe, result.summary()))
+        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary()))
         # Only deterministic facts go into the export, so equal inputs give byte-identical folders.
         layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas}
                   for r in reports]
-        (tmp / "r1v_quant_report.json").write_text(json.dumps(
-            {"recipe": recipe, "summary": result.summary(), "layers": layers}, indent=2) + "\n")
+        (tmp / REPORT_NAME).write_text(json.dumps(
+            {"source": str(model), "calibration": calib.to_json(), "awq": asdict(settings),
+             "summary": result.summary(), "layers": layers}, indent=2) + "\n")
     if not keep_work:
         import shutil
 
