@@ -50,6 +50,8 @@ def command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the per-layer work folder after success."),
     kl_check: bool = typer.Option(True, "--kl-check/--no-kl-check", help="Measure KL(source || export) on held-out prompts at the end."),
+    max_device_memory: str | None = typer.Option(None, help="Device memory awq may use, e.g. 20GiB; it sets the token chunk size and whether calibration tensors stay on the device (default: the GPU's free memory less max(2 GiB, 10%); on CPU, available RAM less 4 GiB)."),
+    compute_dtype: str = typer.Option("auto", help="auto, float32 or bfloat16: the dtype of the layer forwards and search matmuls (auto: bf16 on CUDA; on CPU the faster one, by a short probe)."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard of the export, e.g. 5GB or 500MiB."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
     json_out: Path | None = typer.Option(None, "--json", help="Write a JSON report here."),
@@ -86,6 +88,8 @@ def command(
                                      resume=resume, offload_dir=offload_dir, keep_work=keep_work,
                                      offload_above=parse_size(offload_above, "--offload-above", 0),
                                      max_shard_bytes=parse_size(max_shard_size, "--max-shard-size", 2**20),
+                                     compute_dtype=compute_dtype, max_device_memory=(parse_size(max_device_memory, "--max-device-memory", 2**20)
+                                                        if max_device_memory else None),
                                      progress=on_layer, kl_check=check, trace_progress=on_trace)
 
     table = Table(title="per-layer relative output error (lower is better)")
@@ -96,6 +100,8 @@ def command(
                       f"{r.rel_err_awq / max(r.rel_err_rtn, 1e-12):.2f}", f"{r.seconds:.1f}", f"{r.peak_mem_mb:.0f}")
     console.print(table)
     for k, v in result.summary().items():
+        console.print(f"{k}: [bold]{v}[/]")
+    for k, v in result.extra.items():
         console.print(f"{k}: [bold]{v}[/]")
     console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.0f} s")
     if json_out:

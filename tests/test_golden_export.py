@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-ARGS = ["--samples", "2", "--seq-len", "384", "--max-tokens", "768", "--grid", "5", "--no-kl-check", "--device", "cpu"]
+ARGS = ["--samples", "2", "--seq-len", "384", "--max-tokens", "768", "--grid", "5", "--no-kl-check", "--device", "cpu",
+        "--compute-dtype", "float32"]
 
 SAME_EVERYWHERE = {
     "config.json": "9d6b3b6677071fa72c6a",

@@ -13,9 +13,11 @@ import torch
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import load_config
 from r1v_quant.errors import UserError
+from r1v_quant.quant.compute import choose_compute_dtype, dtype_name
 from r1v_quant.quant.export import copy_side_files, export_config, model_card, write_tensors
 from r1v_quant.output import check_free_space, check_out_dir, staged_dir
-from r1v_quant.quant.pipeline import run_awq, validate_group_size
+from r1v_quant.quant.chunks import default_budget
+from r1v_quant.quant.pipeline import config_plan, run_awq, validate_group_size
 from r1v_quant.quant.recipe import REPORT_NAME, AWQSettings, CalibrationRecipe, fingerprint
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
 
@@ -83,8 +85,10 @@ def quantize_checkpoint(
     kl_check: Callable[[Path, Path], dict] | None = None,
     trace_progress: Callable[[int, int], None] | None = None,
     trace_cache: Path | None = None,
+    max_device_memory: int | None = None,
+    compute_dtype: str = "auto",
 ) -> AWQResult:
-    from r1v_quant.calib.encode import embed_encoded, encode_samples, image_token_share
+    from r1v_quant.calib.encode import composition, embed_encoded, encode_samples, image_token_share
     from r1v_quant.model.r1v import load_front, load_tokenizer, pick_device
 
     start = time.perf_counter()
@@ -98,10 +102,11 @@ def quantize_checkpoint(
     check_out_dir(out, force, source=src)
     check_free_space(out.parent if not out.exists() else out, export_bytes(cfg, settings.group_size))
     dev = pick_device(device)
+    dtype, dtype_why = choose_compute_dtype(compute_dtype, dev)
     tok = load_tokenizer(src)
 
     samples = load_samples(calib, src, device, trace_cache, trace_progress)
-    encoded = encode_samples(samples, cfg, tok, calib.seq_len, calib.max_tokens)
+    encoded, stubs = encode_samples(samples, cfg, tok, calib.seq_len, calib.max_tokens)
     tokens = sum(len(e.ids) for e in encoded)
 
     def first_inputs():
@@ -112,12 +117,21 @@ def quantize_checkpoint(
             yield x, torch.tensor(enc.ids) == context
 
     # The whole recipe goes into the fingerprint: a work folder made from other tokens is not resumed.
-    run_id = fingerprint({"model": str(Path(src).resolve())}, asdict(settings), calib.fingerprint_data())
+    run_id = fingerprint({"model": str(Path(src).resolve()), "compute dtype": dtype_name(dtype)}, asdict(settings),
+                         calib.fingerprint_data())
     work = WorkFolder(work_dir or out.parent / f".{out.name}.awq-work", run_id)
     reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
-                      offload_above=offload_above,
-                      progress=progress, stop_after=stop_after)
+                      offload_above=offload_above, dtype=dtype,
+                      progress=progress, stop_after=stop_after, max_device_memory=max_device_memory)
     result = AWQResult(out, reports, len(encoded), tokens, image_token_share(encoded, tok), time.perf_counter() - start)
+    result.extra.update({f"calibration {k}": v for k, v in composition(encoded, tok, stubs).items()})
+    result.extra["compute dtype"] = f"{dtype_name(dtype)} ({dtype_why})"
+    budget = default_budget(dev) if max_device_memory is None else max_device_memory
+    plan = config_plan(cfg, tokens, budget, dtype)
+    result.extra["device budget"] = (
+        f"{budget / 2**30:.1f} GiB: chunks of {plan.chunk_tokens} tokens, calibration tensors "
+        f"{'on the device' if plan.stored_on_device else 'in host memory'}, down_proj inputs "
+        f"{'kept' if plan.keep_down_inputs else 'rebuilt per chunk'}")
 
     card = {"source": str(model), **calib.display(), **settings.display()}
     with staged_dir(out, force=force) as tmp:
