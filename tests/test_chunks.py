@@ -92,3 +92,15 @@ def test_chunked_and_unchunked_exports_agree_within_one_percent_kl(tiny_dir, tmp
         a = prompt_kl(src.model, load_model(whole, device="cpu").model, prompts)
         b = prompt_kl(src.model, load_model(chunked, device="cpu").model, prompts)
         assert abs(a - b) < 0.01 * a, (a, b)
+
+
+def test_compute_dtype_defaults_to_float32_and_rejects_unknown_names():
+    from r1v_quant.errors import UserError
+    from r1v_quant.quant.compute import choose_compute_dtype
+
+    for device in ("cpu", "cuda"):
+        dtype, why = choose_compute_dtype("auto", torch.device(device))
+        assert dtype == torch.float32 and "r1v-mini" in why
+    assert choose_compute_dtype("bf16", torch.device("cpu"))[0] == torch.bfloat16
+    with pytest.raises(UserError, match="--compute-dtype fp16 is not one of"):
+        choose_compute_dtype("fp16", torch.device("cpu"))

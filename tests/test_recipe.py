@@ -43,11 +43,11 @@ def test_recipe_round_trips_through_json():
 
 
 def test_resume_refuses_a_work_folder_made_with_another_mix(tiny_dir, tmp_path):
-    first = CalibrationRecipe("builtin+builtin", mix=(1.0, 3.0), samples=2, seq_len=256, max_tokens=256)
+    first = CalibrationRecipe("builtin+builtin", mix=(1.0, 3.0), samples=2, seq_len=384, max_tokens=768)
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(str(tiny_dir), tmp_path / "a", TINY_AWQ, first, device="cpu", work_dir=work, stop_after=0)
-    other = CalibrationRecipe("builtin+builtin", mix=(3.0, 1.0), samples=2, seq_len=256, max_tokens=256)
+    other = CalibrationRecipe("builtin+builtin", mix=(3.0, 1.0), samples=2, seq_len=384, max_tokens=768)
     with pytest.raises(UserError, match="holds a run with other settings"):
         quantize_checkpoint(str(tiny_dir), tmp_path / "a", TINY_AWQ, other, device="cpu", work_dir=work, resume=True)
     assert not (tmp_path / "a").exists()
