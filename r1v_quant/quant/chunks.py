@@ -44,6 +44,8 @@ def plan_chunks(tokens: int, hidden: int, intermediate: int, layer_weight_bytes:
     they fit, else in host memory and streamed chunk by chunk; and down_proj's inputs,
     tokens x intermediate, only when they fit beside all of that, else recomputed per chunk.
     A quarter of what the weights leave goes to the chunk, so the stored tensors keep the rest.
+    Not counted: one sample's attention forward (its own length, at most --seq-len tokens, with
+    SDPA's memory-efficient kernels) and the clip search's fixed 512-token sample.
     """
     free = max(budget_bytes - 2 * layer_weight_bytes, 0)
     per_token = (CHUNK_INTERMEDIATE * intermediate + CHUNK_HIDDEN * hidden) * act_bytes
@@ -109,7 +111,8 @@ class TokenStore:
 
     def append(self, rows: torch.Tensor) -> None:
         n = rows.shape[0]
-        self.data[self.filled:self.filled + n].copy_(rows.reshape(n, -1), non_blocking=True)
+        # Blocking: rows() and divide_() read host copies right after.
+        self.data[self.filled:self.filled + n].copy_(rows.reshape(n, -1))
         self.filled += n
 
     def chunk(self, start: int, end: int) -> torch.Tensor:
