@@ -126,4 +126,4 @@ def test_two_real_runs_on_one_out(tiny_dir, tmp_path):
     import json
 
     report = json.loads((tmp_path / "out" / "r1v_quant_report.json").read_text())
-    assert report["recipe"]["seed"] == 0
+    assert report["calibration"]["seed"] == 0
