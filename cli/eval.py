@@ -168,7 +168,6 @@ def command(
     """Compare a quantised model with its reference: accuracy, agreement, KL, reasoning length."""
     from r1v_quant.evals import report
     from r1v_quant.evals.run import EvalSettings, evaluate
-
     from r1v_quant.evals.settings import check_settings
 
     _check_options(suite, data_path, dtype, max_drop, plot)

@@ -163,8 +163,8 @@ class VllmModel:
                 request["prompt_token_ids"] = request["prompt_token_ids"] + list(reply)
         out = []
         for lo in range(0, len(requests), FORCE_CHUNK):
-            for request, reply, result in zip(requests[lo:lo + FORCE_CHUNK], forced[lo:lo + FORCE_CHUNK],
-                                              self.llm.generate(requests[lo:lo + FORCE_CHUNK], params, use_tqdm=False)):
+            chunk = requests[lo:lo + FORCE_CHUNK]
+            for reply, result in zip(forced[lo:lo + FORCE_CHUNK], self.llm.generate(chunk, params, use_tqdm=False)):
                 ids = list(result.prompt_token_ids)
                 steps, targets = measured_steps(result.prompt_logprobs, ids, None if reply is None else len(reply))
                 out.append((ids if reply is None else ids[:len(ids) - len(reply)], *position_arrays(steps, targets, k)))
