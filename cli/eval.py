@@ -102,6 +102,18 @@ def _check_drop(run, max_drop: float | None, console: Console) -> None:
     console.print(f"[green]accuracy drop {drop:.1f} points is within --max-drop {max_drop:g}[/]")
 
 
+def _dry_run(reference: str, candidate: str, baselines: list[str], settings, console: Console) -> None:
+    from r1v_quant.errors import UserError
+    from r1v_quant.evals.engine_plan import describe, plan_engines
+    from r1v_quant.evals.suites import load_suite
+
+    if settings.engine != "vllm":
+        raise UserError("--dry-run plans vLLM engines; add --engine vllm.")
+    plans = plan_engines(reference, candidate, baselines, settings, load_suite(settings).samples)
+    for line in describe(plans, settings):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
 def command(
     reference: str = typer.Option(..., "--reference", "-r", help="Full-precision checkpoint folder or Hugging Face id."),
     candidate: str = typer.Option(..., "--candidate", "-c", help="Quantised export (or any checkpoint) to compare with it."),
@@ -140,16 +152,35 @@ def command(
         None, help="Where reference outputs are cached (default: $R1V_QUANT_CACHE/eval or ~/.cache/r1v-quant/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the reference cache."),
     wide: bool = typer.Option(False, "--wide", help="Show every column of the summary (the default fits 80 columns)."),
+    engine: str = typer.Option(
+        "torch", help="torch (transformers generate, one device) or vllm (vLLM's offline engine: continuous batching, "
+        "several GPUs and nodes)."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="With --engine vllm: GPUs "
+                                             "each layer is split over."),
+    pipeline_parallel_size: int = typer.Option(1, "--pipeline-parallel-size", "-pp", help="With --engine vllm: "
+                                               "pipeline stages (layers split over GPUs or nodes)."),
+    distributed_executor_backend: str | None = typer.Option(
+        None, "--distributed-executor-backend", help="With --engine vllm: mp (one node), ray (several nodes) or uni; "
+        "default: vLLM's choice."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --engine vllm: print each engine's arguments and the "
+                                 "memory it needs per GPU, from the plan, and stop (no weights are read)."),
 ) -> None:
     """Compare a quantised model with its reference: accuracy, agreement, KL, reasoning length."""
     from r1v_quant.evals import report
     from r1v_quant.evals.run import EvalSettings, evaluate
+    from r1v_quant.evals.settings import check_settings
 
     _check_options(suite, data_path, dtype, max_drop, plot)
     settings = EvalSettings(suite=suite, data_path=data_path, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
                             greedy=greedy, batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
-                            use_cache=not no_cache, samples_per_question=samples_per_question)
+                            use_cache=not no_cache, samples_per_question=samples_per_question, engine=engine,
+                            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                            distributed_executor_backend=distributed_executor_backend)
+    check_settings(settings)
     console = Console()
+    if dry_run:
+        _dry_run(reference, candidate, baseline, settings, console)
+        return
     with Progress(*_progress_columns(), console=console) as progress:
         run = evaluate(reference, candidate, settings, baseline, progress=ModelBars(progress),
                        on_warning=lambda w: console.print(f"[bold yellow]warning:[/] {w}", highlight=False))

@@ -5,8 +5,9 @@ the rest; see `r1v_quant.evals.run`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,7 +72,7 @@ def _left_pad(rows: list[torch.Tensor], value: float) -> torch.Tensor:
     return out
 
 
-def _cut_reply(tok, row: list[int], eos: int) -> Reply:
+def cut_reply(tok, row: list[int], eos: int) -> Reply:
     finished = eos in row
     ids = row[: row.index(eos) + 1] if finished else row
     body = ids[:-1] if finished else ids
@@ -93,7 +94,7 @@ def generate_batch(loaded, prompts: Sequence[Prompt], embeds: Sequence[torch.Ten
     out = lm.generate(input_ids=ids, inputs_embeds=_left_pad(list(embeds), 0.0), attention_mask=mask,
                       max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                       **_sampling(settings).generate_kwargs())
-    return [_cut_reply(tok, row, eos) for row in out[:, ids.shape[1]:].tolist()]
+    return [cut_reply(tok, row, eos) for row in out[:, ids.shape[1]:].tolist()]
 
 
 def batches(lengths: Sequence[int], size: int) -> list[list[int]]:
@@ -127,6 +128,16 @@ class Closeness:
     top1_same: int = 0
     nll: float = 0.0
     positions: int = 0
+
+
+@dataclass
+class ItemResult:
+    """One model on one question or text."""
+
+    sample_id: str
+    reply: Reply | None = None
+    think_opened: bool = False
+    close: Closeness = field(default_factory=Closeness)
 
 
 _LOGIT_CHUNK = 512  # positions per float32 [chunk, vocab] block: bounds memory on a 152k vocabulary
@@ -211,3 +222,39 @@ def closeness(ref: RefDist, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]])
         raise UserError("the reference's cached outputs do not match the sequence being compared; "
                         "clear the eval cache (--no-cache or --cache-dir) and run again.")
     return out
+
+
+# ---------------------------------------------------------------- the same KL from top-k log-probabilities
+
+
+def summary_from_topk(logp: torch.Tensor, ids: torch.Tensor, nll: torch.Tensor) -> RefDist:
+    """The reference's summary when only its top-k log-probabilities are known (an engine such
+    as vLLM returns those): ``logp``/``ids`` [P, k] in descending order, ``nll`` [P] of the next
+    token. The rest's mass is what the top k leave (-inf when they hold all of it)."""
+    rest = 1.0 - logp.double().exp().sum(dim=-1)
+    tail = torch.where(rest > 0, rest.clamp_min(1e-300).log(), torch.full_like(rest, float("-inf")))
+    return RefDist(logp.float(), ids.long(), tail.float(), ids[:, 0].long(), nll.float())
+
+
+def coarse_kl_topk(ref: RefDist, cand_ids: torch.Tensor, cand_logp: torch.Tensor) -> torch.Tensor:
+    """`coarse_kl` when the candidate, too, is known only by its top-K' log-probabilities
+    (``cand_ids``/``cand_logp`` [P, K']): the same bins, the reference's top-k tokens and the rest.
+
+    A reference token outside the candidate's top K' has no known candidate probability; it
+    joins the rest bin on both sides, which merges two bins and so never raises the KL. With
+    K' covering the reference's top k (the usual case when K' = 2k), this equals `coarse_kl`
+    on the candidate's full distribution."""
+    match = ref.ids[:, :, None] == cand_ids[:, None, :]                     # [P, k, K']
+    found = match.any(dim=-1)                                              # [P, k]
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
+    lq = torch.where(match, cand_logp.double()[:, None, :], neg_inf).amax(dim=-1)
+    lp = ref.logp.double()
+    head = torch.where(found, lp.exp() * (lp - lq), torch.zeros_like(lp)).sum(dim=-1)
+    # The rest bin's mass, on each side: the reference's tail plus its tokens the candidate did not rank.
+    ref_rest = torch.logsumexp(torch.cat([ref.tail.double()[:, None], torch.where(found, neg_inf, lp)], dim=1), dim=1)
+    cand_rest_mass = 1.0 - torch.where(found, lq.exp(), torch.zeros_like(lq)).sum(dim=-1)
+    # rounded as the reference's stored tail is, so that a model compared with itself scores exactly 0
+    cand_rest = cand_rest_mass.clamp_min(math.exp(_TAIL_FLOOR)).log().float().double()
+    rt, ct = ref_rest.clamp_min(_TAIL_FLOOR), cand_rest.clamp_min(_TAIL_FLOOR)
+    tail = torch.where(torch.isneginf(ref_rest), torch.zeros_like(rt), rt.exp() * (rt - ct))
+    return (head + tail).clamp_min(0.0).float()

@@ -40,7 +40,8 @@ def cache_key(identity: dict, suite: Suite, settings: EvalSettings) -> dict:
         "seed": settings.seed,
         # what the model is shown, not the gold answers, which its outputs do not depend on
         "questions": _sha("\n".join(sample_key(s) for s in suite.samples)),
-        "generation": settings.generation() if suite.kind == "qa" else {"dtype": settings.dtype},
+        "generation": settings.generation() if suite.kind == "qa" else {
+            "dtype": settings.dtype, **({"engine": settings.engine} if settings.engine != "torch" else {})},
         "device": "cpu" if settings.device is None and not torch.cuda.is_available() else str(settings.device or "cuda"),
         "top_k": settings.top_k,
         "kl_positions": settings.kl_positions,

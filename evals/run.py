@@ -30,15 +30,16 @@ import math
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from r1v_quant.errors import UserError
-from r1v_quant.evals import pass_at_k, published, report
+from r1v_quant.evals import pass_at_k, published, report, vllm_pass
 from r1v_quant.evals.forcing import (
     Closeness,
+    ItemResult,
     Prompt,
     Reply,
     batches,
@@ -111,6 +112,8 @@ def model_specs(reference: Path, ref_name: str, candidate: Path, cand_name: str,
 
     if cand_name == ref_name:
         cand_name += " (candidate)"
+    if settings.engine == "vllm":
+        return vllm_specs(reference, ref_name, candidate, cand_name, baselines, settings)
     specs = [ModelSpec(ref_name, "reference", lambda: load_model(reference, settings.device, settings.dtype)),
              ModelSpec(cand_name, "candidate", lambda: load_model(candidate, settings.device, settings.dtype))]
     for base in dict.fromkeys(baselines):
@@ -127,17 +130,22 @@ def model_specs(reference: Path, ref_name: str, candidate: Path, cand_name: str,
     return specs
 
 
+def vllm_specs(reference: Path, ref_name: str, candidate: Path, cand_name: str, baselines: Sequence[str],
+               settings: EvalSettings) -> list[ModelSpec]:
+    """The same models for `--engine vllm`: each `load` gives the folder vLLM loads (and its cleanup)."""
+    from r1v_quant.evals.vllm_pass import check_engine, rtn_export_folder
+
+    check_engine(baselines)
+    specs = [ModelSpec(ref_name, "reference", lambda: (reference, None)),
+             ModelSpec(cand_name, "candidate", lambda: (candidate, None))]
+    if "rtn" in baselines:  # the one baseline check_engine lets through
+        group = group_size_of(candidate)
+        specs.append(ModelSpec(f"RTN w4 g{group}", "baseline",
+                               lambda g=group: rtn_export_folder(reference, g, settings)))
+    return specs
+
+
 # ---------------------------------------------------------------- running one model
-
-
-@dataclass
-class ItemResult:
-    """One model on one question or text."""
-
-    sample_id: str
-    reply: Reply | None = None
-    think_opened: bool = False
-    close: Closeness = field(default_factory=Closeness)
 
 
 def _stepper(label: str, total: int, progress: ProgressFn | None) -> Callable[[int], None]:
@@ -195,6 +203,10 @@ def run_reference(spec: ModelSpec, suite: Suite, settings: EvalSettings, cache: 
             progress(spec.label, 1, 1)
         return list(items), len(items)
     step = _stepper(spec.label, _work(suite, len(missing)), progress)
+    if settings.engine == "vllm":
+        with vllm_pass.vllm_model(spec, suite, settings, settings.top_k) as model:
+            vllm_pass.reference_pass(model, missing, cache, items, step)
+        return list(items), len(items) - len(missing)
     with loaded_model(spec) as loaded:
         def handle(i, prompt, reply, chunks):
             dist = concat_dists([summarize(lp, t, settings.top_k) for lp, t in chunks], settings.top_k)
@@ -211,6 +223,9 @@ def run_model(spec: ModelSpec, suite: Suite, settings: EvalSettings, ref_items: 
     """One non-reference model: its own replies, then teacher forcing on the reference's."""
     results: list[ItemResult | None] = [None] * len(ref_items)
     step = _stepper(spec.label, _work(suite, len(ref_items)), progress)
+    if settings.engine == "vllm":
+        with vllm_pass.vllm_model(spec, suite, settings, settings.top_k * vllm_pass.CANDIDATE_TOP_K_FACTOR) as model:
+            return vllm_pass.candidate_pass(model, ref_items, step)
     with loaded_model(spec) as loaded:
         def handle(i, prompt, reply, chunks):
             ref = ref_items[i]
@@ -353,6 +368,8 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
     for base in baselines:
         if base not in BASELINES:
             raise UserError(f"--baseline {base} is not one of {', '.join(BASELINES)}.")
+    if settings.engine == "vllm":
+        vllm_pass.check_engine(baselines)  # vLLM missing: say so before any download or model
     ref_path, cand_path = resolve_model(reference), resolve_model(candidate)
     warnings = check_candidate(ref_path, cand_path, reference)  # before any generation
     suite = load_suite(settings)

@@ -10,6 +10,8 @@ from r1v_quant.errors import UserError
 
 DEFAULT_LIMITS = {"builtin": 64, "r1v-mini": 120, "text": 64}  # other suites: every question they hold
 BASELINES = ("rtn", "nf4")
+ENGINES = ("torch", "vllm")
+VLLM_BASELINES = ("rtn",)
 SUITE_FORMS = ("builtin, r1v-mini, mmmu-sample, mathvista, math-500, aime-2024, gpqa-diamond, text:PATH (.txt or .jsonl), "
                "or a folder / .parquet file in MMMU's layout")
 
@@ -37,6 +39,10 @@ class EvalSettings:
     kl_positions: int = 1024          # measured positions per reply (its first tokens)
     text_tokens: int = 2048           # longest text-suite item, in tokens
     samples_per_question: int = 1     # k sampled replies per question, scored as pass@1
+    engine: str = "torch"             # torch (transformers generate) or vllm (vLLM's offline LLM)
+    tensor_parallel_size: int = 1     # vLLM only, as are the two below
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
     def generation(self) -> dict:
         """The settings a reply depends on (part of the cache key)."""
@@ -44,6 +50,8 @@ class EvalSettings:
                "dtype": self.dtype}
         if self.samples_per_question > 1:
             out["samples_per_question"] = self.samples_per_question
+        if self.engine != "torch":  # other kernels, other replies; the torch key stays as it always was
+            out["engine"] = self.engine
         if not self.greedy:
             out.update(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
                        seed=self.seed)
@@ -58,6 +66,9 @@ class EvalSettings:
                 "limit": self.limit, "seed": self.seed, "decoding": decoding,
                 "samples_per_question": self.samples_per_question,
                 "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "dtype": self.dtype,
+                "engine": self.engine, **({"tensor_parallel_size": self.tensor_parallel_size,
+                                           "pipeline_parallel_size": self.pipeline_parallel_size}
+                                          if self.engine == "vllm" else {}),
                 "kl": f"top-{self.top_k} coarse-grained KL(reference || model) on the reference's own outputs, "
                       f"first {self.kl_positions} reply tokens per question"}
 
@@ -70,5 +81,15 @@ def check_settings(s: EvalSettings) -> None:
             raise UserError(f"{name} must be at least 1 (got {value}).")
     if s.samples_per_question < 1:
         raise UserError(f"--samples-per-question must be at least 1 (got {s.samples_per_question}).")
+    if s.engine not in ENGINES:
+        raise UserError(f"--engine {s.engine} is not one of {', '.join(ENGINES)}.")
+    for name, value in (("--tensor-parallel-size", s.tensor_parallel_size),
+                        ("--pipeline-parallel-size", s.pipeline_parallel_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value}).")
+        if value > 1 and s.engine != "vllm":
+            raise UserError(f"{name} needs --engine vllm; the torch engine runs on one device.")
+    if s.distributed_executor_backend is not None and s.engine != "vllm":
+        raise UserError("--distributed-executor-backend needs --engine vllm.")
     if s.samples_per_question > 1 and s.greedy:
         raise UserError("--samples-per-question needs --sample: greedy decoding gives the same reply every time.")

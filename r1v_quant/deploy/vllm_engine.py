@@ -104,14 +104,42 @@ class EngineSettings:
     note: str
 
 
+@dataclass(frozen=True)
+class Parallel:
+    """How one engine spreads over GPUs (and nodes, through Ray): vLLM's own arguments, passed through."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None   # None: vLLM's choice (mp on one node, ray across nodes)
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tensor_parallel_size": self.tensor_parallel_size,
+                               "pipeline_parallel_size": self.pipeline_parallel_size}
+        if self.distributed_executor_backend is not None:
+            out["distributed_executor_backend"] = self.distributed_executor_backend
+        return out
+
+
 def engine_kwargs(model: str, n_images: int, gpu_bytes: int | None = None, max_model_len: int | None = None,
-                  util: float = 0.9) -> EngineSettings:
-    """`vllm.LLM` arguments for this model; max_model_len from the plan when a GPU is known."""
+                  util: float = 0.9, parallel: Parallel | None = None, max_logprobs: int | None = None
+                  ) -> EngineSettings:
+    """`vllm.LLM` arguments for this model (chat and eval alike); max_model_len from the plan
+    when a GPU is known and the engine has one GPU."""
     from r1v_quant.deploy.serve import gpu_memory, vllm_settings
 
     kwargs: dict[str, Any] = {"model": str(model), **vllm_settings(n_images, util, max_model_len)}
+    if parallel is not None:
+        kwargs.update(parallel.kwargs())
+    if max_logprobs is not None:
+        kwargs["max_logprobs"] = int(max_logprobs)
     if max_model_len is not None:
         return EngineSettings(kwargs, f"max_model_len {max_model_len} as given")
+    if parallel is not None and parallel.gpus > 1:
+        return EngineSettings(kwargs, "max_model_len left to vLLM: the plan is for one GPU and this engine spans several")
     if gpu_bytes is None:
         found = gpu_memory()
         gpu_bytes = found[0] if found else None
@@ -154,3 +182,34 @@ def chat_once(model: str | Path, prompt: str, image_paths: Sequence[str | Path],
         first = str(e).strip().split(". ")[0].rstrip(".")
         raise UserError(f"vLLM rejected the request: {first}.") from None
     return outputs[0].outputs[0].text
+
+
+def release_engine(holder: dict) -> None:
+    """Shut down the engine in ``holder["llm"]`` and free its memory before the next one starts
+    (the caller's dict is the only other reference, so the engine can be collected)."""
+    import gc
+
+    llm = holder.pop("llm", None)
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception:  # noqa: BLE001 - a half-started engine may fail to stop; its memory is freed below
+            pass
+    del llm, core, shutdown
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception:  # noqa: BLE001 - versions without these helpers need only the collection below
+        pass
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - no CUDA runtime: nothing to empty
+        pass

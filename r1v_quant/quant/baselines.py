@@ -68,3 +68,35 @@ def build_nf4(reference: Path, device: str | None, dtype: str):
         raise UserError(f"bitsandbytes could not build the NF4 baseline on {loaded.device} "
                         f"({type(error).__name__}: {str(error).splitlines()[0][:160]}).") from None
     return loaded
+
+
+def write_rtn_export(reference: Path, group_size: int, out_dir: Path, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """The RTN baseline as an AutoAWQ GEMM export (what vLLM loads): the reference's tensors in
+    order, each quantised linear rounded to nearest at `group_size`, the rest copied; the same
+    codes `build_rtn` puts in memory."""
+    import json
+
+    from r1v_quant.int4.format import AWQ_LEAVES
+    from r1v_quant.model.checkpoint import Checkpoint, ShardWriter
+    from r1v_quant.model.config import load_config
+    from r1v_quant.quant.export import copy_side_files, export_config, side_files
+
+    reference, out_dir = Path(reference), Path(out_dir)
+    side_files(reference)  # a bad side file stops us before any tensor is written
+    cfg = load_config(reference)
+    ckpt = Checkpoint(reference)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    for name in ckpt.names():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and is_quant_linear(module):
+            tensors = awq_tensors(ckpt.get(name), group_size)
+            for leaf in AWQ_LEAVES:
+                writer.add(f"{module}.{leaf}", tensors[leaf])
+            ckpt.release()
+        else:
+            writer.add(name, ckpt.get(name))
+    writer.close()
+    (out_dir / "config.json").write_text(json.dumps(export_config(cfg, group_size), indent=2) + "\n")
+    copy_side_files(reference, out_dir)
+    return out_dir
