@@ -298,5 +298,17 @@ def test_cli_prints_tables_and_writes_json(tmp_path):
 def test_cli_bad_input_raises_user_error():
     result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--gpu-mem", "huge"])
     assert isinstance(result.exception, UserError)
-    result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--kv-dtype", "int4"])
+    result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--kv-cache-dtype", "int4"])
     assert isinstance(result.exception, UserError)
+
+
+def test_cli_takes_vllms_spelling_of_the_kv_cache_dtype():
+    for flag in ("fp8", "fp8_e4m3"):
+        result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--kv-cache-dtype", flag], env={"COLUMNS": "160"})
+        assert result.exit_code == 0, result.output
+        assert "131,072 bytes per token (fp8)" in result.output
+    result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--kv-cache-dtype", "auto",
+                                         "--gpu-memory-utilization", "0.95"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "262,144 bytes per token (bf16)" in result.output and "utilization 0.95" in result.output
+
