@@ -312,3 +312,30 @@ def test_cli_takes_vllms_spelling_of_the_kv_cache_dtype():
     assert result.exit_code == 0, result.output
     assert "262,144 bytes per token (bf16)" in result.output and "utilization 0.95" in result.output
 
+
+def test_the_whole_family_plans_offline_by_hub_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    plans = {m: plan_model(f"Skywork/Skywork-{m}-38B", gpu_mems=[("x", 80 * GiB)]) for m in ("R1V", "R1V2", "R1V3")}
+    assert all("built-in config" in p.source for p in plans.values())
+    # one layout: the same weights for R1V and R1V2; R1V3's smaller vocabulary shrinks only the embeddings
+    assert plans["R1V"].export_total == plans["R1V2"].export_total
+    assert plans["R1V3"].export_total == plans["R1V"].export_total - 2 * (152064 - 151674) * 5120 * 2
+    assert plans["R1V"].kv_bytes_per_token == plans["R1V2"].kv_bytes_per_token == plans["R1V3"].kv_bytes_per_token
+    assert [p.cards[0].max_model_len for p in plans.values()] == [131072, 40960, 32768]
+
+
+def test_an_unreachable_hub_fails_at_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "", "https_proxy": ""}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "r1v_quant.cli.main", "plan", "--model", "someone/not-cached-38b"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 8
+    assert done.returncode == 2
+    assert "offline here (127.0.0.1:9 cannot be reached" in done.stderr
