@@ -58,7 +58,7 @@ class EvalSettings:
                 "limit": self.limit, "seed": self.seed, "decoding": decoding,
                 "samples_per_question": self.samples_per_question,
                 "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "dtype": self.dtype,
-                "kl": f"top-{self.top_k} coarse-grained KL(reference || model) on the reference's own outputs, "
+                "kl": f"top-{self.top_k} coarse-grained KL(reference ‖ model) on the reference's own outputs, "
                       f"first {self.kl_positions} reply tokens per question"}
 
 

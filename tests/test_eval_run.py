@@ -284,8 +284,12 @@ def test_quick_kl_for_the_model_card_caches_nothing(ref, twin, tmp_path, monkeyp
 
     monkeypatch.setenv("R1V_QUANT_CACHE", str(tmp_path / "env-cache"))
     entries = quick_kl(ref, twin, n=1, max_new_tokens=4)
-    assert entries["KL(source || export), nats per token"] == "0.0000"
+    assert entries["KL(source ‖ export), nats per token"] == "0.0000"
     assert entries["top-1 token agreement"] == "100.0%"
+    # the card names the definition eval uses, and its own questions and positions
+    assert "1 built-in eval questions" in entries["KL measured on"]
+    assert "top-64 coarse-grained KL(reference ‖ model)" in entries["KL measured on"]
+    assert "`r1v-quant eval`'s KL, which by default measures the first 1024 reply tokens" in entries["KL measured on"]
     assert all(isinstance(v, str) for v in entries.values())
     assert not (tmp_path / "env-cache").exists()
 
