@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/r1v-quant ]; then
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
-  # The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  # torch first, the build that fits this machine, so the project's dependencies do not pull another.
+  scripts/install-torch.sh .venv/bin/python
   .venv/bin/python -m pip install --quiet -e '.[test]'
 fi
 export PATH="$PWD/.venv/bin:$PATH"
