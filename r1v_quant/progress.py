@@ -47,13 +47,17 @@ class _Lines:
         self.console = console
         self.started: dict[str, float] = {}
         self.shown: dict[str, int] = {}
+        # Steps are reported when they finish, so a new label's clock starts at the previous
+        # report (the work before its first step is part of it), or when the work began.
+        self.last = time.perf_counter()
 
     def __call__(self, label: str, done: int, total: int | None, note: str = "") -> None:
         now = time.perf_counter()
-        start = self.started.setdefault(label, now)
+        start = self.started.setdefault(label, self.last)
         if self.shown.get(label) == done:
             return
         self.shown[label] = done
+        self.last = now
         self.console.print(escape(step_line(label, done, total, note, now - start)), highlight=False, soft_wrap=True)
         self.console.file.flush()
 

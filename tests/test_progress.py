@@ -28,6 +28,23 @@ def test_steps_off_a_terminal_print_one_line_per_step():
     assert lines[0].startswith("reference 1/3  elapsed") and lines[-1].endswith("ETA 0s")
 
 
+def test_the_clock_starts_with_the_work_not_with_the_first_report(monkeypatch):
+    import r1v_quant.progress as progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    buf = io.StringIO()
+    with steps(Console(file=buf, force_terminal=False, width=200)) as step:
+        now[0] = 130.0
+        step("AWQ layer", 1, 4, "")
+        now[0] = 150.0
+        step("AWQ layer", 2, 4, "")
+        now[0] = 160.0
+        step("candidate", 1, 2, "")  # the next model's clock starts where the last one stopped
+    assert buf.getvalue().splitlines() == ["AWQ layer 1/4  elapsed 30s  ETA 1m30s", "AWQ layer 2/4  elapsed 50s  ETA 50s",
+                                           "candidate 1/2  elapsed 10s  ETA 10s"]
+
+
 def test_awq_redirected_to_a_file_prints_a_line_per_layer(tiny_dir, tmp_path):
     log = tmp_path / "log.txt"
     cmd = [sys.executable, "-m", "r1v_quant.cli.main", "awq", "--model", str(tiny_dir), "--out", str(tmp_path / "out"),
