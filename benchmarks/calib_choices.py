@@ -20,8 +20,8 @@ from r1v_quant.evals.quick import heldout_prompts, prompt_kl
 from r1v_quant.fixtures.tiny import make_tiny
 from r1v_quant.model.r1v import load_model
 from r1v_quant.quant.baselines import build_rtn
-from r1v_quant.quant.pipeline import AWQSettings
-from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
+from r1v_quant.quant.run import quantize_checkpoint
 
 VARIANTS = {
     "AWQ, unbalanced, quantised propagation": dict(balance=False, propagate="quantized"),
@@ -50,8 +50,9 @@ def main() -> None:
         del rtn
         for index, (label, opts) in enumerate(VARIANTS.items()):
             out = root / f"variant-{index}"
-            settings = AWQSettings(samples=args.samples, seq_len=2048, max_tokens=args.max_tokens, grid=10, **opts)
-            quantize_checkpoint(str(model), out, settings, CalibChoice("builtin"), device="cpu")
+            settings = AWQSettings(grid=10, **opts)
+            recipe = CalibrationRecipe("builtin", samples=args.samples, seq_len=2048, max_tokens=args.max_tokens)
+            quantize_checkpoint(str(model), out, settings, recipe, device="cpu")
             cand = load_model(out, device="cpu")
             rows[label] = (prompt_kl(ref.model, cand.model, text_only), prompt_kl(ref.model, cand.model, with_images))
             print(f"{label}: text {rows[label][0]:.4f}  images {rows[label][1]:.4f}", flush=True)

@@ -41,22 +41,48 @@ def encode_sample(sample: Sample, cfg, tok, seq_len: int) -> Encoded:
     return Encoded(sample.id, ids, pixels)
 
 
-def encode_samples(samples: list[Sample], cfg, tok, seq_len: int, max_tokens: int) -> list[Encoded]:
-    """Encode in order until the total-token cap; the sample that crosses it is truncated to fit."""
+def is_image_stub(sample: Sample, enc: Encoded, img_start: int) -> bool:
+    """A sample posed with images whose every image block was cut: a few prompt tokens asking about nothing."""
+    return bool(sample.images) and enc.ids.count(img_start) == 0
+
+
+def encode_samples(samples: list[Sample], cfg, tok, seq_len: int, max_tokens: int) -> tuple[list[Encoded], int]:
+    """Encode in order until the total-token cap; the sample that crosses it is truncated to fit.
+
+    Returns the encoded samples and how many image stubs were skipped: a sample whose image block
+    does not fit `seq_len` (or the room left under the cap) is left out rather than kept as the
+    handful of tokens before its image.
+    """
+    img_start = tok.convert_tokens_to_ids(IMG_START)
     out: list[Encoded] = []
-    used = 0
+    used = skipped = 0
     for sample in samples:
         room = max_tokens - used
         if room <= 0:
             break
         enc = encode_sample(sample, cfg, tok, min(seq_len, room))
+        if is_image_stub(sample, enc, img_start):
+            skipped += 1
+            continue
         if len(enc.ids) < 2:
             continue
         out.append(enc)
         used += len(enc.ids)
     if not out:
-        raise UserError("the calibration set has no usable tokens (every sample was empty after encoding).")
-    return out
+        raise UserError("the calibration set has no usable tokens (every sample was empty after encoding, or its "
+                        "image did not fit --seq-len).")
+    return out, skipped
+
+
+def composition(encoded: list[Encoded], tok, skipped: int) -> dict[str, str]:
+    """What the calibration tokens are: samples, tokens, image share, tiles, and the stubs left out."""
+    tokens = sum(len(e.ids) for e in encoded)
+    tiles = sum(0 if e.pixel_values is None else e.pixel_values.shape[0] for e in encoded)
+    with_images = sum(e.pixel_values is not None for e in encoded)
+    return {"samples": f"{len(encoded)} ({with_images} with images, {len(encoded) - with_images} text only)",
+            "tokens": f"{tokens} ({image_token_share(encoded, tok):.1%} image tokens)",
+            "image tiles": str(tiles),
+            "image stubs skipped": f"{skipped} (samples whose image block did not fit)"}
 
 
 @torch.no_grad()

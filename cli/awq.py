@@ -51,23 +51,19 @@ def command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the per-layer work folder after success."),
     kl_check: bool = typer.Option(True, "--kl-check/--no-kl-check", help="Measure KL(source ‖ export) on held-out prompts at the end."),
+    max_device_memory: str | None = typer.Option(None, help="Device memory awq may use, e.g. 20GiB; it sets the token chunk size and whether calibration tensors stay on the device (default: the GPU's free memory less max(2 GiB, 10%); on CPU, available RAM less 4 GiB)."),
+    compute_dtype: str = typer.Option("auto", help="auto, float32 or bfloat16: the dtype of the layer forwards and search matmuls (auto: bf16 on CUDA; on CPU the faster one, by a short probe)."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard of the export, e.g. 5GB or 500MiB."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
     json_out: Path | None = typer.Option(None, "--json", help="Write a JSON report here."),
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
     from r1v_quant.deploy.units import parse_size
-    from r1v_quant.errors import UserError
-    from r1v_quant.quant.pipeline import AWQSettings
-    from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+    from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
+    from r1v_quant.quant.run import quantize_checkpoint
 
-    if propagate not in ("quantized", "float"):
-        raise UserError(f"--propagate {propagate} is not one of quantized, float.")
-    if group_size <= 0:
-        raise UserError(f"--group-size {group_size} must be positive.")
-    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
-                           seq_len=seq_len, max_tokens=max_tokens, samples=samples, seed=seed)
-    choice = CalibChoice(calib, calib_path, _mix(mix), traces, max_trace_tokens)
+    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance)
+    choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed)
     console = Console()
     check = None
     if kl_check:
@@ -91,6 +87,8 @@ def command(
                                      resume=resume, offload_dir=offload_dir, keep_work=keep_work,
                                      offload_above=parse_size(offload_above, "--offload-above", 0),
                                      max_shard_bytes=parse_size(max_shard_size, "--max-shard-size", 2**20),
+                                     compute_dtype=compute_dtype, max_device_memory=(parse_size(max_device_memory, "--max-device-memory", 2**20)
+                                                        if max_device_memory else None),
                                      progress=on_layer, kl_check=check, trace_progress=on_trace)
 
     table = Table(title="per-layer relative output error (lower is better)")
@@ -101,6 +99,8 @@ def command(
                       f"{r.rel_err_awq / max(r.rel_err_rtn, 1e-12):.2f}", f"{r.seconds:.1f}", f"{r.peak_mem_mb:.0f}")
     console.print(table)
     for k, v in result.summary().items():
+        console.print(f"{k}: [bold]{v}[/]")
+    for k, v in result.extra.items():
         console.print(f"{k}: [bold]{v}[/]")
     console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.0f} s")
     if json_out:

@@ -3,7 +3,6 @@ the same tokenizer and the same shapes, or the comparison means nothing."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from r1v_quant.errors import UserError
@@ -41,13 +40,6 @@ def _tokenizer_difference(ref_path: Path, cand_path: Path) -> str | None:
     return f"token {token!r} as id {vb.get(token)}, where the reference's has {va[token]}"
 
 
-def _recorded_source(cand_path: Path) -> str | None:
-    path = Path(cand_path) / "r1v_quant_report.json"
-    try:
-        return str(json.loads(path.read_text(encoding="utf-8"))["recipe"]["source"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
 
 def _same_model(source: str, ref_spec: str, ref_path: Path) -> bool:
     local = Path(source).expanduser()
@@ -71,7 +63,9 @@ def check_candidate(ref_path: Path, cand_path: Path, ref_spec: str | None = None
     if tok:
         raise UserError(f"the candidate {cand_path} has another tokenizer ({tok}) than the reference {ref_path}, "
                         "so their answers cannot be compared token by token.")
-    source = _recorded_source(cand_path)
+    from r1v_quant.quant.recipe import read_source
+
+    source = read_source(cand_path)
     if source is not None and not _same_model(source, str(ref_spec or ref_path), ref_path):
         return [f"the candidate's recipe names {source} as its source, not the reference {ref_spec or ref_path}; "
                 "the difference measured may not be the cost of quantisation."]

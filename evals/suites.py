@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,38 +70,26 @@ def load_suite(settings: EvalSettings) -> Suite:
     return Suite(settings.suite, name, kind, samples, settings.samples_per_question)
 
 
-def _recipe_samples(recipe: dict) -> int | None:
-    for key in ("samples requested", "samples"):
-        if isinstance(recipe.get(key), int):
-            return recipe[key]
-    match = re.match(r"\s*(\d+)", str(recipe.get("samples / tokens", "")))
-    return int(match.group(1)) if match else None
-
-
 def calibration_overlap(candidate: Path, suite: Suite, data_path: Path | None) -> str | None:
     """A warning when questions of the suite were also calibration questions of the
-    candidate, recomputed from the recipe in its r1v_quant_report.json; None when clean."""
+    candidate, recomputed from the recipe saved in its r1v_quant_report.json; None when clean."""
     from r1v_quant.calib.sets import load_calibration
+    from r1v_quant.quant.recipe import read_recipe
 
-    path = Path(candidate) / "r1v_quant_report.json"
-    if not path.is_file():
+    try:
+        recipe = read_recipe(candidate)
+    except ValueError as error:
+        return f"{error}, so the overlap of eval and calibration questions was not checked."
+    if recipe is None:
         return None
     try:
-        recipe = json.loads(path.read_text(encoding="utf-8")).get("recipe", {})
-    except (OSError, ValueError, AttributeError):
-        return f"{path} is unreadable, so the overlap of eval and calibration questions was not checked."
-    spec = str(recipe.get("calibration set", "")).split(" + self traces", 1)[0].strip()
-    count = _recipe_samples(recipe)
-    if not spec or not count:
-        return None
-    seed = int(recipe.get("seed", 0))
-    try:
-        calib_ids = {s.id for s in load_calibration(spec, n=count, seed=seed, calib_path=data_path)}
+        calib_ids = {s.id for s in load_calibration(recipe.spec, n=recipe.samples, seed=recipe.seed,
+                                                    calib_path=data_path or recipe.path, mix=recipe.mix)}
     except UserError as error:
         return f"the overlap of eval and calibration questions was not checked ({error})"
     shared = [s.id for s in suite.samples if s.id in calib_ids]
     if not shared:
         return None
     return (f"{len(shared)} of {len(suite.samples)} eval questions were also calibration questions of "
-            f"{Path(candidate).name} ({spec}, {count} samples, seed {seed}), which flatters the candidate; "
-            "evaluate on other questions (another --seed or suite) for a clean estimate.")
+            f"{Path(candidate).name} ({recipe.spec}, {recipe.samples} samples, seed {recipe.seed}), which flatters the "
+            "candidate; evaluate on other questions (another --seed or suite) for a clean estimate.")

@@ -14,12 +14,13 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_dir, tmp_path_factory):
-    from r1v_quant.quant.pipeline import AWQSettings
-    from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+    from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
+    from r1v_quant.quant.run import quantize_checkpoint
 
     out = tmp_path_factory.mktemp("export") / "r1v-tiny-awq"
-    settings = AWQSettings(group_size=128, samples=8, seq_len=2048, max_tokens=6144, grid=10)
-    quantize_checkpoint(str(tiny_dir), out, settings, CalibChoice("builtin"), device="cpu")
+    settings = AWQSettings(group_size=128, grid=10)
+    quantize_checkpoint(str(tiny_dir), out, settings, CalibrationRecipe("builtin", samples=8, seq_len=2048, max_tokens=6144),
+                        device="cpu")
     return out
 
 

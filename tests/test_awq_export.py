@@ -11,10 +11,11 @@ from conftest import run_cli
 from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.layout import is_quant_linear
-from r1v_quant.quant.pipeline import AWQSettings
-from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
+from r1v_quant.quant.run import quantize_checkpoint
 
-SMALL = AWQSettings(samples=2, seq_len=384, max_tokens=768, grid=5)
+SMALL = AWQSettings(grid=5)
+SMALL_CALIB = CalibrationRecipe("builtin", samples=2, seq_len=384, max_tokens=768)
 
 
 def independent_dequant(qweight, qzeros, scales, group):
@@ -102,15 +103,15 @@ def test_chat_on_export(tiny_export, capsys):
 
 def test_resume_gives_a_byte_identical_export(tiny_dir, tmp_path):
     full = tmp_path / "full"
-    quantize_checkpoint(str(tiny_dir), full, SMALL, CalibChoice("builtin"), device="cpu")
+    quantize_checkpoint(str(tiny_dir), full, SMALL, SMALL_CALIB, device="cpu")
     resumed, work = tmp_path / "resumed", tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        quantize_checkpoint(str(tiny_dir), resumed, SMALL, CalibChoice("builtin"), device="cpu",
+        quantize_checkpoint(str(tiny_dir), resumed, SMALL, SMALL_CALIB, device="cpu",
                             work_dir=work, stop_after=1)
     assert not resumed.exists()
     assert json.loads((work / "state.json").read_text())["done"] == 1
     # The resumed half also spills every activation to disk: neither may change a byte.
-    quantize_checkpoint(str(tiny_dir), resumed, SMALL, CalibChoice("builtin"), device="cpu", work_dir=work, resume=True,
+    quantize_checkpoint(str(tiny_dir), resumed, SMALL, SMALL_CALIB, device="cpu", work_dir=work, resume=True,
                         offload_dir=tmp_path / "spill", offload_above=0)
     names = sorted(p.name for p in full.iterdir())
     assert names == sorted(p.name for p in resumed.iterdir())
@@ -162,7 +163,7 @@ def test_bad_inputs(tiny_dir, tmp_path, capsys, monkeypatch):
 
 def test_already_quantized_source_is_refused(tiny_export, tmp_path):
     with pytest.raises(UserError, match="already quantised"):
-        quantize_checkpoint(str(tiny_export), tmp_path / "x", SMALL, CalibChoice("builtin"), device="cpu")
+        quantize_checkpoint(str(tiny_export), tmp_path / "x", SMALL, SMALL_CALIB, device="cpu")
 
 
 def test_plan_predicts_the_export_bytes_exactly_and_inspect_passes(tiny_export):

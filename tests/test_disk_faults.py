@@ -78,10 +78,11 @@ def test_disk_full_during_the_run_keeps_finished_layers_for_resume(tiny_dir, sma
     """The disk fills up after layer 0: one sentence, no export, no partial file, layer 0 kept; after freeing
     space --resume finishes the export."""
     from r1v_quant.errors import UserError
-    from r1v_quant.quant.pipeline import AWQSettings
-    from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+    from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
+    from r1v_quant.quant.run import quantize_checkpoint
 
-    settings = AWQSettings(samples=2, seq_len=384, max_tokens=768, grid=4)
+    settings = AWQSettings(grid=4)
+    recipe = CalibrationRecipe("builtin", samples=2, seq_len=384, max_tokens=768)
     needs = _needs(tiny_dir, tmp_path / "o", tmp_path / "w")
     fs = small_fs(int(sum(needs.values()) * 1.3))
     injected = fs is None
@@ -110,7 +111,7 @@ def test_disk_full_during_the_run_keeps_finished_layers_for_resume(tiny_dir, sma
 
     out = fs / "out"
     with pytest.raises(UserError) as caught:
-        quantize_checkpoint(str(tiny_dir), out, settings, CalibChoice("builtin"), device="cpu", progress=fill)
+        quantize_checkpoint(str(tiny_dir), out, settings, recipe, device="cpu", progress=fill)
     text = str(caught.value)
     assert "disk is full" in text and "layers 0-0 are kept" in text and "--resume" in text, text
     work = fs / ".out.awq-work"
@@ -120,7 +121,7 @@ def test_disk_full_during_the_run_keeps_finished_layers_for_resume(tiny_dir, sma
     assert not out.exists() and not [p for p in fs.iterdir() if ".partial-" in p.name]
     filler.unlink(missing_ok=True)
     monkeypatch.undo()
-    quantize_checkpoint(str(tiny_dir), out, settings, CalibChoice("builtin"), device="cpu", resume=True)
+    quantize_checkpoint(str(tiny_dir), out, settings, recipe, device="cpu", resume=True)
     assert (out / "config.json").is_file() and not work.exists()
 
 

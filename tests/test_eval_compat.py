@@ -41,7 +41,7 @@ def test_a_recipe_naming_another_source_warns(tiny_dir, tiny_export, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(tiny_export, moved)
     report = json.loads((moved / "r1v_quant_report.json").read_text())
-    report["recipe"]["source"] = "OpenGVLab/InternVL2-1B"
+    report["source"] = "OpenGVLab/InternVL2-1B"
     (moved / "r1v_quant_report.json").write_text(json.dumps(report))
     warnings = check_candidate(tiny_dir, moved, str(tiny_dir))
     assert len(warnings) == 1 and "OpenGVLab/InternVL2-1B" in warnings[0]

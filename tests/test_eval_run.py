@@ -101,12 +101,12 @@ def damaged(no_think, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def awq_export(ref, tmp_path_factory):
-    from r1v_quant.quant.pipeline import AWQSettings
-    from r1v_quant.quant.run import CalibChoice, quantize_checkpoint
+    from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
+    from r1v_quant.quant.run import quantize_checkpoint
 
     out = tmp_path_factory.mktemp("awq") / "tiny-awq"
-    settings = AWQSettings(samples=4, seq_len=512, max_tokens=1024, grid=3, clip=False, duo=False)
-    quantize_checkpoint(str(ref), out, settings, CalibChoice("builtin"))
+    settings = AWQSettings(grid=3, clip=False, duo=False)
+    quantize_checkpoint(str(ref), out, settings, CalibrationRecipe("builtin", samples=4, seq_len=512, max_tokens=1024))
     return out
 
 
@@ -280,8 +280,10 @@ def test_text_suite_reports_perplexity_and_warns_about_calibration_overlap(ref, 
     text.write_text("\n\n".join(f"Paragraph {i} is about weights, scales and groups of {8 * i} channels."
                                 for i in range(6)))
     calibrated = _copy(ref, tmp_path / "calibrated")
+    from r1v_quant.quant.recipe import CalibrationRecipe
+
     (calibrated / "r1v_quant_report.json").write_text(json.dumps(
-        {"recipe": {"calibration set": f"text:{text}", "samples / tokens": "3 / 90", "seed": 0}}))
+        {"calibration": CalibrationRecipe(f"text:{text}", samples=3).to_json()}))
     out = tmp_path / "r.json"
     code, printed = call(["eval", "--reference", str(ref), "--candidate", str(calibrated), "--suite", f"text:{text}",
                           "--cache-dir", str(cache), "--json", str(out), "--markdown", str(tmp_path / "r.md")], capsys)

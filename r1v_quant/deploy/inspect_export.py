@@ -43,11 +43,11 @@ from r1v_quant.errors import UserError
 from r1v_quant.int4.format import AWQ_DTYPE_NAMES, AWQ_LEAVES, PACK, awq_shapes, group_width, quant_field
 from r1v_quant.model.config import R1VConfig, parse_config
 from r1v_quant.model.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
+from r1v_quant.model.topology import FUSED_LINEARS
 
 # The stored tensors' safetensors codes.
 AWQ_DTYPES = {leaf: TORCH_TO_ST[name] for leaf, name in AWQ_DTYPE_NAMES.items()}
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_FUSED = {leaf: fused for fused, leaves in FUSED_LINEARS.items() for leaf in leaves}
 _REL_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_][\w.]*)?\s+import\s+([\w ,()]+)", re.MULTILINE)
 
 
@@ -241,9 +241,10 @@ def _check_awq_tensors(modules: dict[str, dict[str, TensorInfo]], quantised: lis
         if not is_quant_linear(m):
             continue
         head, _, leaf = m.rpartition(".")
-        if leaf in ("k_proj", "v_proj", "up_proj"):
+        fused = FUSED_LINEARS.get(_FUSED.get(leaf, ""), (leaf,))
+        if leaf != fused[0]:
             continue
-        partners = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}.get(leaf, ())
+        partners = fused[1:]
         states = {f"{head}.{p}" in qset for p in (leaf, *partners) if f"{head}.{p}" in modules}
         if len(states) > 1:
             problems.append(f"{head}: {leaf} and {'/'.join(partners)} differ in quantisation, but vLLM fuses them "

@@ -9,12 +9,10 @@ from __future__ import annotations
 import re
 
 from r1v_quant.model.config import R1VConfig
+from r1v_quant.model.topology import BIASED_LINEARS, QUANT_LINEARS
 
 # The Qwen2 linears that AWQ quantises; everything else stays in the source dtype.
-QUANT_LINEAR_SUFFIXES = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
+QUANT_LINEAR_SUFFIXES = QUANT_LINEARS
 _QUANT_LINEAR_RE = re.compile(
     r"^language_model\.model\.layers\.(\d+)\.(" + "|".join(re.escape(s) for s in QUANT_LINEAR_SUFFIXES) + r")$"
 )
@@ -83,15 +81,9 @@ def llm_linear_shapes(cfg: R1VConfig, layer: int) -> dict[str, tuple[int, int]]:
     hd = int(llm.get("head_dim") or d // heads)
     f = int(llm["intermediate_size"])
     p = f"language_model.model.layers.{layer}."
-    return {
-        p + "self_attn.q_proj": (heads * hd, d),
-        p + "self_attn.k_proj": (kv * hd, d),
-        p + "self_attn.v_proj": (kv * hd, d),
-        p + "self_attn.o_proj": (d, heads * hd),
-        p + "mlp.gate_proj": (f, d),
-        p + "mlp.up_proj": (f, d),
-        p + "mlp.down_proj": (d, f),
-    }
+    by_leaf = {"q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d), "o_proj": (d, heads * hd),
+               "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+    return {p + name: by_leaf[name.rpartition(".")[2]] for name in QUANT_LINEARS}
 
 
 def llm_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
@@ -103,7 +95,7 @@ def llm_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
         p = f"language_model.model.layers.{i}."
         for name, shape in llm_linear_shapes(cfg, i).items():
             out[name + ".weight"] = shape
-            if name.endswith(("q_proj", "k_proj", "v_proj")):
+            if name.endswith(BIASED_LINEARS):
                 out[name + ".bias"] = (shape[0],)
         out[p + "input_layernorm.weight"] = (d,)
         out[p + "post_attention_layernorm.weight"] = (d,)

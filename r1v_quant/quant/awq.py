@@ -7,7 +7,7 @@ float function is unchanged, and `search_clip` shrinks each weight group's range
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +76,11 @@ class ScaleResult:
     loss_at_zero: float  # alpha = 0 is plain round-to-nearest of the unscaled weights
 
 
+# Each call yields, per chunk: its inputs [t, in], its token weights [t] (or None), and the block as it
+# applies to that chunk (an attention block must split a chunk into its samples).
+Chunks = Callable[[], Iterable[tuple[torch.Tensor, "torch.Tensor | None", Callable[[torch.Tensor], torch.Tensor]]]]
+
+
 def search_scales(
     linears: Sequence[nn.Linear],
     x: torch.Tensor,
@@ -91,10 +96,32 @@ def search_scales(
     being protected (the linears alone, or the attention/MLP they sit in) with the current weights.
     Weights are restored before returning.
     """
+    return search_scales_chunked(linears, lambda: [(x, weights, block)], group_size, grid, duo,
+                                 x_mean=masked_mean_abs(x, weights=weights))
+
+
+def search_scales_chunked(
+    linears: Sequence[nn.Linear],
+    chunks: Chunks,
+    group_size: int,
+    grid: int = 20,
+    duo: bool = True,
+    x_mean: torch.Tensor | None = None,
+    keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> ScaleResult:
+    """`search_scales` over token chunks: `chunks()` yields (inputs, token weights, block) anew on each call.
+
+    The objective is accumulated chunk by chunk, so only one chunk's block transient is alive at a
+    time; the float target of each chunk is computed once and held through `keep` (which may move
+    it off the device). `x_mean` (the weighted mean |x| per channel) is accumulated when not given.
+    With None weights every token weighs the same.
+    """
     originals = [lin.weight.data.clone() for lin in linears]
     with torch.no_grad():
-        target = block(x).float()
-        x_mean = masked_mean_abs(x, weights=weights)
+        if x_mean is None:
+            x_mean = accumulate_mean_abs(chunks)
+        targets = [keep(block(x).float()) for x, _, block in chunks()]
+        total = sum(t.shape[0] for t in targets)
         w_mean = weight_magnitude(originals, group_size)
         best: ScaleResult | None = None
         losses: list[float] = []
@@ -103,7 +130,11 @@ def search_scales(
             s = candidate_scales(x_mean, w_mean, alpha, duo).to(originals[0].dtype)
             for lin, w in zip(linears, originals):
                 lin.weight.data = fake_quantize(w * s, group_size).to(w.dtype) / s
-            loss = weighted_mse(block(x), target, weights)
+            loss = 0.0
+            for (x, w_tok, block), target in zip(chunks(), targets):
+                out = block(x)
+                target = target.to(out.device)
+                loss += weighted_mse(out, target, w_tok) * (1.0 if w_tok is not None else out.shape[0] / total)
             losses.append(loss)
             if best is None or loss < best.loss:
                 best = ScaleResult(s.clone(), alpha, loss, 0.0)
@@ -112,6 +143,17 @@ def search_scales(
     assert best is not None
     best.loss_at_zero = losses[0]
     return best
+
+
+def accumulate_mean_abs(chunks: Chunks) -> torch.Tensor:
+    """`masked_mean_abs` summed over chunks (weighted when the chunks carry weights)."""
+    acc, count = None, 0
+    for x, w, _ in chunks():
+        part = masked_mean_abs(x, weights=w) * (x.shape[0] if w is None else 1)
+        acc = part if acc is None else acc + part
+        count += x.shape[0]
+    assert acc is not None, "no tokens"
+    return acc / count if w is None else acc  # weighted chunks' weights already sum to 1 over all tokens
 
 
 def fold_scales(prev: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
@@ -146,8 +188,7 @@ def search_clip(
     Returns max |w| allowed per [out, in/group]; the weights are later clamped to it.
     """
     out_features, in_features = weight.shape
-    step = max(1, x.shape[0] // tokens)
-    idx = torch.arange(0, x.shape[0], step, device=x.device)[:tokens]
+    idx = clip_sample(x.shape[0], tokens).to(x.device)
     xs = x[idx].float().reshape(-1, in_features // group_size, group_size)  # [t, g, gs]
     w_tok = torch.full((idx.numel(),), 1.0 / idx.numel(), device=x.device) if weights is None else weights.to(x.device)[idx].float()
     w_tok = (w_tok / w_tok.sum()).reshape(1, -1, 1)
@@ -167,6 +208,12 @@ def search_clip(
             best_max = torch.where(better, cur.squeeze(-1), best_max)
         best_all.append(best_max)
     return torch.cat(best_all, dim=0)
+
+
+def clip_sample(total: int, tokens: int = 512) -> torch.Tensor:
+    """The evenly spaced tokens (at most `tokens` of `total`) that the clip search measures on."""
+    step = max(1, total // tokens)
+    return torch.arange(0, total, step)[:tokens]
 
 
 def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -8,12 +8,10 @@ finished layer is saved to a work folder so an interrupted run resumes where it 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import resource
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,30 +22,24 @@ from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import llm_linear_shapes
+from r1v_quant.model.topology import NORMS, QUANT_LINEARS, QWEN2_GROUPS, ScaleGroup
 from r1v_quant.quant.activations import ActivationStore
-from r1v_quant.quant.awq import apply_clip, fold_scales, search_clip, search_scales, token_weights
+from r1v_quant.quant.awq import (
+    Chunks,
+    ScaleResult,
+    apply_clip,
+    clip_sample,
+    fold_scales,
+    search_clip,
+    search_scales_chunked,
+    token_weights,
+)
+from r1v_quant.quant.chunks import ChunkPlan, TokenStore, default_budget, plan_chunks, sample_bounds, token_bounds
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
+from r1v_quant.quant.recipe import AWQSettings
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
 
-NO_CLIP = ("q_proj", "k_proj")  # softmax amplifies their errors, so AWQ leaves their range alone
-
-
-@dataclass(frozen=True)
-class AWQSettings:
-    group_size: int = 128
-    grid: int = 20
-    clip: bool = True
-    duo: bool = True
-    propagate: str = "quantized"  # feed layer i+1 with layer i's quantised ("quantized") or float ("float") outputs
-    balance: bool = True  # image and text tokens weigh half each in the searches
-    seq_len: int = 2048
-    max_tokens: int = 65536
-    samples: int = 128
-    seed: int = 0
-
-    def fingerprint(self, model_dir: Path, calib: str) -> str:
-        blob = json.dumps({**asdict(self), "model": str(Path(model_dir).resolve()), "calib": calib}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+CLIP_TOKENS = 512  # tokens the clip search measures on (its default)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -105,119 +97,303 @@ class LayerRunner:
         return out[0] if isinstance(out, tuple) else out
 
 
-def capture_inputs(runner: LayerRunner, layer: nn.Module, store: ActivationStore, dtype: torch.dtype):
-    """Float outputs of the layer and the inputs of its four linear groups, over all real tokens."""
-    names = {"q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
-    feats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    hooks = [m.register_forward_hook(lambda _m, args, _o, k=k: feats[k].append(args[0].reshape(-1, args[0].shape[-1])))
-             for k, m in names.items()]
-    outputs, lengths = [], []
+DOWN = "mlp.down_proj"
+GATE = "mlp.gate_proj"
+
+
+def run_layer(runner: LayerRunner, layer: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """One sample [1, T, D] through the decoder layer; past `chunk` tokens its MLP runs chunk by chunk."""
+    if x.shape[1] <= chunk:
+        return runner.layer(layer, x)
+    # The decoder layer's own forward, with the per-token half split: attention still sees the whole sample.
+    h = x + runner.attention(layer, layer.input_layernorm(x))
+    y = layer.post_attention_layernorm(h)
+    return h + torch.cat([layer.mlp(y[:, a:b]) for a, b in token_bounds(x.shape[1], chunk)], dim=1)
+
+
+def linears_of(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: layer.get_submodule(name) for name in QUANT_LINEARS}
+
+
+def foldable(layer: nn.Module, group: ScaleGroup) -> bool:
+    """Whether the group's scales can be folded into its previous op.
+
+    A linear absorbs them only if its outputs are the group's inputs one to one: with grouped KV
+    heads v_proj is narrower than o_proj's input, so the o group is skipped there.
+    """
+    prev = layer.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        return prev.out_features == layer.get_submodule(group.linears[0]).in_features
+    return True
+
+
+@dataclass
+class Captured:
+    """What one float pass over the calibration tokens leaves for the searches."""
+
+    feats: dict[str, TokenStore]          # each group's input, over all tokens (down's only if the plan keeps it)
+    clip_rows: dict[str, torch.Tensor]    # each group's input at the clip search's token sample
+    fp_out: TokenStore                    # the float layer's outputs
+    lengths: list[int]
+    down_mean: torch.Tensor | None        # down's weighted mean |input| when its inputs are not kept
+
+
+def capture(runner: LayerRunner, layer: nn.Module, store: ActivationStore, dtype: torch.dtype, plan: ChunkPlan,
+            weights: torch.Tensor, clip_idx: torch.Tensor) -> Captured:
+    """Float pass: the layer outputs and the inputs each scale group reads, chunk by chunk."""
+    lengths = [store[i].shape[1] for i in range(len(store))]
+    total, dev = sum(lengths), runner.device
+    keys = [g.reads for g in QWEN2_GROUPS]
+    width = {k: layer.get_submodule(k).in_features for k in keys}
+    feats = {k: TokenStore(total, width[k], dtype, dev, plan.stored_on_device)
+             for k in keys if k != DOWN or plan.keep_down_inputs}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in keys if k not in feats}
+    seen = dict.fromkeys(keys, 0)
+    down_sum: list[torch.Tensor] = []
+    clip_dev = clip_idx.to(dev)
+
+    def hook(k):
+        def grab(_m, args, _o):
+            x = args[0].reshape(-1, width[k])
+            a, b = seen[k], seen[k] + x.shape[0]
+            if k in feats:
+                feats[k].append(x)
+            else:
+                sel = clip_dev[(clip_dev >= a) & (clip_dev < b)] - a
+                rows[k].append(x[sel])
+                part = (x.float().abs() * weights[a:b].reshape(-1, 1).to(torch.float32)).sum(0)
+                down_sum.append(part if not down_sum else down_sum.pop() + part)
+            seen[k] = b
+        return grab
+
+    hooks = [layer.get_submodule(k).register_forward_hook(hook(k)) for k in keys]
+    fp_out = TokenStore(total, layer.input_layernorm.weight.shape[0], dtype, dev, plan.stored_on_device)
     try:
         with torch.no_grad():
             for x in store:
-                x = x.to(runner.device, dtype)
-                outputs.append(runner.layer(layer, x))
-                lengths.append(x.shape[1])
+                out = run_layer(runner, layer, x.to(dev, dtype), plan.chunk_tokens)
+                fp_out.append(out[0])
     finally:
         for h in hooks:
             h.remove()
-    return {k: torch.cat(v) for k, v in feats.items()}, outputs, lengths
+    clip_rows = {k: feats[k].rows(clip_idx) if k in feats else torch.cat(rows[k]) for k in keys}
+    return Captured(feats, clip_rows, fp_out, lengths, down_sum[0] if down_sum else None)
 
 
-def _linears(layer) -> dict[str, nn.Linear]:
-    a, m = layer.self_attn, layer.mlp
-    return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
-            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+def layer_error(runner: LayerRunner, layer: nn.Module, store: ActivationStore, cap: Captured, dtype: torch.dtype,
+                chunk: int, keep: list[torch.Tensor] | None = None) -> float:
+    """Relative error of the layer's outputs against the float outputs, sample by sample.
 
-
-def _relative_error(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref))
-    den = sum(r.float().pow(2).sum().item() for r in ref)
+    `keep`, when given, receives each sample's outputs on the host (the next layer's inputs).
+    """
+    num = den = 0.0
+    start = 0
+    with torch.no_grad():
+        for x, n in zip(store, cap.lengths):
+            out = run_layer(runner, layer, x.to(runner.device, dtype), chunk)
+            ref = cap.fp_out.chunk(start, start + n)[None]
+            num += (out.float() - ref.float()).pow(2).sum().item()
+            den += ref.float().pow(2).sum().item()
+            if keep is not None:
+                keep.append(out.cpu())
+            start += n
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore, s: AWQSettings,
-                   dtype: torch.dtype, weights: torch.Tensor | None = None
-                   ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerReport]:
-    """AWQ on one decoder layer. Returns its export tensors (by name inside the layer), the next inputs, a report.
+@dataclass
+class LayerSearch:
+    """What the searches chose for one layer, as data: per group its scales and alpha, per linear its clip."""
 
-    `weights` gives each calibration token's share of the search objectives (uniform when None).
+    scales: dict[str, ScaleResult] = field(default_factory=dict)
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        return {name: r.alpha for name, r in self.scales.items()}
+
+
+def _block(runner: LayerRunner, layer: nn.Module, group: ScaleGroup, lengths: list[int] | None
+           ) -> Callable[[torch.Tensor], torch.Tensor]:
+    if group.block == "self_attn":
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return runner.attention(layer, x)
+    else:
+        fn = layer.get_submodule(group.block)
+    if not group.mixes_tokens:
+        return fn
+
+    def per_sample(x: torch.Tensor) -> torch.Tensor:
+        # Attention mixes tokens, so it must see each sample on its own.
+        return torch.cat([fn(part[None])[0] for part in torch.split(x, lengths)])
+    return per_sample
+
+
+def group_chunks(runner: LayerRunner, layer: nn.Module, g: ScaleGroup, cap: Captured, weights: torch.Tensor,
+                 chunk: int) -> Chunks:
+    """The chunks a group's scale search iterates over: whole samples for attention, token ranges otherwise."""
+    total = sum(cap.lengths)
+    if g.mixes_tokens:
+        starts = [0]
+        for n in cap.lengths:
+            starts.append(starts[-1] + n)
+        bounds = sample_bounds(cap.lengths, chunk)
+        blocks = [_block(runner, layer, g, [b - a for a, b in zip(starts, starts[1:]) if a >= lo and b <= hi])
+                  for lo, hi in bounds]
+    else:
+        bounds = token_bounds(total, chunk)
+        blocks = [_block(runner, layer, g, None)] * len(bounds)
+    if g.reads in cap.feats:
+        store = cap.feats[g.reads]
+        return lambda: ((store.chunk(a, b), weights[a:b], blk) for (a, b), blk in zip(bounds, blocks))
+    mlp, gate = layer.mlp, cap.feats[GATE]
+
+    def recomputed():
+        # down_proj's inputs are not kept: rebuilt per chunk from the gate inputs with the float weights.
+        for (a, b), blk in zip(bounds, blocks):
+            xg = gate.chunk(a, b)
+            yield mlp.act_fn(mlp.gate_proj(xg)) * mlp.up_proj(xg), weights[a:b], blk
+    return recomputed
+
+
+def search_layer_scales(runner: LayerRunner, layer: nn.Module, cap: Captured, s: AWQSettings, weights: torch.Tensor,
+                        plan: ChunkPlan) -> LayerSearch:
+    """The scale search of every group, on the untouched layer (each group restores its weights).
+
+    Searching all groups before folding any is exact: no group's search reads a weight that an
+    earlier group's fold changes (the folds touch norms, the group's own linears and prev linears
+    that later searches do not run). So down's inputs can be rebuilt from the float gate/up weights.
     """
-    start = time.perf_counter()
-    feats, fp_out, lengths = capture_inputs(runner, layer, store, dtype)
-    if weights is not None:
-        weights = weights.to(runner.device)
-    lin = _linears(layer)
-    originals = {k: m.weight.data.clone() for k, m in lin.items()}
+    found = LayerSearch()
+    keep = (lambda t: t) if plan.stored_on_device else (lambda t: t.cpu())
+    for g in QWEN2_GROUPS:
+        if not foldable(layer, g):
+            continue
+        targets = [layer.get_submodule(n) for n in g.linears]
+        chunks = group_chunks(runner, layer, g, cap, weights, plan.chunk_tokens)
+        x_mean = cap.down_mean if g.reads not in cap.feats else None
+        found.scales[g.name] = search_scales_chunked(targets, chunks, s.group_size, s.grid, s.duo, x_mean=x_mean,
+                                                     keep=keep)
+    return found
 
-    # Plain round-to-nearest of the untouched layer, for the report's comparison.
+
+def apply_scales(layer: nn.Module, cap: Captured, found: LayerSearch, chunk: int) -> None:
+    """Fold each group's scales into the layer, in table order, and rescale the captured inputs to match."""
+    for g in QWEN2_GROUPS:
+        if g.name not in found.scales:
+            continue
+        scales = found.scales[g.name].scales
+        fold_scales(layer.get_submodule(g.prev), [layer.get_submodule(n) for n in g.linears], scales)
+        if g.reads in cap.feats:
+            cap.feats[g.reads].divide_(scales, chunk)
+        rows = cap.clip_rows[g.reads]
+        cap.clip_rows[g.reads] = rows / scales.to(rows.device, rows.dtype)
+
+
+def search_layer_clips(layer: nn.Module, cap: Captured, s: AWQSettings, weights: torch.Tensor,
+                       clip_idx: torch.Tensor, found: LayerSearch) -> None:
+    """The clip threshold of each clipped linear, on the scaled weights and the scaled inputs' token sample."""
+    w_rows = weights[clip_idx.to(weights.device)]
+    for g in QWEN2_GROUPS:
+        for name in g.clip:
+            found.clips[name] = search_clip(layer.get_submodule(name).weight.data, cap.clip_rows[g.reads], s.group_size,
+                                            s.grid, tokens=CLIP_TOKENS, weights=w_rows)
+
+
+def apply_clips(layer: nn.Module, found: LayerSearch, group_size: int) -> None:
+    for name, max_val in found.clips.items():
+        m = layer.get_submodule(name)
+        m.weight.data = apply_clip(m.weight.data, max_val, group_size)
+
+
+def rtn_error(runner: LayerRunner, layer: nn.Module, store: ActivationStore, cap: Captured, s: AWQSettings,
+              dtype: torch.dtype, chunk: int) -> float:
+    """The relative error of plain round-to-nearest weights, for the report's comparison; weights restored."""
+    lin = linears_of(layer)
+    originals = {k: m.weight.data.clone() for k, m in lin.items()}
     for k, m in lin.items():
         m.weight.data = fake_quantize(originals[k], s.group_size).to(dtype)
-    rtn_out = [runner.layer(layer, x.to(runner.device, dtype)) for x in store]
+    err = layer_error(runner, layer, store, cap, dtype, chunk)
     for k, m in lin.items():
         m.weight.data = originals[k]
+    return err
 
-    def per_sample(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        # Attention mixes tokens, so it must see each sample on its own.
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([fn(part[None])[0] for part in torch.split(x, lengths)])
-        return run
 
-    alphas = {}
-    with torch.no_grad():
-        attn = layer.self_attn
-        groups = [
-            ("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "q",
-             per_sample(lambda x: runner.attention(layer, x))),
-        ]
-        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-            groups.append(("o", attn.v_proj, [attn.o_proj], "o", attn.o_proj))
-        groups += [
-            ("gate_up", layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj], "gate", layer.mlp),
-            ("down", layer.mlp.up_proj, [layer.mlp.down_proj], "down", layer.mlp.down_proj),
-        ]
-        for tag, prev, targets, feat_key, block in groups:
-            result = search_scales(targets, feats[feat_key], block, s.group_size, s.grid, s.duo, weights)
-            fold_scales(prev, targets, result.scales)
-            feats[feat_key] = feats[feat_key] / result.scales.to(feats[feat_key].dtype)
-            alphas[tag] = result.alpha
-        if s.clip:
-            feat_of = {"q_proj": "q", "k_proj": "q", "v_proj": "q", "o_proj": "o", "gate_proj": "gate", "up_proj": "gate", "down_proj": "down"}
-            for name, m in lin.items():
-                if name in NO_CLIP:
-                    continue
-                max_val = search_clip(m.weight.data, feats[feat_of[name]], s.group_size, s.grid, weights=weights)
-                m.weight.data = apply_clip(m.weight.data, max_val, s.group_size)
-    del feats
-
+def pack_layer(layer: nn.Module, group_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The layer's export tensors (by name inside the layer); the layer then computes with exactly those weights."""
     tensors: dict[str, torch.Tensor] = {}
-    prefix = {"q_proj": "self_attn.", "k_proj": "self_attn.", "v_proj": "self_attn.", "o_proj": "self_attn.",
-              "gate_proj": "mlp.", "up_proj": "mlp.", "down_proj": "mlp."}
-    for name, m in lin.items():
-        packed = awq_tensors(m.weight.data.float().cpu(), s.group_size)
-        full = prefix[name] + name
+    for name, m in linears_of(layer).items():
+        packed = awq_tensors(m.weight.data.float().cpu(), group_size)
         for suffix, t in packed.items():
-            tensors[f"{full}.{suffix}"] = t
+            tensors[f"{name}.{suffix}"] = t
         if m.bias is not None:
-            tensors[f"{full}.bias"] = m.bias.data.to(torch.bfloat16).cpu()
-        # From here on the layer computes with exactly the weights that were exported.
-        m.weight.data = awq_dequantize(packed["qweight"], packed["qzeros"], packed["scales"], s.group_size).to(runner.device, dtype)
-    for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{name}.bias"] = m.bias.data.to(torch.bfloat16).cpu()
+        m.weight.data = awq_dequantize(packed["qweight"], packed["qzeros"], packed["scales"], group_size).to(device, dtype)
+    for norm in NORMS:
         tensors[f"{norm}.weight"] = getattr(layer, norm).weight.data.to(torch.bfloat16).cpu()
-        getattr(layer, norm).weight.data = tensors[f"{norm}.weight"].to(runner.device, dtype)
+        getattr(layer, norm).weight.data = tensors[f"{norm}.weight"].to(device, dtype)
+    return tensors
 
+
+def config_plan(cfg: R1VConfig, tokens: int, budget: int, dtype: torch.dtype) -> ChunkPlan:
+    """The plan `quantize_layer` makes for a layer of this config, from its shapes alone."""
+    shapes = llm_linear_shapes(cfg, 0)
+    act = torch.empty((), dtype=dtype).element_size()
+    weight_bytes = (sum(o * i for o, i in shapes.values()) + 2 * cfg.hidden_size) * act
+    intermediate = int(cfg.llm["intermediate_size"])
+    return plan_chunks(tokens, cfg.hidden_size, intermediate, weight_bytes, budget, act)
+
+
+def layer_plan(layer: nn.Module, tokens: int, budget: int | None, device: torch.device, dtype: torch.dtype) -> ChunkPlan:
+    weight_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    hidden = layer.input_layernorm.weight.shape[0]
+    intermediate = layer.mlp.down_proj.in_features
+    act = torch.empty((), dtype=dtype).element_size()
+    return plan_chunks(tokens, hidden, intermediate, weight_bytes, default_budget(device) if budget is None else budget,
+                       act)
+
+
+def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore, s: AWQSettings,
+                   dtype: torch.dtype, weights: torch.Tensor | None = None, budget: int | None = None,
+                   plan: ChunkPlan | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerReport]:
+    """AWQ on one decoder layer: capture -> search scales -> apply -> search clips -> apply -> pack -> report.
+
+    Returns its export tensors (by name inside the layer), the next layer's inputs (on the host), and
+    a report. `weights` gives each calibration token's share of the search objectives (uniform when
+    None). Chunk size and placement come from `plan`, else from `plan_chunks` within `budget` bytes.
+    """
+    start = time.perf_counter()
+    total = sum(store[i].shape[1] for i in range(len(store)))
+    weights = (torch.full((total,), 1.0 / total) if weights is None else weights).to(runner.device)
+    plan = plan or layer_plan(layer, total, budget, runner.device, dtype)
+    clip_idx = clip_sample(total, CLIP_TOKENS)
+    cap = capture(runner, layer, store, dtype, plan, weights, clip_idx)
+    rel_rtn = rtn_error(runner, layer, store, cap, s, dtype, plan.chunk_tokens)
     with torch.no_grad():
-        q_out = [runner.layer(layer, x.to(runner.device, dtype)) for x in store]
+        found = search_layer_scales(runner, layer, cap, s, weights, plan)
+        apply_scales(layer, cap, found, plan.chunk_tokens)
+        if s.clip:
+            search_layer_clips(layer, cap, s, weights, clip_idx, found)
+            apply_clips(layer, found, s.group_size)
+    cap.feats.clear()
+    tensors = pack_layer(layer, s.group_size, runner.device, dtype)
+
+    q_out: list[torch.Tensor] = []
+    rel_awq = layer_error(runner, layer, store, cap, dtype, plan.chunk_tokens,
+                          keep=q_out if s.propagate == "quantized" else None)
+    if s.propagate == "float":
+        bounds = [0]
+        for n in cap.lengths:
+            bounds.append(bounds[-1] + n)
+        q_out = [cap.fp_out.chunk(a, b)[None].cpu() for a, b in zip(bounds, bounds[1:])]
     report = LayerReport(
         index=-1,
-        rel_err_awq=_relative_error(q_out, fp_out),
-        rel_err_rtn=_relative_error(rtn_out, fp_out),
+        rel_err_awq=rel_awq,
+        rel_err_rtn=rel_rtn,
         seconds=time.perf_counter() - start,
         peak_mem_mb=peak_memory_mb(runner.device),
-        alphas=alphas,
+        alphas=found.alphas,
     )
-    nxt = q_out if s.propagate == "quantized" else fp_out
-    return tensors, nxt, report
+    return tensors, q_out, report
 
 
 def validate_group_size(cfg: R1VConfig, group_size: int) -> None:
@@ -229,8 +405,10 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
             settings: AWQSettings,
             work: WorkFolder, device: torch.device, resume: bool = False, offload_dir: Path | None = None,
             offload_above: int = 8 * 1024**3, dtype: torch.dtype = torch.float32, progress: Callable[[int, int, LayerReport | None], None] | None = None,
-            stop_after: int | None = None) -> list[LayerReport]:
+            stop_after: int | None = None, max_device_memory: int | None = None) -> list[LayerReport]:
     """Quantise every decoder layer in order; results land in `work`. `stop_after` simulates an interruption.
+
+    `max_device_memory` (bytes; default `chunks.default_budget`) bounds each layer's working set.
 
     `first_inputs` yields, per sample, its input embeddings [1, T, D] and which of its T tokens are image tokens.
     """
@@ -256,7 +434,7 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         layer = load_decoder_layer(cfg, ckpt, i, device, dtype)
-        tensors, nxt, report = quantize_layer(runner, layer, acts, settings, dtype, weights)
+        tensors, nxt, report = quantize_layer(runner, layer, acts, settings, dtype, weights, budget=max_device_memory)
         report.index = i
         del layer
         acts.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,22 +15,15 @@ from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import load_config
 from r1v_quant.model.layout import check_checkpoint_shapes
 from r1v_quant.output import check_out_dir, staged_dir
+from r1v_quant.quant.chunks import default_budget
+from r1v_quant.quant.compute import choose_compute_dtype, dtype_name
 from r1v_quant.quant.export import copy_side_files, export_config, model_card, side_files, write_tensors
-from r1v_quant.quant.pipeline import AWQSettings, run_awq, validate_group_size
+from r1v_quant.quant.pipeline import config_plan, run_awq, validate_group_size
+from r1v_quant.quant.recipe import REPORT_NAME, AWQSettings, CalibrationRecipe, fingerprint
 from r1v_quant.quant.run_guard import guarded, work_path
 from r1v_quant.quant.space import check_space, run_needs
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
 from r1v_quant.replace_guard import check_replaceable
-
-
-@dataclass
-class CalibChoice:
-    spec: str = "builtin"
-    calib_path: Path | None = None
-    mix: list[float] | None = None
-    traces: str = "none"  # "none" or "self"
-    max_trace_tokens: int = 1024
-    trace_cache: Path | None = None
 
 
 @dataclass
@@ -59,9 +52,9 @@ class AWQResult:
         return out
 
 
-def calib_paths(choice: CalibChoice) -> list[Path]:
+def calib_paths(choice: CalibrationRecipe) -> list[Path]:
     """Local files and folders the calibration reads, which `--force` must never delete."""
-    paths = [choice.calib_path] if choice.calib_path else []
+    paths = [choice.path] if choice.path else []
     for part in choice.spec.split("+"):
         kind, _, rest = part.partition(":")
         if kind == "text" and rest:
@@ -71,18 +64,16 @@ def calib_paths(choice: CalibChoice) -> list[Path]:
     return paths
 
 
-def load_samples(choice: CalibChoice, settings: AWQSettings, model_dir: Path, device: str | None, progress=None):
+def load_samples(recipe: CalibrationRecipe, model_dir: Path, device: str | None, trace_cache: Path | None = None,
+                 progress=None):
     from r1v_quant.calib.sets import load_calibration
 
-    samples = load_calibration(choice.spec, n=settings.samples, seed=settings.seed,
-                               calib_path=choice.calib_path, mix=choice.mix)
-    if choice.traces == "self":
+    samples = load_calibration(recipe.spec, n=recipe.samples, seed=recipe.seed, calib_path=recipe.path, mix=recipe.mix)
+    if recipe.traces == "self":
         from r1v_quant.calib.traces import add_self_traces
 
-        samples = add_self_traces(samples, model_dir, choice.max_trace_tokens, cache_dir=choice.trace_cache, device=device,
+        samples = add_self_traces(samples, model_dir, recipe.trace_tokens, cache_dir=trace_cache, device=device,
                                   progress=progress)
-    elif choice.traces != "none":
-        raise UserError(f"--traces {choice.traces} is not one of none, self.")
     return samples
 
 
@@ -91,7 +82,7 @@ def quantize_checkpoint(
     model: str,
     out: Path,
     settings: AWQSettings = AWQSettings(),
-    calib: CalibChoice = CalibChoice(),
+    calib: CalibrationRecipe = CalibrationRecipe(),
     force: bool = False,
     device: str | None = None,
     work_dir: Path | None = None,
@@ -104,8 +95,11 @@ def quantize_checkpoint(
     stop_after: int | None = None,
     kl_check: Callable[[Path, Path], dict] | None = None,
     trace_progress: Callable[[int, int], None] | None = None,
+    trace_cache: Path | None = None,
+    max_device_memory: int | None = None,
+    compute_dtype: str = "auto",
 ) -> AWQResult:
-    from r1v_quant.calib.encode import embed_encoded, encode_samples, image_token_share
+    from r1v_quant.calib.encode import composition, embed_encoded, encode_samples, image_token_share
     from r1v_quant.model.r1v import load_front, load_tokenizer, pick_device
 
     start = time.perf_counter()
@@ -123,13 +117,14 @@ def quantize_checkpoint(
     protected = {"source checkpoint": src, "offload folder": offload_dir, "work folder": work_folder,
                  **{f"calibration data {p}": p for p in calib_paths(calib)}}
     check_replaceable(out, protected)
-    check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, settings.max_tokens,
+    check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, calib.max_tokens,
                           resume))
     dev = pick_device(device)
+    dtype, dtype_why = choose_compute_dtype(compute_dtype, dev)
     tok = load_tokenizer(src)
 
-    samples = load_samples(calib, settings, src, device, trace_progress)
-    encoded = encode_samples(samples, cfg, tok, settings.seq_len, settings.max_tokens)
+    samples = load_samples(calib, src, device, trace_cache, trace_progress)
+    encoded, stubs = encode_samples(samples, cfg, tok, calib.seq_len, calib.max_tokens)
     tokens = sum(len(e.ids) for e in encoded)
 
     def first_inputs():
@@ -139,26 +134,24 @@ def quantize_checkpoint(
         for enc, x in zip(encoded, embed_encoded(front, encoded, dev)):
             yield x, torch.tensor(enc.ids) == context
 
-    work = WorkFolder(work_folder, settings.fingerprint(src, calib.spec))
+    # The whole recipe goes into the fingerprint: a work folder made from other tokens is not resumed.
+    run_id = fingerprint({"model": str(Path(src).resolve()), "compute dtype": dtype_name(dtype)}, asdict(settings),
+                         calib.fingerprint_data())
+    work = WorkFolder(work_folder, run_id)
     reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
-                      offload_above=offload_above,
-                      progress=progress, stop_after=stop_after)
+                      offload_above=offload_above, dtype=dtype,
+                      progress=progress, stop_after=stop_after, max_device_memory=max_device_memory)
     result = AWQResult(out, reports, len(encoded), tokens, image_token_share(encoded, tok), time.perf_counter() - start)
+    result.extra.update({f"calibration {k}": v for k, v in composition(encoded, tok, stubs).items()})
+    result.extra["compute dtype"] = f"{dtype_name(dtype)} ({dtype_why})"
+    budget = default_budget(dev) if max_device_memory is None else max_device_memory
+    plan = config_plan(cfg, tokens, budget, dtype)
+    result.extra["device budget"] = (
+        f"{budget / 2**30:.1f} GiB: chunks of {plan.chunk_tokens} tokens, calibration tensors "
+        f"{'on the device' if plan.stored_on_device else 'in host memory'}, down_proj inputs "
+        f"{'kept' if plan.keep_down_inputs else 'rebuilt per chunk'}")
 
-    recipe = {
-        "source": str(model),
-        "calibration set": calib.spec + (f" + self traces (<= {calib.max_trace_tokens} tokens)" if calib.traces == "self" else ""),
-        "samples requested": settings.samples,
-        "mix": calib.mix,
-        "samples / tokens": f"{len(encoded)} / {tokens}",
-        "group size": settings.group_size,
-        "grid": settings.grid,
-        "duo scaling": settings.duo,
-        "clipping": settings.clip,
-        "layer inputs": settings.propagate,
-        "image/text tokens balanced": settings.balance,
-        "seed": settings.seed,
-    }
+    card = {"source": str(model), **calib.display(), **settings.display()}
     check_replaceable(out, protected)
     with staged_dir(out, force=force) as tmp:
         write_tensors(ckpt, work.layer_file, tmp, max_shard_bytes)
@@ -166,12 +159,13 @@ def quantize_checkpoint(
         copy_side_files(src, tmp)
         if kl_check is not None:
             result.kl = kl_check(src, tmp)
-        (tmp / "README.md").write_text(model_card(str(model), cfg, recipe, result.summary()))
+        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary()))
         # Only deterministic facts go into the export, so equal inputs give byte-identical folders.
         layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas}
                   for r in reports]
-        (tmp / "r1v_quant_report.json").write_text(json.dumps(
-            {"recipe": recipe, "summary": result.summary(), "layers": layers}, indent=2) + "\n")
+        (tmp / REPORT_NAME).write_text(json.dumps(
+            {"source": str(model), "calibration": calib.to_json(), "awq": asdict(settings),
+             "summary": result.summary(), "layers": layers}, indent=2) + "\n")
     if not keep_work:
         import shutil
 

@@ -1,0 +1,131 @@
+"""The calibration recipe of an `awq` run: what the calibration tokens are, as one validated object.
+
+The recipe is the single owner of the calibration settings. It is checked when built (a library
+caller gets the same one-sentence errors as the command line), fingerprinted whole so `--resume`
+refuses a work folder made from other tokens, and saved as JSON in the export's
+`r1v_quant_report.json`, from which `eval` recomputes the calibration questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from r1v_quant.errors import UserError
+
+TRACE_MODES = ("none", "self")
+REPORT_NAME = "r1v_quant_report.json"
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    spec: str = "builtin"              # a calibration set spec (see calib/sets.py)
+    path: str | None = None            # local MMMU data for mmmu-sample
+    mix: tuple[float, ...] | None = None  # weights of a mixture's parts
+    traces: str = "none"               # "none", or "self": the source model's own answers appended
+    trace_tokens: int = 1024           # longest self-generated trace
+    samples: int = 128
+    seq_len: int = 2048                # longest sample, in tokens (image blocks are never cut)
+    max_tokens: int = 65536            # cap on calibration tokens in total
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from r1v_quant.calib.sets import check_mix, split_spec
+
+        if self.path is not None:
+            object.__setattr__(self, "path", str(self.path))
+        if self.mix is not None:
+            object.__setattr__(self, "mix", tuple(float(w) for w in self.mix))
+        if self.traces not in TRACE_MODES:
+            raise UserError(f"--traces {self.traces} is not one of {', '.join(TRACE_MODES)}.")
+        for name, low in (("samples", 1), ("seq_len", 16), ("max_tokens", 16), ("trace_tokens", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise UserError(f"--{name.replace('_', '-')} {value} must be a whole number of at least {low}.")
+        if self.mix is not None and any(not math.isfinite(w) for w in self.mix):
+            raise UserError("--mix weights must be non-negative numbers with a positive sum.")
+        check_mix(self.mix, split_spec(self.spec.strip()))
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mix"] = list(self.mix) if self.mix is not None else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CalibrationRecipe:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        """Everything that decides the calibration tokens, with paths made absolute."""
+        out = self.to_json()
+        if self.path is not None:
+            out["path"] = str(Path(self.path).expanduser().resolve())
+        return out
+
+    def display(self) -> dict[str, Any]:
+        """Rows of the model card's recipe table."""
+        name = self.spec + (f" + self traces (<= {self.trace_tokens} tokens)" if self.traces == "self" else "")
+        return {"calibration set": name, "samples requested": self.samples, "mix": list(self.mix) if self.mix else None,
+                "longest sample / token cap": f"{self.seq_len} / {self.max_tokens}", "seed": self.seed}
+
+
+def fingerprint(*parts: dict[str, Any]) -> str:
+    """A short digest of JSON-able settings; equal settings give equal digests."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_recipe(export: Path) -> CalibrationRecipe | None:
+    """The recipe saved in an export, or None when the export carries none (not made by `awq`).
+
+    Raises ValueError when the report is there but unreadable or its recipe invalid.
+    """
+    path = Path(export) / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")).get("calibration")
+        return None if data is None else CalibrationRecipe.from_json(data)
+    except (OSError, ValueError, AttributeError, TypeError, UserError) as error:
+        raise ValueError(f"{path} is unreadable ({error})") from None
+
+
+def read_source(export: Path) -> str | None:
+    """The source model an export's report names, or None when there is no readable report."""
+    try:
+        source = json.loads((Path(export) / REPORT_NAME).read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if source is None else str(source)
+
+
+PROPAGATE_MODES = ("quantized", "float")
+
+
+@dataclass(frozen=True)
+class AWQSettings:
+    """How each decoder layer is searched and quantised, checked when built."""
+
+    group_size: int = 128
+    grid: int = 20
+    clip: bool = True
+    duo: bool = True
+    propagate: str = "quantized"  # feed layer i+1 with layer i's quantised ("quantized") or float ("float") outputs
+    balance: bool = True  # image and text tokens weigh half each in the searches
+
+    def __post_init__(self) -> None:
+        if self.propagate not in PROPAGATE_MODES:
+            raise UserError(f"--propagate {self.propagate} is not one of {', '.join(PROPAGATE_MODES)}.")
+        if not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise UserError(f"--group-size {self.group_size} must be positive.")
+        if not isinstance(self.grid, int) or self.grid < 2:
+            raise UserError(f"--grid {self.grid} must be a whole number of at least 2.")
+
+    def display(self) -> dict[str, Any]:
+        return {"group size": self.group_size, "grid": self.grid, "duo scaling": self.duo, "clipping": self.clip,
+                "layer inputs": self.propagate, "image/text tokens balanced": self.balance}
