@@ -8,8 +8,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from r1v_quant.progress import steps
 
 
 def _mix(text: str | None) -> list[float] | None:
@@ -49,7 +50,7 @@ def command(
     work_dir: Path | None = typer.Option(None, help="Per-layer state for --resume (default: beside --out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the per-layer work folder after success."),
-    kl_check: bool = typer.Option(True, "--kl-check/--no-kl-check", help="Measure KL(source || export) on held-out prompts at the end."),
+    kl_check: bool = typer.Option(True, "--kl-check/--no-kl-check", help="Measure KL(source ‖ export) on held-out prompts at the end."),
     max_device_memory: str | None = typer.Option(None, help="Device memory awq may use, e.g. 20GiB; it sets the token chunk size and whether calibration tensors stay on the device (default: the GPU's free memory less max(2 GiB, 10%); on CPU, available RAM less 4 GiB)."),
     compute_dtype: str = typer.Option("auto", help="auto, float32 or bfloat16: the dtype of the layer forwards and search matmuls (auto: bf16 on CUDA; on CPU the faster one, by a short probe)."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard of the export, e.g. 5GB or 500MiB."),
@@ -64,25 +65,23 @@ def command(
     settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance)
     choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed)
     console = Console()
-    columns = (TextColumn("[bold]AWQ[/] layer"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     check = None
     if kl_check:
         from r1v_quant.evals.quick import quick_kl
 
         def check(src, export):
-            console.print("[dim]measuring KL(source || export) on held-out prompts[/]")
+            console.print("[dim]measuring KL(source ‖ export) on held-out prompts[/]")
             return quick_kl(src, export, device=device)
 
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("awq", total=None, note="preparing calibration inputs")
+    console.print("[dim]preparing calibration inputs[/]")
+    with steps(console) as step:
 
         def on_trace(done, total):
-            bar.update(task, note=f"self traces {done}/{total}")
+            step("self traces", done, total)
 
         def on_layer(i, total, report):
-            bar.update(task, total=total, completed=i + 1,
-                       note=f"err {report.rel_err_awq:.4f} (RTN {report.rel_err_rtn:.4f})")
+            note = f"err {report.rel_err_awq:.4f} (RTN {report.rel_err_rtn:.4f})" if report is not None else "resumed"
+            step("AWQ layer", i + 1, total, note)
 
         result = quantize_checkpoint(model, out, settings, choice, force=force, device=device, work_dir=work_dir,
                                      resume=resume, offload_dir=offload_dir, keep_work=keep_work,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
@@ -9,17 +10,24 @@ from rich.console import Console
 
 from r1v_quant.model.prompt import THINK_END
 
-HELP_TEXT = "commands: /image PATH (attach to your next message), /reset (new conversation), /exit"
+HELP_TEXT = ("commands: /image PATH (attach to your next message), /reset (new conversation), /exit; "
+             "Ctrl-C stops a reply, Ctrl-C again or Ctrl-D leaves")
+THINKING_LABEL = "thinking: "
+ANSWER_LABEL = "answer: "
 
 
 class ThinkingPrinter:
-    """Prints streamed text, the reasoning part dimmed (or hidden) and the answer plain."""
+    """Prints streamed text, the reasoning part labelled and dimmed (or hidden), the answer labelled and plain."""
 
     def __init__(self, console: Console, show_thinking: bool, starts_in_thinking: bool):
         self.console = console
         self.show = show_thinking
         self.thinking = starts_in_thinking
         self.held = ""
+        self.labelled = False
+
+    def _label(self, label: str, style: str) -> None:
+        self.console.print(label, end="", style=style, markup=False, highlight=False)
 
     def __call__(self, text: str) -> None:
         self.held += text
@@ -37,11 +45,15 @@ class ThinkingPrinter:
             self.thinking = False
             if self.show:
                 self.console.print()
+                self._label(ANSWER_LABEL, "bold")
         self.console.print(self.held, end="", markup=False, highlight=False, soft_wrap=True)
         self.held = ""
 
     def _think(self, text: str) -> None:
         if self.show and text:
+            if not self.labelled:
+                self._label(THINKING_LABEL, "bold dim")
+                self.labelled = True
             self.console.print(text, end="", style="dim", markup=False, highlight=False, soft_wrap=True)
 
     def finish(self) -> None:
@@ -70,7 +82,7 @@ def command(
     dtype: str = typer.Option("bf16", help="Activation dtype: bf16, fp16 or fp32."),
     engine: str = typer.Option("torch", help="torch (built in) or vllm (needs vLLM installed)."),
 ) -> None:
-    """Chat with a Skywork-R1V model: streams the reasoning (dimmed) and the answer."""
+    """Chat with a Skywork-R1V model: streams the reasoning (labelled, dimmed) and the answer."""
     from r1v_quant.errors import UserError
     from r1v_quant.model.generate import Conversation, Sampling
     from r1v_quant.model.images import load_image
@@ -117,10 +129,19 @@ def _answer(console, loaded, conv, sampling, show_thinking: bool):
 
 
 def _interactive(console, loaded, conv, sampling, show_thinking, images):
+    # Ctrl-C stops the reply being generated, not the chat: KeyboardInterrupt instead of the
+    # command-wide handler, which ends the process.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _loop(console, loaded, conv, sampling, show_thinking, list(images))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _loop(console, loaded, conv, sampling, show_thinking, pending):
     from r1v_quant.errors import UserError
     from r1v_quant.model.images import load_image
 
-    pending = list(images)
     while True:
         try:
             line = console.input("[bold green]you>[/] ")
@@ -148,7 +169,17 @@ def _interactive(console, loaded, conv, sampling, show_thinking, images):
         if text.startswith("/"):
             console.print(f"[dim]{HELP_TEXT}[/]")
             continue
-        conv.add_user(text, pending)
+        try:
+            conv.add_user(text, pending)
+        except UserError as e:
+            console.print(f"[red]{e}[/]", highlight=False)
+            continue
         pending = []
         console.print("[bold blue]r1v>[/] ", end="")
-        _answer(console, loaded, conv, sampling, show_thinking)
+        try:
+            _answer(console, loaded, conv, sampling, show_thinking)
+        except KeyboardInterrupt:
+            # The unanswered message leaves the conversation, so the next one starts clean.
+            conv.turns.pop()
+            console.print()
+            console.print("[yellow](reply stopped; Ctrl-C again or Ctrl-D leaves)[/]")

@@ -6,39 +6,13 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from r1v_quant.output import write_text_atomic
+from r1v_quant.progress import steps
 
 # Exit status when the candidate lost more accuracy than --max-drop allows (2 is bad input).
 DROP_EXCEEDED = 1
-
-
-def _progress_columns() -> tuple:
-    return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn())
-
-
-class ModelBars:
-    """One bar per model, made on the model's first report; steps are questions generated
-    and questions teacher-forced."""
-
-    def __init__(self, progress: Progress):
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(label, total=total)
-        self.progress.update(self.tasks[label], completed=done, total=total)
 
 
 def _print_text_suite(results, console: Console) -> None:
@@ -181,8 +155,9 @@ def command(
     if dry_run:
         _dry_run(reference, candidate, baseline, settings, console)
         return
-    with Progress(*_progress_columns(), console=console) as progress:
-        run = evaluate(reference, candidate, settings, baseline, progress=ModelBars(progress),
+    # One bar (or line) per model; steps are questions generated and questions teacher-forced.
+    with steps(console) as step:
+        run = evaluate(reference, candidate, settings, baseline, progress=lambda label, done, total: step(label, done, total),
                        on_warning=lambda w: console.print(f"[bold yellow]warning:[/] {w}", highlight=False))
     if run.suite.kind == "text":
         _print_text_suite(run.results, console)

@@ -36,6 +36,19 @@ def _register() -> None:
 _register()
 
 
+def command():
+    """The click command behind `app`, with on/off flags shown without a value placeholder
+    (typer labels them `<bool>`, which reads as if a value were expected)."""
+    cmd = typer.main.get_command(app)
+    # typer builds on its own copy of click, so the parameters are duck-typed here.
+    for sub in [cmd, *getattr(cmd, "commands", {}).values()]:
+        help_option = sub.get_help_option(sub.context_class(sub))  # made once, then cached by the command
+        for param in [*sub.params, *([help_option] if help_option is not None else [])]:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+    return cmd
+
+
 def _on_signal(signum, _frame) -> None:
     # Further signals would cut the cleanup short; SIGKILL still ends the process.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -53,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
-        app(args=argv, prog_name="r1v-quant")
+        command()(args=argv, prog_name="r1v-quant")
     except UserError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

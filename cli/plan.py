@@ -85,20 +85,25 @@ def command(
     group_size: Annotated[int | None, typer.Option(
         "--group-size", "-g",
         help="AWQ group size (default 128; an export's own when it has one; -1 = one group per row).")] = None,
-    kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="KV cache dtype: bf16 or fp8.")] = "bf16",
-    util: Annotated[float, typer.Option("--util", help="vLLM --gpu-memory-utilization.")] = 0.9,
+    kv_dtype: Annotated[str, typer.Option(
+        "--kv-cache-dtype", help="KV cache dtype, as vLLM's --kv-cache-dtype: bf16 (auto), fp16 or fp8.")] = "bf16",
+    util: Annotated[float, typer.Option(
+        "--gpu-memory-utilization", "--util", help="Share of the card vLLM may use, as vLLM's flag.")] = 0.9,
     gpu_mem: Annotated[str | None, typer.Option(
-        "--gpu-mem", help="Comma-separated card sizes, e.g. 24GiB,30GB,81559MiB (bare numbers are GiB). Default "
-        "24,32,40,48,80.")] = None,
+        "--gpu-mem", help="Total memory of the card, as in `serve --gpu-mem` (e.g. 24GiB, 30GB, 81559MiB; bare numbers "
+        "are GiB); several cards comma-separated. Default 24,32,40,48,80.")] = None,
     max_batched_tokens: Annotated[int, typer.Option(
-        "--max-batched-tokens", help="vLLM --max-num-batched-tokens the reserve assumes.")] = 2048,
+        "--max-num-batched-tokens", "--max-batched-tokens",
+        help="vLLM's --max-num-batched-tokens, which the reserve assumes.")] = 2048,
     max_tiles: Annotated[int | None, typer.Option(
         "--max-tiles", help="max_dynamic_patch the reserve assumes (default: the config's).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
 ) -> None:
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
+    # vLLM's spellings: auto is the model's dtype, fp8_e4m3 and fp8_e5m2 are both one byte.
+    kv_dtype = {"auto": "bf16"}.get(kv_dtype.lower(), "fp8" if kv_dtype.lower().startswith("fp8") else kv_dtype)
     if kv_dtype.lower() not in ("bf16", "fp16", "fp8"):
-        raise UserError(f"--kv-dtype {kv_dtype!r} is not bf16, fp16 or fp8.")
+        raise UserError(f"--kv-cache-dtype {kv_dtype!r} is not auto, bf16, fp16 or fp8.")
     plan = plan_model(model, group_size=group_size, kv_dtype=kv_dtype.lower(), util=util, gpu_mems=parse_gpu_mems(gpu_mem),
                       max_batched_tokens=max_batched_tokens, max_dynamic_patch=max_tiles)
     render(plan, Console())

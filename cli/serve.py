@@ -36,7 +36,8 @@ def command(
     folder: Annotated[Path, typer.Argument(help="Export folder written by `r1v-quant awq`.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the vllm command instead of running it.")] = False,
     gpu_mem: Annotated[str | None, typer.Option(
-        "--gpu-mem", help="Plan --max-model-len for this card size (e.g. 80GiB, 49140MiB) instead of the GPU found.")] = None,
+        "--gpu-mem", help="Total memory of the card, as in `plan --gpu-mem` (e.g. 80GiB, 49140MiB): plan --max-model-len "
+        "for it instead of the GPU found.")] = None,
     util: Annotated[float, typer.Option(
         "--util", help="vLLM --gpu-memory-utilization, also what the plan assumes.")] = DEFAULT_UTIL,
     images: Annotated[int, typer.Option(

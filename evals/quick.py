@@ -58,11 +58,18 @@ def quick_kl(src_dir, export_dir, device: str | None = None, n: int = 8, max_new
     c = run.results.comparison(run.results.candidate)
     positions = sum(item.close.positions for item in run.items[run.results.candidate])
     return {
-        "KL(source || export), nats per token": f"{c.mean_kl:.4f}" if c.mean_kl is not None else "n/a",
+        "KL(source ‖ export), nats per token": f"{c.mean_kl:.4f}" if c.mean_kl is not None else "n/a",
         "top-1 token agreement": f"{c.top1_agreement:.1f}%" if c.top1_agreement is not None else "n/a",
-        "KL measured on": (f"{n} built-in eval questions, {positions} positions of the source's greedy replies "
-                           f"(up to {max_new_tokens} tokens each, top-{settings.top_k} log-probs)"),
+        "KL measured on": kl_definition(settings, f"{n} built-in eval questions, {positions} positions in all"),
     }
+
+
+def kl_definition(settings: EvalSettings, where: str) -> str:
+    """The one wording of what a KL figure is, for the model card and `eval`'s reports alike: the
+    definition is shared, so two figures differ only by the questions and positions named here."""
+    return (f"{where}; {settings.describe()['kl']}, greedy source replies of up to {settings.max_new_tokens} tokens "
+            f"(the definition of `r1v-quant eval`'s KL, which by default measures the first {EvalSettings.kl_positions} "
+            "reply tokens of each question of its suite)")
 
 
 def heldout_prompts(loaded, n: int) -> tuple[list, list]:

@@ -22,6 +22,9 @@ Schema (``EvalResults``, written by ``to_json`` as a plain JSON object)::
         answer_agreement percent of questions with the same extracted answer, or null
         mean_kl          mean per-token KL(reference || model) in nats, or null
         top1_agreement   percent of positions with the same most likely token, or null
+    questions        one entry per question scored (empty for text suites), in suite order:
+        id, subject, gold (the right answer), copy (0..k-1 with --samples-per-question k),
+        reference, candidate: {answer (extracted, or null), correct}; baselines: {name: {answer, correct}}
 
 Percent everywhere for shares, so every number in a report reads on the same scale.
 """
@@ -86,6 +89,7 @@ class EvalResults:
     baselines: list[str] = field(default_factory=list)
     conf: float = 0.95
     settings: dict[str, Any] = field(default_factory=dict)
+    questions: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def model(self, name: str) -> ModelResult:

@@ -273,6 +273,24 @@ def score(suite: Suite, items: Sequence[ItemResult], think_close_id: int | None)
     return out
 
 
+def per_question(suite: Suite, runs: dict[str, tuple[str, list[ItemResult]]], think_close_id: int | None
+                 ) -> list[dict]:
+    """Each question's gold answer and every model's extracted answer and correctness, so a
+    report shows which questions the quantisation changed."""
+    k = suite.samples_per_question
+    rows = [{"id": s.id, "subject": s.subject, "gold": s.answer, "copy": i % k, "baselines": {}}
+            for i, s in enumerate(suite.samples)]
+    for label, (role, items) in runs.items():
+        scored = score(suite, items, think_close_id)
+        for row, answer, correct in zip(rows, scored.answers, scored.correct):
+            entry = {"answer": answer, "correct": bool(correct)}
+            if role == "baseline":
+                row["baselines"][label] = entry
+            else:
+                row[role] = entry
+    return rows
+
+
 def _pooled(items: Sequence[ItemResult]) -> Closeness:
     total = Closeness()
     for item in items:
@@ -380,8 +398,11 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
                         baselines, settings)
     runs, reused, folder = _run_models(specs, suite, settings, cache_key(model_identity(ref_path), suite, settings),
                                        progress)
+    questions: list[dict] = []
     if suite.kind == "qa":
-        models, comparisons = qa_results(suite, runs, _think_close_id(ref_path))
+        think_close_id = _think_close_id(ref_path)
+        models, comparisons = qa_results(suite, runs, think_close_id)
+        questions = per_question(suite, runs, think_close_id)
     else:
         models, comparisons = text_results(suite, runs)
     cache_dir = folder if settings.use_cache else None
@@ -389,7 +410,8 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
         suite=suite.name, reference=specs[0].label, candidate=specs[1].label, models=models, comparisons=comparisons,
         baselines=[s.label for s in specs[2:]],
         settings={**settings.describe(), "warnings": warnings, "reference_cache": cache_dir and str(cache_dir),
-                  "published": _published(reference, ref_path, suite.name)})
+                  "published": _published(reference, ref_path, suite.name)},
+        questions=questions)
     return EvalRun(results, suite, warnings, cache_dir, reused, len(suite.samples) - reused,
                    {label: items for label, (_, items) in runs.items()})
 

@@ -69,7 +69,7 @@ class EvalSettings:
                 "engine": self.engine, **({"tensor_parallel_size": self.tensor_parallel_size,
                                            "pipeline_parallel_size": self.pipeline_parallel_size}
                                           if self.engine == "vllm" else {}),
-                "kl": f"top-{self.top_k} coarse-grained KL(reference || model) on the reference's own outputs, "
+                "kl": f"top-{self.top_k} coarse-grained KL(reference ‖ model) on the reference's own outputs, "
                       f"first {self.kl_positions} reply tokens per question"}
 
 

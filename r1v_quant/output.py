@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,11 +64,16 @@ def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
     tmp.rename(out)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _share(folder: Path) -> None:
     # mkdtemp creates a private folder; an export is meant to be read by others. Files keep the
     # modes they were written with: widening them would publish a private side file.
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     folder.chmod(0o777 & ~umask)
     for f in folder.rglob("*"):
         if f.is_dir():
@@ -76,13 +82,16 @@ def _share(folder: Path) -> None:
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`, so a crash
-    leaves either the old file or the new one, never half of one."""
+    leaves either the old file or the new one, never half of one. The file gets the mode any file
+    the user creates gets (0666 less the umask), or the mode of the file it replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp makes the file private (0600); a report is meant to be read like any other file.
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

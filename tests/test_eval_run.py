@@ -2,7 +2,9 @@
 reference cache, --max-drop, the RTN baseline, text suites, and the KL arithmetic."""
 
 import json
+import os
 import shutil
+import stat
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -211,6 +213,17 @@ def test_eval_prints_the_table_and_writes_json_markdown_and_png(first_run):
     assert (c["mean_kl"], c["top1_agreement"], c["diff"]) == (0.0, 100.0, 0.0)
     assert "| tiny-copy | candidate | 3 |" in (out / "r.md").read_text()
     assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+    # every question: its id, the right answer, each model's answer and whether it was right
+    questions = data["questions"]
+    assert [q["id"] for q in questions] == [s.id for s in evrun.load_suite(EvalSettings(limit=3)).samples]
+    for q in questions:
+        assert q["gold"] and set(q["reference"]) == set(q["candidate"]) == {"answer", "correct"}
+        assert q["candidate"] == q["reference"]  # the same weights answer alike
+    assert sum(q["reference"]["correct"] for q in questions) == round(data["models"][0]["accuracy"] * 3 / 100)
+    # the reports get the mode of any file the user creates
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE((out / n).stat().st_mode) for n in ("r.json", "r.md", "r.png")} == {0o666 & ~umask}
 
 
 def test_second_run_reads_the_reference_from_the_cache(first_run, ref, twin, cache, monkeypatch):
@@ -286,8 +299,12 @@ def test_quick_kl_for_the_model_card_caches_nothing(ref, twin, tmp_path, monkeyp
 
     monkeypatch.setenv("R1V_QUANT_CACHE", str(tmp_path / "env-cache"))
     entries = quick_kl(ref, twin, n=1, max_new_tokens=4)
-    assert entries["KL(source || export), nats per token"] == "0.0000"
+    assert entries["KL(source ‖ export), nats per token"] == "0.0000"
     assert entries["top-1 token agreement"] == "100.0%"
+    # the card names the definition eval uses, and its own questions and positions
+    assert "1 built-in eval questions" in entries["KL measured on"]
+    assert "top-64 coarse-grained KL(reference ‖ model)" in entries["KL measured on"]
+    assert "`r1v-quant eval`'s KL, which by default measures the first 1024 reply tokens" in entries["KL measured on"]
     assert all(isinstance(v, str) for v in entries.values())
     assert not (tmp_path / "env-cache").exists()
 

@@ -298,5 +298,47 @@ def test_cli_prints_tables_and_writes_json(tmp_path):
 def test_cli_bad_input_raises_user_error():
     result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--gpu-mem", "huge"])
     assert isinstance(result.exception, UserError)
-    result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--kv-dtype", "int4"])
+    result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--kv-cache-dtype", "int4"])
     assert isinstance(result.exception, UserError)
+
+
+def test_cli_takes_vllms_spelling_of_the_kv_cache_dtype():
+    for flag in ("fp8", "fp8_e4m3"):
+        result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--kv-cache-dtype", flag], env={"COLUMNS": "160"})
+        assert result.exit_code == 0, result.output
+        assert "131,072 bytes per token (fp8)" in result.output
+    result = CliRunner().invoke(_app(), ["plan", "--model", "r1v-38b", "--kv-cache-dtype", "auto",
+                                         "--gpu-memory-utilization", "0.95"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "262,144 bytes per token (bf16)" in result.output and "utilization 0.95" in result.output
+
+
+def test_the_whole_family_plans_offline_by_hub_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    plans = {m: plan_model(f"Skywork/Skywork-{m}-38B", gpu_mems=[("x", 80 * GiB)]) for m in ("R1V", "R1V2", "R1V3")}
+    assert all("built-in config" in p.source for p in plans.values())
+    # one layout: the same weights for R1V and R1V2; R1V3's smaller vocabulary shrinks only the embeddings
+    assert plans["R1V"].export_total == plans["R1V2"].export_total
+    assert plans["R1V3"].export_total == plans["R1V"].export_total - 2 * (152064 - 151674) * 5120 * 2
+    assert plans["R1V"].kv_bytes_per_token == plans["R1V2"].kv_bytes_per_token == plans["R1V3"].kv_bytes_per_token
+    assert [p.cards[0].max_model_len for p in plans.values()] == [131072, 40960, 32768]
+
+
+def test_an_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from r1v_quant.model.checkpoint import resolve_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"offline here \(127\.0\.0\.1:9 cannot be reached"):
+        resolve_config("someone/not-cached-38b")
+    assert time.monotonic() - start < 5

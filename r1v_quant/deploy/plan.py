@@ -201,7 +201,7 @@ def estimate_reserve(cfg: R1VConfig, max_batched_tokens: int = DEFAULT_MAX_BATCH
                      images: bool = True) -> Reserve:
     """The activation/runtime reserve described in the module docstring."""
     if max_batched_tokens < 1:
-        raise UserError(f"--max-batched-tokens {max_batched_tokens} is below 1.")
+        raise UserError(f"--max-num-batched-tokens {max_batched_tokens} is below 1.")
     b = dtype_bytes(dtype or model_dtype(cfg))
     d = cfg.hidden_size
     f = int(cfg.llm["intermediate_size"])

@@ -17,12 +17,10 @@ SINGLE_NAME = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 # Configs shipped with r1v-quant, so planning works offline for the models it targets.
-BUILTIN_CONFIGS = {"r1v-38b": "r1v-38b.json"}
-ALIASES = {
-    "r1v-38b": "r1v-38b",
-    "skywork-r1v-38b": "r1v-38b",
-    "skywork/skywork-r1v-38b": "r1v-38b",
-}
+# The family's configs ship with the package so that `plan` works offline by hub id.
+BUILTIN_CONFIGS = {"r1v-38b": "r1v-38b.json", "r1v2-38b": "r1v2-38b.json", "r1v3-38b": "r1v3-38b.json"}
+ALIASES = {spelling: key for key in BUILTIN_CONFIGS
+           for spelling in (key, f"skywork-{key}", f"skywork/skywork-{key}")}
 
 
 def is_hub_id(text: str) -> bool:
@@ -33,6 +31,28 @@ def is_hub_id(text: str) -> bool:
 def hub_offline() -> bool:
     """Whether HF_HUB_OFFLINE forbids reaching the hub."""
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (or the proxy in front of it) cannot be reached, found within
+    `timeout` seconds; None when it accepts a connection. Without this, an offline machine
+    spends half a minute in the hub client's retries before saying the same thing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), None) if endpoint.scheme == "https" else None
+    target = urlparse(proxy) if proxy else endpoint
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
@@ -57,6 +77,10 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     if hub_offline():
         raise UserError(f"{text} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                         "download it first or pass a folder.")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise UserError(f"{text} is not in the local Hugging Face cache and the hub is offline here ({unreachable}); "
+                        "download it where the hub answers, or pass a folder.")
     try:
         return Path(snapshot_download(text))
     except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end the same way for the user
@@ -140,6 +164,10 @@ def resolve_config(spec: str):
         raise UserError(f"{text} is not a folder, a config file, a Hugging Face id or a known model ({known}).")
     if hub_offline():
         raise UserError(f"{text} has no config.json in the local Hugging Face cache and HF_HUB_OFFLINE is set.")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise UserError(f"{text} has no config.json in the local Hugging Face cache and the hub is offline here "
+                        f"({unreachable}).")
     try:
         from huggingface_hub import hf_hub_download
 

@@ -11,7 +11,13 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from r1v_quant.model.images import load_image, preprocess
-from r1v_quant.model.prompt import expand_image_placeholders, render_chat, split_thinking, with_image_placeholders
+from r1v_quant.model.prompt import (
+    check_image_markers,
+    expand_image_placeholders,
+    render_chat,
+    split_thinking,
+    with_image_placeholders,
+)
 
 
 @dataclass
@@ -48,6 +54,8 @@ class Conversation:
 
     def add_user(self, text: str, images: list[Image.Image] | None = None) -> None:
         images = list(images or [])
+        # Refused here: a turn without pictures is never expanded, so a stray marker would reach the model as text.
+        check_image_markers(text, len(images))
         self.turns.append(Turn("user", with_image_placeholders(text, len(images)), images))
 
     def add_assistant(self, text: str) -> None:

@@ -28,6 +28,14 @@ def image_block(tiles: int, num_image_token: int) -> str:
     return IMG_START + IMG_CONTEXT * (num_image_token * tiles) + IMG_END
 
 
+def check_image_markers(text: str, n_images: int) -> None:
+    """A message may place fewer `<image>` markers than it has pictures (the rest go first), never more."""
+    found = text.count(IMAGE_PLACEHOLDER)
+    if found > n_images:
+        raise UserError(f"The message has {found} {IMAGE_PLACEHOLDER} marker(s) but {n_images} picture(s) attached; "
+                        f"attach one picture per marker (/image PATH) or remove the marker.")
+
+
 def with_image_placeholders(text: str, n_images: int) -> str:
     """The text as written when it places any `<image>`; else one `<image>` per image up front, one per
     line, as the vendor's chat scripts and vLLM's processor do."""

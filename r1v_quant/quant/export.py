@@ -89,12 +89,35 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def card_source(model: str) -> tuple[str, str | None]:
+    """How the card names the source, and its hub id when it has one: a hub id as given, a snapshot
+    in the Hugging Face cache by its repository, anything else as the local folder it is."""
+    from r1v_quant.model.checkpoint import is_hub_id
+
+    if not Path(model).expanduser().exists() and is_hub_id(model):
+        return model, model
+    folder = Path(model).expanduser().absolute()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        repo = folder.parent.parent.name[len("models--"):].replace("--", "/")
+        return repo, repo
+    return f"{model} (local folder)", None
+
+
+def _cell(value) -> str:
+    # A bare `|` ends a Markdown table cell.
+    return str(value).replace("|", "\\|")
+
+
 def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in recipe.items())
-    measured = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+    shown, hub_id = card_source(str(source))
+    recipe = {**recipe, "source": shown}
+    if recipe.get("mix") is None:
+        recipe.pop("mix", None)
+    rows = "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in recipe.items())
+    measured = "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in summary.items())
+    front = f"base_model: {hub_id}\n" if hub_id else ""
     return f"""---
-base_model: {source}
-tags: [awq, 4-bit, skywork-r1v, vision-language, r1v-quant]
+{front}tags: [awq, 4-bit, skywork-r1v, vision-language, r1v-quant]
 ---
 # {Path(str(source)).name} — AWQ 4-bit (language model), vision in bf16
 
@@ -116,7 +139,7 @@ and norms are kept in {cfg.raw.get('torch_dtype', 'bfloat16')}, byte for byte fr
 ```
 vllm serve <this folder> --trust-remote-code --dtype bfloat16
 r1v-quant chat --model <this folder> --image photo.jpg
-r1v-quant eval --reference {source} --candidate <this folder> --suite mmmu-sample
+r1v-quant eval --reference {hub_id or source} --candidate <this folder> --suite mmmu-sample
 ```
 Serve with bf16 activations: fp16-only AWQ kernels overflow on Qwen2 models.
 """
