@@ -45,8 +45,8 @@ def command(
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Weigh image and text tokens equally in the searches."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration set."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
-    offload_dir: Path | None = typer.Option(None, help="Spill calibration activations here when they outgrow --offload-above."),
-    offload_above: str = typer.Option("8GiB", help="RAM kept for calibration activations before spilling to --offload-dir."),
+    offload_dir: Path | None = typer.Option(None, help="Spill calibration activations here when they outgrow --offload-above (default: inside the work folder)."),
+    offload_above: str = typer.Option("auto", help="RAM kept for the activations between layers before spilling to --offload-dir, e.g. 8GiB (auto: a quarter of the free RAM, at least 1 GiB)."),
     work_dir: Path | None = typer.Option(None, help="Per-layer state for --resume (default: beside --out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the per-layer work folder after success."),
@@ -85,7 +85,8 @@ def command(
 
         result = quantize_checkpoint(model, out, settings, choice, force=force, device=device, work_dir=work_dir,
                                      resume=resume, offload_dir=offload_dir, keep_work=keep_work,
-                                     offload_above=parse_size(offload_above, "--offload-above", 0),
+                                     offload_above=(None if offload_above == "auto"
+                                                    else parse_size(offload_above, "--offload-above", 0)),
                                      max_shard_bytes=parse_size(max_shard_size, "--max-shard-size", 2**20),
                                      compute_dtype=compute_dtype, max_device_memory=(parse_size(max_device_memory, "--max-device-memory", 2**20)
                                                         if max_device_memory else None),

@@ -79,6 +79,27 @@ def render(plan: Plan, console: Console) -> None:
         console.print(f"note: {note}")
 
 
+def render_calibration(rows, tokens: int, host_bytes: int, console: Console) -> None:
+    console.print(f"[bold]awq calibration[/] on CUDA (bf16) over {tokens:,d} tokens; host RAM limit "
+                  f"{human_bytes(host_bytes)}")
+    t = Table(title="Predicted peaks per card (default budget: the card less max(2 GiB, 10%))", title_justify="left")
+    for col in ("card", "budget GiB", "chunk tokens", "calibration tensors", "device peak GiB", "host peak GB",
+                "disk GB", "fits", "max tokens on device", "max tokens in host RAM"):
+        t.add_column(col, justify="left" if col in ("card", "calibration tensors") else "right")
+    for r in rows:
+        p = r.prediction
+        t.add_row(r.label, _gib(p.budget), f"{p.plan.chunk_tokens:,d}",
+                  "on the device" if p.plan.stored_on_device else "host, streamed", _gib(p.device_peak),
+                  f"{p.host_peak / 1e9:,.2f}", f"{p.disk / 1e9:,.1f}", "[green]yes[/]" if r.fits else "[red]no[/]",
+                  f"{r.max_tokens_on_device:,d}", f"{r.max_tokens_host:,d}")
+    console.print(t)
+    first = rows[0].prediction
+    console.print("device parts (first card): " + ", ".join(f"{k} {_gib(v)}" for k, v in first.device_parts.items()))
+    console.print("host parts (first card): " + ", ".join(f"{k} {_gib(v)}" for k, v in first.host_parts.items()))
+    if first.spilled:
+        console.print(f"activations spilled to the offload folder: {first.spilled / 1e9:.2f} GB")
+
+
 def command(
     model: Annotated[str, typer.Option(
         "--model", "-m", help="Checkpoint or export folder, config.json, Hugging Face id, or r1v-38b (built in, offline).")],
@@ -98,8 +119,34 @@ def command(
     max_tiles: Annotated[int | None, typer.Option(
         "--max-tiles", help="max_dynamic_patch the reserve assumes (default: the config's).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Predict `awq`'s peak device memory, host memory and disk instead of serving.")] = False,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="awq --samples (with --calibrate).")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=16, help="awq --seq-len (with --calibrate).")] = 2048,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=16, help="awq --max-tokens (with --calibrate).")] = 65536,
+    host_mem: Annotated[str, typer.Option("--host-mem", help="Host RAM the calibration may use (with --calibrate).")] = "32GB",
 ) -> None:
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
+    if calibrate:
+        from r1v_quant.deploy.units import parse_size
+        from r1v_quant.model.checkpoint import resolve_config
+        from r1v_quant.quant.memory_model import calibration_tokens, plan_calibration
+
+        cfg, source = resolve_config(model)
+        tokens = calibration_tokens(samples, seq_len, max_tokens)
+        host = parse_size(host_mem, "--host-mem", 2**20)
+        rows = plan_calibration(cfg, parse_gpu_mems(gpu_mem), tokens, seq_len=seq_len,
+                                group_size=128 if group_size is None else group_size, host_bytes=host)
+        console = Console()
+        console.print(f"[bold]{source}[/]")
+        render_calibration(rows, tokens, host, console)
+        if json_out is not None:
+            json_out.write_text(json.dumps([{"card": r.label, "fits": r.fits, "tokens": tokens,
+                                             "device_peak": r.prediction.device_peak, "host_peak": r.prediction.host_peak,
+                                             "disk": r.prediction.disk, "chunk_tokens": r.prediction.plan.chunk_tokens,
+                                             "max_tokens_on_device": r.max_tokens_on_device,
+                                             "max_tokens_host": r.max_tokens_host} for r in rows], indent=2) + "\n")
+        return
     # vLLM's spellings: auto is the model's dtype, fp8_e4m3 and fp8_e5m2 are both one byte.
     kv_dtype = {"auto": "bf16"}.get(kv_dtype.lower(), "fp8" if kv_dtype.lower().startswith("fp8") else kv_dtype)
     if kv_dtype.lower() not in ("bf16", "fp16", "fp8"):

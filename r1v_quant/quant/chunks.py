@@ -48,14 +48,38 @@ def plan_chunks(tokens: int, hidden: int, intermediate: int, layer_weight_bytes:
     SDPA's memory-efficient kernels) and the clip search's fixed 512-token sample.
     """
     free = max(budget_bytes - 2 * layer_weight_bytes, 0)
-    per_token = (CHUNK_INTERMEDIATE * intermediate + CHUNK_HIDDEN * hidden) * act_bytes
+    per_token = chunk_token_bytes(hidden, intermediate, act_bytes)
     chunk = max(MIN_CHUNK, min(tokens, (free // 4) // max(per_token, 1)))
     left = free - chunk * per_token
-    stored = STORED_HIDDEN * tokens * hidden * act_bytes
-    down = tokens * intermediate * act_bytes
+    stored, down = stored_bytes(tokens, hidden, intermediate, act_bytes)
     on_device = stored <= left
     keep_down = on_device and stored + down <= left
     return ChunkPlan(int(chunk), on_device, keep_down)
+
+
+def chunk_token_bytes(hidden: int, intermediate: int, act_bytes: int) -> int:
+    """Bytes one chunk token holds alive inside an MLP forward of the scale search."""
+    return (CHUNK_INTERMEDIATE * intermediate + CHUNK_HIDDEN * hidden) * act_bytes
+
+
+def stored_bytes(tokens: int, hidden: int, intermediate: int, act_bytes: int) -> tuple[int, int]:
+    """The stored hidden-width tensors over all tokens, and down_proj's inputs, in bytes."""
+    return STORED_HIDDEN * tokens * hidden * act_bytes, tokens * intermediate * act_bytes
+
+
+def device_bytes(plan: ChunkPlan, tokens: int, hidden: int, intermediate: int, layer_weight_bytes: int,
+                 act_bytes: int) -> dict[str, int]:
+    """What `plan` keeps on the device during a layer, by part (the terms `plan_chunks` budgets for)."""
+    stored, down = stored_bytes(tokens, hidden, intermediate, act_bytes)
+    return {"weights": 2 * layer_weight_bytes,
+            "chunk": plan.chunk_tokens * chunk_token_bytes(hidden, intermediate, act_bytes),
+            "stored": stored if plan.stored_on_device else 0,
+            "down inputs": down if plan.keep_down_inputs else 0}
+
+
+def headroom_budget(free_bytes: int) -> int:
+    """A GPU's free memory less max(2 GiB, 10%): what `awq` may use there by default."""
+    return max(int(free_bytes - max(CUDA_HEADROOM, CUDA_HEADROOM_SHARE * free_bytes)), 0)
 
 
 def default_budget(device: torch.device) -> int:
@@ -66,7 +90,7 @@ def default_budget(device: torch.device) -> int:
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return max(int(free - max(CUDA_HEADROOM, CUDA_HEADROOM_SHARE * free)), 0)
+        return headroom_budget(free)
     return max(available_host_bytes() - CPU_HEADROOM, 1024**3)
 
 

@@ -334,15 +334,6 @@ def pack_layer(layer: nn.Module, group_size: int, device: torch.device, dtype: t
     return tensors
 
 
-def config_plan(cfg: R1VConfig, tokens: int, budget: int, dtype: torch.dtype) -> ChunkPlan:
-    """The plan `quantize_layer` makes for a layer of this config, from its shapes alone."""
-    shapes = llm_linear_shapes(cfg, 0)
-    act = torch.empty((), dtype=dtype).element_size()
-    weight_bytes = (sum(o * i for o, i in shapes.values()) + 2 * cfg.hidden_size) * act
-    intermediate = int(cfg.llm["intermediate_size"])
-    return plan_chunks(tokens, cfg.hidden_size, intermediate, weight_bytes, budget, act)
-
-
 def layer_plan(layer: nn.Module, tokens: int, budget: int | None, device: torch.device, dtype: torch.dtype) -> ChunkPlan:
     weight_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     hidden = layer.input_layernorm.weight.shape[0]

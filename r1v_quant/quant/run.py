@@ -15,12 +15,13 @@ from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import load_config
 from r1v_quant.model.layout import check_checkpoint_shapes
 from r1v_quant.output import check_out_dir, staged_dir
-from r1v_quant.quant.chunks import default_budget
+from r1v_quant.quant.chunks import available_host_bytes, default_budget
 from r1v_quant.quant.compute import choose_compute_dtype, dtype_name
 from r1v_quant.quant.export import copy_side_files, export_config, model_card, side_files, write_tensors
-from r1v_quant.quant.pipeline import config_plan, run_awq, validate_group_size
+from r1v_quant.quant.memory_model import auto_spill_above, calibration_tokens, config_plan, predict
+from r1v_quant.quant.pipeline import run_awq, validate_group_size
 from r1v_quant.quant.recipe import REPORT_NAME, AWQSettings, CalibrationRecipe, fingerprint
-from r1v_quant.quant.run_guard import guarded, work_path
+from r1v_quant.quant.run_guard import guarded, kept_note, work_path
 from r1v_quant.quant.space import check_space, run_needs
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
 from r1v_quant.replace_guard import check_replaceable
@@ -77,6 +78,37 @@ def load_samples(recipe: CalibrationRecipe, model_dir: Path, device: str | None,
     return samples
 
 
+def act_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def check_fits(cfg, calib: CalibrationRecipe, group_size: int, budget: int, dev: torch.device, dtype: torch.dtype,
+               spill_above: int) -> None:
+    """Refuse, before any layer loads, settings whose predicted peaks cannot fit the device or the host."""
+    from r1v_quant.quant.memory_model import largest_within_host
+
+    tokens = calibration_tokens(calib.samples, calib.seq_len, calib.max_tokens)
+    kw = dict(device=dev.type, act_bytes=act_bytes(dtype), seq_len=calib.seq_len, group_size=group_size,
+              spill_above=spill_above)
+    pred = predict(cfg, tokens, budget, **kw)
+    if budget < pred.min_budget:
+        need = -(-pred.min_budget // 2**20)
+        raise UserError(f"--max-device-memory {budget // 2**20}MiB cannot hold one decoder layer's AWQ pass, which "
+                        f"needs at least {need}MiB (the layer's weights twice, a 16-token chunk and one --seq-len "
+                        f"sample); pass --max-device-memory {need}MiB or more, or use a larger device.")
+    host = available_host_bytes()
+    if pred.host_peak > host:
+        fit = largest_within_host(cfg, budget, host, ceiling=tokens, **kw)
+        raise UserError(f"{tokens:,d} calibration tokens need about {pred.host_peak / 2**30:.1f} GiB of host memory "
+                        f"but {host / 2**30:.1f} GiB is available; pass --max-tokens {max(fit, 16)} or fewer "
+                        f"(or --samples / --seq-len that give at most that many).")
+
+
 @guarded  # locks on --out and the work folder; one sentence on a signal or a failed write
 def quantize_checkpoint(
     model: str,
@@ -88,7 +120,7 @@ def quantize_checkpoint(
     work_dir: Path | None = None,
     resume: bool = False,
     offload_dir: Path | None = None,
-    offload_above: int = 8 * 1024**3,
+    offload_above: int | None = None,
     keep_work: bool = False,
     max_shard_bytes: int = 5 * 1000**3,
     progress: Callable[[int, int, LayerReport | None], None] | None = None,
@@ -114,6 +146,9 @@ def quantize_checkpoint(
     out = Path(out)
     check_out_dir(out, force, source=src)
     work_folder = work_path(out, work_dir)
+    # Activations between layers spill past a share of the free RAM, by default into the work folder.
+    offload_dir = offload_dir or work_folder / "spill"
+    offload_above = auto_spill_above(available_host_bytes()) if offload_above is None else offload_above
     protected = {"source checkpoint": src, "offload folder": offload_dir, "work folder": work_folder,
                  **{f"calibration data {p}": p for p in calib_paths(calib)}}
     check_replaceable(out, protected)
@@ -121,6 +156,8 @@ def quantize_checkpoint(
                           resume))
     dev = pick_device(device)
     dtype, dtype_why = choose_compute_dtype(compute_dtype, dev)
+    budget = default_budget(dev) if max_device_memory is None else max_device_memory
+    check_fits(cfg, calib, settings.group_size, budget, dev, dtype, offload_above)
     tok = load_tokenizer(src)
 
     samples = load_samples(calib, src, device, trace_cache, trace_progress)
@@ -138,14 +175,20 @@ def quantize_checkpoint(
     run_id = fingerprint({"model": str(Path(src).resolve()), "compute dtype": dtype_name(dtype)}, asdict(settings),
                          calib.fingerprint_data())
     work = WorkFolder(work_folder, run_id)
-    reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
-                      offload_above=offload_above, dtype=dtype,
-                      progress=progress, stop_after=stop_after, max_device_memory=max_device_memory)
+    try:
+        reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
+                          offload_above=offload_above, dtype=dtype,
+                          progress=progress, stop_after=stop_after, max_device_memory=max_device_memory)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"{dev.type} ran out of memory within a budget of {budget / 2**30:.1f} GiB (fragmentation or "
+                        f"another process); lower --max-device-memory (e.g. to {0.8 * budget / 2**30:.1f}GiB) or "
+                        f"--max-tokens, then rerun with --resume: {kept_note(work.path, cfg.num_layers)}.") from None
     result = AWQResult(out, reports, len(encoded), tokens, image_token_share(encoded, tok), time.perf_counter() - start)
     result.extra.update({f"calibration {k}": v for k, v in composition(encoded, tok, stubs).items()})
     result.extra["compute dtype"] = f"{dtype_name(dtype)} ({dtype_why})"
-    budget = default_budget(dev) if max_device_memory is None else max_device_memory
-    plan = config_plan(cfg, tokens, budget, dtype)
+    plan = config_plan(cfg, tokens, budget, act_bytes(dtype))
     result.extra["device budget"] = (
         f"{budget / 2**30:.1f} GiB: chunks of {plan.chunk_tokens} tokens, calibration tensors "
         f"{'on the device' if plan.stored_on_device else 'in host memory'}, down_proj inputs "

@@ -37,7 +37,8 @@ def committed_layers(work: Path) -> int:
         return 0
 
 
-def _kept(work: Path, total: int | None) -> str:
+def kept_note(work: Path, total: int | None) -> str:
+    """What of an interrupted run is left in its work folder, and how to continue it."""
     done = committed_layers(work)
     if not Path(work).exists():
         return "no work folder was left"
@@ -73,7 +74,7 @@ def write_error(exc: BaseException, out: Path, work: Path, total: int | None) ->
     needs = ("free space there" if _errno(exc) in (errno.ENOSPC, errno.EDQUOT)
              else "make it writable" if _errno(exc) in (errno.EROFS, errno.EACCES, errno.EPERM) else "fix it")
     return UserError(f"writing to {where} failed: {_problem(_errno(exc))}; nothing was written to {out}, "
-                     f"{_kept(work, total)} ({needs} first).")
+                     f"{kept_note(work, total)} ({needs} first).")
 
 
 def guarded(run):
@@ -94,7 +95,7 @@ def guarded(run):
                 return run(*bound.args, **bound.kwargs)
             except Interrupted as e:
                 name = signal.Signals(e.signum).name
-                e.note = f"stopped by {name}; nothing was written to {out}; {_kept(work, _total_layers(a['model']))}."
+                e.note = f"stopped by {name}; nothing was written to {out}; {kept_note(work, _total_layers(a['model']))}."
                 raise
             except (OSError, SafetensorError) as e:
                 raise write_error(e, out, work, _total_layers(a["model"])) from None
