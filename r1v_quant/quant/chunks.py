@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+CLIP_TOKENS = 512  # tokens the clip search measures on, sampled once per layer
+ACT_BETWEEN_LAYERS = 4  # bytes per value: activations travel between layers in float32
+
 # Kept free on a GPU for the CUDA context, the allocator's fragmentation and the kernels' workspaces.
 CUDA_HEADROOM = 2 * 1024**3
 CUDA_HEADROOM_SHARE = 0.10

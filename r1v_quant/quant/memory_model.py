@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import llm_linear_shapes
-from r1v_quant.quant.chunks import MIN_CHUNK, ChunkPlan, chunk_token_bytes, device_bytes, plan_chunks
+from r1v_quant.quant.chunks import (
+    ACT_BETWEEN_LAYERS,
+    CLIP_TOKENS,
+    MIN_CHUNK,
+    ChunkPlan,
+    chunk_token_bytes,
+    device_bytes,
+    plan_chunks,
+)
 
 GiB = 1024**3
 # Python, torch and transformers once imported (CPU); with CUDA the runtime's host libraries add more.
@@ -24,10 +32,8 @@ HOST_BASE = {"cpu": int(0.6 * GiB), "cuda": int(1.5 * GiB)}
 ATTENTION_HIDDEN = 6
 # The clip search: a sample of CLIP_TOKENS tokens against CLIP_ROWS output rows at a time, float32,
 # with the original and the clipped products and their error alive together.
-CLIP_TOKENS = 512
 CLIP_ROWS = 256
 CLIP_COPIES = 3
-ACT_BETWEEN_LAYERS = 4  # activations travel between layers in float32
 
 
 @dataclass(frozen=True)

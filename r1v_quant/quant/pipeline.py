@@ -34,12 +34,10 @@ from r1v_quant.quant.awq import (
     search_scales_chunked,
     token_weights,
 )
-from r1v_quant.quant.chunks import ChunkPlan, TokenStore, default_budget, plan_chunks, sample_bounds, token_bounds
+from r1v_quant.quant.chunks import CLIP_TOKENS, ChunkPlan, TokenStore, default_budget, plan_chunks, sample_bounds, token_bounds
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
 from r1v_quant.quant.recipe import AWQSettings
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
-
-CLIP_TOKENS = 512  # tokens the clip search measures on (its default)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -14,7 +14,6 @@ from r1v_quant.errors import UserError
 
 # Indexes, configs, the model card and filesystem overhead.
 _HEADROOM = 1.05
-_ACT_BYTES = 4  # activations travel between layers in float32
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,9 @@ def run_needs(cfg, group_size: int, out: Path, work: Path, offload_dir: Path | N
     specs = export_tensor_specs(cfg, group_size)
     export = sum(spec_bytes(s, d) for s, d in specs.values())
     layers = sum(spec_bytes(s, d) for n, (s, d) in specs.items() if n.startswith("language_model.model.layers."))
-    acts = max_tokens * cfg.hidden_size * _ACT_BYTES
+    from r1v_quant.quant.chunks import ACT_BETWEEN_LAYERS
+
+    acts = max_tokens * cfg.hidden_size * ACT_BETWEEN_LAYERS
     work_bytes = layers + 2 * acts + max_tokens
     if resume:
         work_bytes = max(0, work_bytes - folder_bytes(work))
