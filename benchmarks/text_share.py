@@ -55,10 +55,11 @@ def main() -> None:
             start = time.perf_counter()
             result = quantize_checkpoint(str(model), out, AWQSettings(grid=args.grid), recipe, device="cpu",
                                          compute_dtype="float32")
+            seconds = time.perf_counter() - start
             cand = load_model(out, device="cpu")
             row = {"kl_text": prompt_kl(ref.model, cand.model, text_only),
                    "kl_images": prompt_kl(ref.model, cand.model, with_images),
-                   "awq_s": time.perf_counter() - start, "tokens": result.tokens,
+                   "awq_s": seconds, "tokens": result.tokens,
                    "samples": result.extra["calibration samples"], "text share": result.extra["calibration text share"]}
             rows[f"--text-share {share:g}"] = row
             print(f"--text-share {share:g}: {row}", flush=True)
