@@ -274,6 +274,7 @@ class Suggestion:
     status: str
     short_by_bytes: int       # memory still missing for a MIN_USEFUL_CONTEXT context (0 when it is reached)
     note: str = ""
+    vllm: str = ""            # the vLLM version it needs
 
 
 @dataclass
@@ -369,13 +370,10 @@ def _suggest(basis: recipes.Basis, card: CardFit) -> list[Suggestion]:
     def add(title: str, levers: frozenset[str], note: str) -> None:
         r = recipes.evaluate(basis, card.gpu_bytes, levers)
         per_token = kv_bytes_per_token(basis.cfg, r.kv_dtype)
-        how = recipes.how(r)
         if r.host_pinned:
-            note = (f"{note}; {r.host_pinned / GiB:.1f} GiB pinned host RAM, >= {r.encode_seconds:.2f} s per "
-                    f"image-encoding step at {recipes.PCIE_BYTES_PER_S / 1e9:.0f} GB/s")
-        note = f"{note}; vLLM {recipes.vllm_needed(r)}"
-        out.append(Suggestion(title, how, r.max_context, r.status,
-                              max(0, MIN_USEFUL_CONTEXT * per_token - r.kv_room), note))
+            note = f"{note}; {r.host_pinned / GiB:.1f} GiB pinned host RAM, >= {r.encode_seconds:.2f} s per image step"
+        out.append(Suggestion(title, recipes.how(r), r.max_context, r.status,
+                              max(0, MIN_USEFUL_CONTEXT * per_token - r.kv_room), note, recipes.vllm_needed(r)))
 
     pool = recipes.candidates(basis, frozenset(recipes.COMPROMISES), frozenset(), None)
     singles = [next(iter(s)) for s in pool if len(s) == 1]
@@ -385,7 +383,7 @@ def _suggest(basis: recipes.Basis, card: CardFit) -> list[Suggestion]:
     if len(keeping) > 1:
         add("all but text only together", keeping, "images kept")
     if "text-only" in singles and len(singles) > 1:
-        add("text only with the cheap ones", frozenset(n for n in singles if n in ("util-95", "fp8-kv", "lm-head-4bit",
+        add("text only with the cheaper ones", frozenset(n for n in singles if n in ("util-95", "fp8-kv", "lm-head-4bit",
                                                                                    "text-only")), "no image inputs")
     saving = _vision_int8_saving(basis.cfg)
     room = int(card.gpu_bytes * basis.util) - (card.weights_bytes - saving) - card.reserve_bytes
@@ -394,7 +392,7 @@ def _suggest(basis: recipes.Basis, card: CardFit) -> list[Suggestion]:
     out.append(Suggestion("8-bit vision encoder", "int8 weight-only vision linears", tokens, fit_status(tokens),
                           max(0, MIN_USEFUL_CONTEXT * per_token - room),
                           f"saves {saving / GiB:.1f} GiB; a format r1v-quant does not write and vLLM's AWQ config "
-                          "cannot express"))
+                          "cannot express", "-"))
     return out
 
 
