@@ -453,8 +453,11 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
     max_pos = int(cfg.llm.get("max_position_embeddings") or 32768)
     lm_head_saving = 0
     if not lm_head and LM_HEAD + ".weight" in checkpoint_shapes(cfg):
-        quantised = bytes_by_component(export_tensor_specs(cfg, group_size, dtype, lm_head=True))["lm_head"]
-        lm_head_saving = exp_b["lm_head"] - quantised
+        try:
+            quantised = bytes_by_component(export_tensor_specs(cfg, group_size, dtype, lm_head=True))["lm_head"]
+            lm_head_saving = exp_b["lm_head"] - quantised
+        except UserError as e:        # e.g. R1V3's vocabulary of 151,674 does not pack 8 to an int32
+            notes.append(f"no 4-bit lm_head for this model: {e}")
     tower = exp_b.get("vision", 0) + exp_b.get("projector", 0)
     # Text only: the tower is not built (the newest vLLM's behaviour; `recipes` checks the version).
     basis = recipes.Basis(cfg, util, kv_dtype, weights if images else weights - tower, tower if images else 0,

@@ -234,7 +234,8 @@ def candidates(basis: Basis, allowed: frozenset[str], required: frozenset[str],
 def best_recipe(basis: Basis, gpu: int, allowed: frozenset[str] = frozenset(COMPROMISES),
                 required: frozenset[str] = frozenset(), version: Version | None = None) -> Recipe:
     """The cheapest recipe that reaches the longest goal any candidate reaches (see the module doc);
-    when none reaches even the shortest goal, the recipe with the longest context."""
+    when none reaches even the shortest goal, the one with the longest context (then the most KV room:
+    the nearest to fitting)."""
     recipes = [evaluate(basis, gpu, s, version) for s in candidates(basis, allowed, required, version)]
     for goal in GOALS:
         target = min(goal, basis.max_pos)
@@ -243,7 +244,7 @@ def best_recipe(basis: Basis, gpu: int, allowed: frozenset[str] = frozenset(COMP
             best = min(reaching, key=lambda r: lever_cost(r.levers))
             best.goal = target
             return best
-    return max(recipes, key=lambda r: (r.max_context, -lever_cost(r.levers)))
+    return max(recipes, key=lambda r: (r.max_context, r.kv_room, -lever_cost(r.levers)))
 
 
 def vllm_needed(recipe: Recipe) -> str:

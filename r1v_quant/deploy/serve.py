@@ -271,6 +271,9 @@ def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, ex
         raise UserError(f"--images {images_per_prompt} is below 0.")
     notes: list[str] = []
     version = recipes.parse_version(vllm_version) if vllm_version is not None else None
+    if version is not None and version < recipes.parse_version(recipes.BASELINE_VLLM):
+        raise UserError(f"vLLM {version} predates the flags serve writes (the JSON --limit-mm-per-prompt of vLLM "
+                        f"{recipes.BASELINE_VLLM}); upgrade with pip install -U 'vllm>={recipes.BASELINE_VLLM}'.")
 
     # What the server will really run with: the user's values where given; they fix those compromises.
     allowed = set(recipes.COMPROMISES) - {"lm-head-4bit"}      # the export decides its lm_head
