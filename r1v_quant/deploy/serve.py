@@ -18,6 +18,7 @@ size, CPU offload, images per prompt) are the ones the plan uses.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -300,16 +301,23 @@ def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, ex
     if "mm-processor-kwargs" in given:
         allowed.discard("tiles-6")
     required = frozenset({"text-only"}) if images == 0 else frozenset()
-    if recipe is not None:
-        chosen = recipes.check_levers([n for n in recipe if n != "none"], tuple(sorted(allowed, key=recipes.COMPROMISES.index)))
-        if images == 0 and "text-only" not in chosen:
-            chosen |= {"text-only"}
-        allowed, required = set(chosen), chosen
     if images == 0:
-        allowed.discard("tower-offload")
-        allowed.discard("tiles-6")
-    elif not text_only and recipe is None:
+        allowed -= {"tower-offload", "tiles-6"}
+    elif not text_only:
         allowed.discard("text-only")      # serve keeps images unless asked for text only
+    auto_allowed, auto_required = frozenset(allowed), required
+    if recipe is not None:
+        chosen = recipes.check_levers([n for n in recipe if n != "none"])
+        if "lm-head-4bit" in chosen:
+            raise UserError("--recipe lm-head-4bit is the export's to decide: re-export with `awq --quantize-lm-head`.")
+        fixed = chosen - allowed - {"text-only"}
+        if fixed:
+            raise UserError(f"--recipe {sorted(fixed)[0]} conflicts with the vLLM flags you passed; drop one of them.")
+        if images == 0:
+            chosen |= {"text-only"}
+        elif "text-only" in chosen:
+            images = 0
+        allowed, required = set(chosen), frozenset(chosen)
 
     if "dtype" in given and (user_value(extra, "dtype") or "").lower() in ("half", "float16", "fp16"):
         notes.append("--dtype float16 was kept as given, but fp16 AWQ kernels overflow on Qwen2; bfloat16 is safer.")
@@ -328,12 +336,11 @@ def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, ex
             notes.append(f"no CUDA GPU found and no --gpu-mem given: planned for the plan's {DEFAULT_SERVE_CARD_GIB} GB "
                          "default card.")
         label = gpu_label or f"{gpu_bytes / GiB:.1f} GiB GPU"
-        # A --cpu-offload-gb of the user's own moves that many GiB of weights off the card: plan for a
-        # card whose budget (util x size) is larger by exactly that much.
-        planned_card = gpu_bytes + int(offload_gib * GiB / run_util)
+        planned_card = gpu_bytes
         plan = make_plan(cfg, source=str(model_dir), kv_dtype=kv, util=run_util,
                          gpu_mems=[(label, planned_card)], max_batched_tokens=chunk, images=True)
-        basis = plan.basis
+        # A --cpu-offload-gb of the user's own moves that many GiB of weights off the card.
+        basis = dataclasses.replace(plan.basis, weights=plan.basis.weights - int(offload_gib * GiB))
         newest = recipes.best_recipe(basis, planned_card, frozenset(allowed), required)
         chosen_recipe = newest
         if version is not None:
@@ -341,9 +348,11 @@ def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, ex
                 f = recipes.FEATURES["lm-head-4bit"]
                 raise UserError(f"vLLM {version} lacks {f.what}, which {model_dir} has: upgrade with pip install -U "
                                 f"'vllm>={f.min_version}', or serve an export written without --quantize-lm-head.")
-            runnable = recipes.best_recipe(basis, planned_card, frozenset(allowed), required, version)
-            _refuse_missing(newest, runnable, str(version), label)
-            chosen_recipe = runnable
+            if any(f != "text-only" and not recipes.has(f, version) for f in newest.features):
+                fallback = recipes.best_recipe(basis, planned_card, auto_allowed, auto_required, version)
+                _refuse_missing(newest, fallback, str(version), label)
+            # the same compromises can leave another context on an older vLLM (text only builds the tower)
+            chosen_recipe = recipes.best_recipe(basis, planned_card, frozenset(allowed), required, version)
         card = plan.cards[0]
         result.card, result.recipe = card, chosen_recipe
         if chosen_recipe.levers:
