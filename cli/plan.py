@@ -85,29 +85,28 @@ def render(plan: Plan, console: Console) -> None:
 
 def render_recipes(plan: Plan, console: Console) -> None:
     """The best recipe per card (recipes.py), the text-only one beside it, and the flags of each."""
-    t = Table(title="Best recipe per card: the cheapest compromises that reach the longest context goal "
-              "(32k, else 16k, else 4k tokens)", title_justify="left")
-    for col, just in (("card", "left"), ("recipe", "left"), ("max tokens", "right"), ("max-model-len", "right"),
-                      ("GPU weights GiB", "right"), ("pinned host GiB", "right"), ("s per image step", "right"),
-                      ("vLLM", "left"), ("fits", "center")):
-        t.add_column(col, justify=just, overflow="fold")
+    t = Table(title="Best recipe per card: the cheapest compromises reaching the longest goal (32k, else 16k, "
+              "else 4k tokens); the text-only one below it", title_justify="left")
+    for col, just in (("card", "left"), ("recipe", "left"), ("context", "right"), ("GPU GiB", "right"),
+                      ("host GiB", "right"), ("s/image", "right"), ("vLLM", "left")):
+        t.add_column(col, justify=just, no_wrap=col != "recipe", min_width=18 if col == "recipe" else None)
     how = []
     for card in plan.cards:
         for kind, r in (("", card.best), ("text only: ", card.best_text_only)):
             if r is None:
                 continue
-            t.add_row(card.label if not kind else "", " + ".join(r.levers) or "none", f"{r.max_context:,d}",
+            t.add_row(card.label if not kind else "", " + ".join(r.levers) or "none (as exported)",
                       f"{r.max_model_len:,d}",
                       _gib(r.gpu_weights), _gib(r.host_pinned) if r.host_pinned else "-",
-                      f">= {r.encode_seconds:.2f}" if r.host_pinned else "-", recipes.vllm_needed(r),
-                      STATUS_STYLE.get(r.status, r.status))
+                      f"{r.encode_seconds:.2f}" if r.host_pinned else "-",
+                      recipes.vllm_needed(r).removeprefix(">= ").replace(" (assumed)", " *"))
             if r.levers:
                 how.append(f"{card.label}, {' + '.join(r.levers)}: {recipes.how(r)}")
     console.print(t)
     console.print("compromises, cheapest first: " + "; ".join(f"{n} = {recipes.TITLES[n]}" for n in recipes.COMPROMISES)
-                  + ". "
-                  f"Image steps read the offloaded encoder over PCIe at {recipes.PCIE_BYTES_PER_S / 1e9:.0f} GB/s "
-                  "(a lower bound). Versions marked assumed were not read in vLLM's source.", highlight=False)
+                  + f". context: --max-model-len; host GiB: pinned host RAM; s/image: at least this per image-encoding "
+                  f"step (the offloaded encoder read over PCIe at {recipes.PCIE_BYTES_PER_S / 1e9:.0f} GB/s); vLLM: the "
+                  "oldest version that runs it (* assumed, not read in vLLM's source).", highlight=False)
     for line in how:
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
 
