@@ -9,7 +9,8 @@ The export is the source checkpoint with every Qwen2 decoder linear (q, k, v, o,
 replaced by its AutoAWQ GEMM tensors (`layout.awq_shapes`: qweight/qzeros int32, scales float16)
 and every other tensor copied unchanged in the model dtype. `export_tensor_specs` lists those
 tensors name by name, so the predicted export size equals the sum of the tensor bytes in the
-export's safetensors files exactly (headers, tokenizer and config files are not counted).
+export's safetensors files exactly (headers, tokenizer and config files are not counted). An
+export written with `awq --quantize-lm-head` (`"lm_head": true`) stores lm_head the same way.
 
 Components: `vision` (vision_model.*), `projector` (mlp1.*), `llm_linears` (the seven decoder
 linears: `.weight` in the source, qweight+qzeros+scales in the export), `llm_other` (RMSNorm
@@ -38,6 +39,10 @@ The reserve is deliberately conservative (measured vLLM peaks are usually below 
                  pixel-shuffled tokens through mlp1 and the encoder cache of their embeddings. vLLM
                  V1 profiles as many max-size images as fit its encoder budget,
                  max(max_batched_tokens, tokens of one image), so a large chunk can mean two images.
+
+Weights that are not resident (the vision encoder in host memory, or not built for text only)
+and the other compromises that lengthen the context are `recipes.py`'s; each card gets the best
+recipe there.
 
 Card sizes are taken as GiB (what `nvidia-smi` reports for a "24 GB" card is about 24 GiB; an
 "80 GB" H100 reports about 79.6 GiB). Pass `gpu_mems` (e.g. "81559MiB") to plan for an exact card.
@@ -334,17 +339,6 @@ class Plan:
         return d
 
 
-def _vision_int8_saving(cfg: R1VConfig) -> int:
-    """Bytes saved by storing the vision encoder's linear weights as int8 with one fp16 scale per output row."""
-    b = dtype_bytes(model_dtype(cfg))
-    saved = 0
-    for name, shape in checkpoint_shapes(cfg).items():
-        if name.startswith("vision_model.encoder.") and name.endswith(".weight") and len(shape) == 2:
-            out_f, in_f = shape
-            saved += out_f * in_f * (b - 1) - out_f * 2
-    return saved
-
-
 def _fit(label: str, gpu: int, util: float, weights: int, reserve: int, per_token: int, max_pos: int) -> CardFit:
     budget = int(gpu * util)
     room = budget - weights - reserve
@@ -359,41 +353,6 @@ def _fit(label: str, gpu: int, util: float, weights: int, reserve: int, per_toke
     else:
         card.reason = f"{room / GiB:.1f} GiB left for the KV cache"
     return card
-
-
-def _suggest(basis: recipes.Basis, card: CardFit) -> list[Suggestion]:
-    """Each compromise alone on a card that falls short, with the context it would give (or how much
-    memory would still be missing), then the image-keeping ones together, then the 8-bit vision
-    encoder that r1v-quant does not write (for scale)."""
-    out: list[Suggestion] = []
-
-    def add(title: str, levers: frozenset[str], note: str) -> None:
-        r = recipes.evaluate(basis, card.gpu_bytes, levers)
-        per_token = kv_bytes_per_token(basis.cfg, r.kv_dtype)
-        if r.host_pinned:
-            note = f"{note}; {r.host_pinned / GiB:.1f} GiB pinned host RAM, >= {r.encode_seconds:.2f} s per image step"
-        out.append(Suggestion(title, recipes.how(r), r.max_context, r.status,
-                              max(0, MIN_USEFUL_CONTEXT * per_token - r.kv_room), note, recipes.vllm_needed(r)))
-
-    pool = recipes.candidates(basis, frozenset(recipes.COMPROMISES), frozenset(), None)
-    singles = [next(iter(s)) for s in pool if len(s) == 1]
-    for name in singles:
-        add(recipes.TITLES[name], frozenset({name}), recipes.NOTES[name])
-    keeping = frozenset(n for n in singles if n != "text-only")
-    if len(keeping) > 1:
-        add("all but text only together", keeping, "images kept")
-    if "text-only" in singles and len(singles) > 1:
-        add("text only with the cheaper ones", frozenset(n for n in singles if n in ("util-95", "fp8-kv", "lm-head-4bit",
-                                                                                   "text-only")), "no image inputs")
-    saving = _vision_int8_saving(basis.cfg)
-    room = int(card.gpu_bytes * basis.util) - (card.weights_bytes - saving) - card.reserve_bytes
-    per_token = kv_bytes_per_token(basis.cfg, basis.kv_dtype)
-    tokens = context_tokens(room, per_token)
-    out.append(Suggestion("8-bit vision encoder", "int8 weight-only vision linears", tokens, fit_status(tokens),
-                          max(0, MIN_USEFUL_CONTEXT * per_token - room),
-                          f"saves {saving / GiB:.1f} GiB; a format r1v-quant does not write and vLLM's AWQ config "
-                          "cannot express", "-"))
-    return out
 
 
 def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None, kv_dtype: str = "bf16",
@@ -473,7 +432,7 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
         if images:
             card.best_text_only = recipes.best_recipe(basis, gpu, required=frozenset({"text-only"}))
         if card.max_context < LONG_CONTEXT:
-            card.suggestions = _suggest(basis, card)
+            card.suggestions = recipes.suggestions(basis, card)
         cards.append(card)
     if already:
         notes.append("sizes are predicted from the config; `r1v-quant inspect` reads the real tensor bytes.")
