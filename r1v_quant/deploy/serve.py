@@ -322,7 +322,8 @@ def build_serve(model_dir: str | Path, cfg: R1VConfig, gpu_bytes: int | None, ex
     if "dtype" in given and (user_value(extra, "dtype") or "").lower() in ("half", "float16", "fp16"):
         notes.append("--dtype float16 was kept as given, but fp16 AWQ kernels overflow on Qwen2; bfloat16 is safer.")
     if version is None:
-        notes.append("vLLM is not installed here: the recipe is for the newest vLLM; pass --vllm-version to plan for another.")
+        notes.append("no vLLM package in this Python environment: the recipe is for the newest vLLM; pass --vllm-version "
+                     "to plan for the one that will run it.")
 
     result = ServeCommand([], notes)
     chosen_recipe = None
