@@ -391,3 +391,20 @@ def reference_response(sample: Sample) -> str:
     if sample.answer is not None and sample.answer != item.answer:
         raise UserError(f"sample {sample.id!r} has answer {sample.answer!r}, not the built-in set's {item.answer!r}.")
     return f"<think>\n{item.reasoning}\n</think>\n\n\\boxed{{{item.answer}}}"
+
+
+def text_form(seed: int, index: int, split: str = "calib") -> Sample:
+    """Item ``index`` posed without its picture, its reasoning reply after the prompt: calibration text
+    in the chat form the model reasons in. The reply starts inside the reasoning block, which the chat
+    template's generation prompt opens."""
+    item = builtin_item(split, seed, index)
+    question = item.question.replace("<image> ", "").replace("<image>", "").strip()
+    return Sample(
+        id=f"builtin-text-{split}-{seed}-{index:05d}",
+        prompt=pose_question(question, item.options),
+        answer=item.answer,
+        subject=item.subject,
+        kind="multiple-choice" if item.options else "open",
+        options=list(item.options),
+        response=f"{item.reasoning}\n</think>\n\n\\boxed{{{item.answer}}}",
+    )

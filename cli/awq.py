@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from r1v_quant.progress import steps
+from r1v_quant.quant.recipe import DEFAULT_TEXT_SHARE
 
 
 def _mix(text: str | None) -> list[float] | None:
@@ -44,6 +45,7 @@ def command(
     propagate: str = typer.Option("quantized", help="Inputs of layer i+1: outputs of the quantized or the float layer i."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Weigh image and text tokens equally in the searches."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration set."),
+    text_share: float = typer.Option(DEFAULT_TEXT_SHARE, help="Least share of text tokens in the calibration set, 0 to 1: the last image-bearing samples make room for text-only ones (the set's text parts, else the built-in questions as text). 0 keeps the set as encoded."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
     offload_dir: Path | None = typer.Option(None, help="Spill calibration activations here when they outgrow --offload-above (default: inside the work folder)."),
     offload_above: str = typer.Option("auto", help="RAM kept for the activations between layers before spilling to --offload-dir, e.g. 8GiB (auto: a quarter of the free RAM, at least 1 GiB)."),
@@ -63,7 +65,8 @@ def command(
     from r1v_quant.quant.run import quantize_checkpoint
 
     settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance)
-    choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed)
+    choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed,
+                               text_share)
     console = Console()
     check = None
     if kl_check:

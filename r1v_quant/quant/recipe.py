@@ -19,6 +19,8 @@ from r1v_quant.errors import UserError
 
 TRACE_MODES = ("none", "self")
 REPORT_NAME = "r1v_quant_report.json"
+# `awq --text-share`'s default, chosen by held-out KL (BENCHMARKS.md, "Text share of the calibration tokens").
+DEFAULT_TEXT_SHARE = 0.0
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,13 @@ class CalibrationRecipe:
     seq_len: int = 2048                # longest sample, in tokens (image blocks are never cut)
     max_tokens: int = 65536            # cap on calibration tokens in total
     seed: int = 0
+    text_share: float = DEFAULT_TEXT_SHARE  # least share of text tokens; 0 keeps the set as encoded
 
     def __post_init__(self) -> None:
         from r1v_quant.calib.sets import check_mix, split_spec
+        from r1v_quant.calib.text_share import check_text_share
+
+        object.__setattr__(self, "text_share", check_text_share(self.text_share))
 
         if self.path is not None:
             object.__setattr__(self, "path", str(self.path))
@@ -53,12 +59,15 @@ class CalibrationRecipe:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["mix"] = list(self.mix) if self.mix is not None else None
+        if not self.text_share:  # a recipe without a floor is written as before the option existed
+            del out["text_share"]
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CalibrationRecipe:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        # A recipe saved without a text share had none (the key is left out at 0).
+        return cls(**{"text_share": 0.0, **{k: v for k, v in data.items() if k in known}})
 
     def fingerprint_data(self) -> dict[str, Any]:
         """Everything that decides the calibration tokens, with paths made absolute."""
@@ -71,7 +80,8 @@ class CalibrationRecipe:
         """Rows of the model card's recipe table."""
         name = self.spec + (f" + self traces (<= {self.trace_tokens} tokens)" if self.traces == "self" else "")
         return {"calibration set": name, "samples requested": self.samples, "mix": list(self.mix) if self.mix else None,
-                "longest sample / token cap": f"{self.seq_len} / {self.max_tokens}", "seed": self.seed}
+                "longest sample / token cap": f"{self.seq_len} / {self.max_tokens}", "seed": self.seed,
+                **({"least text-token share": f"{self.text_share:.0%}"} if self.text_share else {})}
 
 
 def fingerprint(*parts: dict[str, Any]) -> str:

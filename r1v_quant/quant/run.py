@@ -131,7 +131,8 @@ def quantize_checkpoint(
     max_device_memory: int | None = None,
     compute_dtype: str = "auto",
 ) -> AWQResult:
-    from r1v_quant.calib.encode import composition, embed_encoded, encode_samples, image_token_share
+    from r1v_quant.calib.encode import composition, embed_encoded, image_token_share
+    from r1v_quant.calib.text_share import encode_with_text_share, fill_source
     from r1v_quant.model.r1v import load_front, load_tokenizer, pick_device
 
     start = time.perf_counter()
@@ -161,7 +162,10 @@ def quantize_checkpoint(
     tok = load_tokenizer(src)
 
     samples = load_samples(calib, src, device, trace_cache, trace_progress)
-    encoded, stubs = encode_samples(samples, cfg, tok, calib.seq_len, calib.max_tokens)
+    fill = (fill_source(calib.spec, calib.seed, calib.samples, calib.path, {s.id for s in samples})
+            if calib.text_share else None)
+    encoded, stubs, share_note = encode_with_text_share(samples, fill, cfg, tok, calib.seq_len, calib.max_tokens,
+                                                        calib.text_share)
     tokens = sum(len(e.ids) for e in encoded)
 
     def first_inputs():
@@ -187,6 +191,7 @@ def quantize_checkpoint(
                         f"--max-tokens, then rerun with --resume: {kept_note(work.path, cfg.num_layers)}.") from None
     result = AWQResult(out, reports, len(encoded), tokens, image_token_share(encoded, tok), time.perf_counter() - start)
     result.extra.update({f"calibration {k}": v for k, v in composition(encoded, tok, stubs).items()})
+    result.extra["calibration text share"] = share_note.line()
     result.extra["compute dtype"] = f"{dtype_name(dtype)} ({dtype_why})"
     plan = config_plan(cfg, tokens, budget, act_bytes(dtype))
     result.extra["device budget"] = (
