@@ -93,13 +93,15 @@ def command(
     candidate: str = typer.Option(..., "--candidate", "-c", help="Quantised export (or any checkpoint) to compare with it."),
     suite: str = typer.Option(
         "builtin", help="builtin (held-out built-in questions), r1v-mini (held-out questions of the skills r1v-mini was "
-        "trained on), mmmu-sample, the vendor's mathvista (testmini), math-500, aime-2024 and gpqa-diamond, text:PATH "
+        "trained on), r1v-outliers (the same plus held-out chained arithmetic), mmmu-sample, the vendor's mathvista "
+        "(testmini), math-500, aime-2024 and gpqa-diamond, text:PATH "
         "(perplexity), or a folder / .parquet file in MMMU's layout."),
     data_path: Path | None = typer.Option(
         None, "--data-path", "--calib-path", help="Local data for --suite mmmu-sample (MMMU folder or parquet files) or a vendor "
         "suite (parquet, jsonl, json or csv in the data set's public schema)."),
     limit: int | None = typer.Option(
-        None, min=1, help="Questions to use (default: 64 for builtin and text suites, 120 for r1v-mini, all for MMMU)."),
+        None, min=1, help="Questions to use (default: 64 for builtin and text suites, 120 for r1v-mini, 400 for "
+        "r1v-outliers, all for MMMU)."),
     baseline: list[str] = typer.Option(
         [], "--baseline", "-b", help="Also evaluate rtn (round-to-nearest, same bits and group size) or nf4 "
         "(bitsandbytes); repeatable."),

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from r1v_quant.errors import UserError
 
-DEFAULT_LIMITS = {"builtin": 64, "r1v-mini": 120, "text": 64}  # other suites: every question they hold
+DEFAULT_LIMITS = {"builtin": 64, "r1v-mini": 120, "r1v-outliers": 400, "text": 64}  # other suites: every question they hold
 BASELINES = ("rtn", "nf4")
 ENGINES = ("torch", "vllm")
 VLLM_BASELINES = ("rtn",)
-SUITE_FORMS = ("builtin, r1v-mini, mmmu-sample, mathvista, math-500, aime-2024, gpqa-diamond, text:PATH (.txt or .jsonl), "
-               "or a folder / .parquet file in MMMU's layout")
+SUITE_FORMS = ("builtin, r1v-mini, r1v-outliers, mmmu-sample, mathvista, math-500, aime-2024, gpqa-diamond, "
+               "text:PATH (.txt or .jsonl), or a folder / .parquet file in MMMU's layout")
 
 # (model label, questions done, questions in all) after each step of one model's work.
 ProgressFn = Callable[[str, int, int], None]

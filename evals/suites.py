@@ -34,6 +34,10 @@ def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[
         from r1v_quant.calib.skills import suite_samples
 
         return "r1v-mini", "qa", lambda n, seed: suite_samples(n or DEFAULT_LIMITS["r1v-mini"], seed=seed)
+    if spec == "r1v-outliers":
+        from r1v_quant.fixtures.chains import outlier_suite
+
+        return "r1v-outliers", "qa", lambda n, seed: outlier_suite(n or DEFAULT_LIMITS["r1v-outliers"], seed=seed)
     if spec == "mmmu-sample":
         return "mmmu-val", "qa", lambda n, seed: load_mmmu(data_path, n=n or 10**9, seed=seed)
     if spec in VENDOR_SUITES:
