@@ -173,16 +173,23 @@ def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
 # quantization_config
 
 
-def quantization_config(group_size: int, modules_to_not_convert: Iterable[str]) -> dict:
-    """What an export's config.json says about its quantised linears."""
-    return {
+def quantization_config(group_size: int, modules_to_not_convert: Iterable[str], lm_head: bool = False) -> dict:
+    """What an export's config.json says about its quantised linears.
+
+    `"lm_head": true` (written only when lm_head is quantised, as AutoAWQ never writes it) tells
+    vLLM's AWQ configs to build the output head from qweight/qzeros/scales too.
+    """
+    out: dict[str, Any] = {
         "quant_method": "awq",
         "bits": BITS,
         "group_size": group_size,
         "zero_point": True,
         "version": "gemm",
-        "modules_to_not_convert": list(modules_to_not_convert),
     }
+    if lm_head:
+        out["lm_head"] = True
+    out["modules_to_not_convert"] = list(modules_to_not_convert)
+    return out
 
 
 def quant_field(qc: dict, key: str, default: Any = None) -> Any:
