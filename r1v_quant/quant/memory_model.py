@@ -5,9 +5,10 @@ functions `quantize_layer` plans with), plus what they leave out: one sample's a
 and the clip search's fixed token sample. The front phase (vision encoder, projector and token
 embeddings building the first layer's inputs) runs before it. With `--quantize-lm-head` the lm_head
 phase runs after it (`head.head_plan`, what `quantize_head` plans with): at 38B lm_head's weight,
-152064 x 8192, outweighs a decoder layer's, so it can set the device peak and the smallest budget. The host holds the activations
-between layers (spilled to disk past a threshold), the work folder's write buffer, and, when the
-plan puts them there, the stored calibration tensors.
+152064 x 5120, outweighs a decoder layer's (1.6 times the parameters), so it can set the device
+peak and the smallest budget. The host holds the activations between layers (spilled to disk
+past a threshold), the work folder's write buffer, and, when the plan puts them there, the stored
+calibration tensors.
 """
 
 from __future__ import annotations
