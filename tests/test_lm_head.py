@@ -194,6 +194,17 @@ def test_tied_embeddings_are_refused_in_one_sentence(tiny_dir, head_export, tmp_
         load_model(export, device="cpu")
 
 
+def test_a_vocabulary_vllm_cannot_place_is_refused():
+    """R1V3's 151674 tokens are no multiple of 64 (vLLM pads lm_head to one) nor of 8 (4-bit packing)."""
+    from r1v_quant.errors import UserError
+    from r1v_quant.model.checkpoint import resolve_config
+    from r1v_quant.quant.head import check_head
+
+    check_head(resolve_config("r1v-38b")[0], 128)
+    with pytest.raises(UserError, match="multiple of 64.*vocab_size is 151674"):
+        check_head(resolve_config("r1v3-38b")[0], 128)
+
+
 def test_flag_off_leaves_the_recipe_record_as_before():
     plain = AWQSettings(grid=5)
     assert "lm_head" not in plain.to_json() and "lm_head" not in plain.display()

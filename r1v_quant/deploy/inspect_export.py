@@ -45,7 +45,15 @@ from r1v_quant.deploy.remote_code import check_remote_code
 from r1v_quant.deploy.tensor_files import TensorInfo, read_tensors
 from r1v_quant.deploy.units import ST_TO_TORCH, TORCH_TO_ST
 from r1v_quant.errors import UserError
-from r1v_quant.int4.format import AWQ_DTYPE_NAMES, AWQ_LEAVES, PACK, awq_shapes, group_width, quant_field
+from r1v_quant.int4.format import (
+    AWQ_DTYPE_NAMES,
+    AWQ_LEAVES,
+    PACK,
+    VLLM_VOCAB_PADDING,
+    awq_shapes,
+    group_width,
+    quant_field,
+)
 from r1v_quant.model.config import R1VConfig, parse_config
 from r1v_quant.model.layout import HEAD_MODULE, QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
 from r1v_quant.model.topology import FUSED_LINEARS
@@ -53,8 +61,6 @@ from r1v_quant.model.topology import FUSED_LINEARS
 # The stored tensors' safetensors codes.
 AWQ_DTYPES = {leaf: TORCH_TO_ST[name] for leaf, name in AWQ_DTYPE_NAMES.items()}
 _FUSED = {leaf: fused for fused, leaves in FUSED_LINEARS.items() for leaf in leaves}
-# vLLM pads its ParallelLMHead to this many rows (DEFAULT_VOCAB_PADDING_SIZE).
-VOCAB_PADDING = 64
 
 
 @dataclass
@@ -223,14 +229,14 @@ def _check_head(qc: dict[str, Any], modules: dict[str, dict[str, TensorInfo]], c
     if tied:
         problems.append("tie_word_embeddings is true: a tied lm_head is embed_tokens, which vLLM never quantises")
     vocab = int(cfg.llm["vocab_size"]) if cfg is not None else None
-    if vocab is not None and vocab % VOCAB_PADDING:
-        problems.append(f"vocab_size {vocab} is not a multiple of {VOCAB_PADDING}: vLLM pads lm_head to "
-                        f"{-(-vocab // VOCAB_PADDING) * VOCAB_PADDING} rows and its loader cannot place the "
+    if vocab is not None and vocab % VLLM_VOCAB_PADDING:
+        problems.append(f"vocab_size {vocab} is not a multiple of {VLLM_VOCAB_PADDING}: vLLM pads lm_head to "
+                        f"{-(-vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING} rows and its loader cannot place the "
                         "4-bit tensors in the padded head")
     if problems:
         return Check(name, "fail", "; ".join(problems) + ".")
     return Check(name, "pass", f'4-bit lm_head with "lm_head": true: vLLM\'s AWQ configs build ParallelLMHead from '
-                               f"its qweight/qzeros/scales ({vocab} rows, a multiple of {VOCAB_PADDING}).")
+                               f"its qweight/qzeros/scales ({vocab} rows, a multiple of {VLLM_VOCAB_PADDING}).")
 
 
 def _check_awq_tensors(modules: dict[str, dict[str, TensorInfo]], quantised: list[str], group: int | None,

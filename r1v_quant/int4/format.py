@@ -34,6 +34,9 @@ AWQ_DTYPE_NAMES = {leaf: str(dtype).removeprefix("torch.") for leaf, dtype in AW
 # quant_method values that name this format.
 AWQ_METHODS = ("awq", "awq_marlin", "auto_awq")
 DEFAULT_GROUP_SIZE = 128  # AutoAWQ's, when a config names none
+# vLLM pads its ParallelLMHead to a multiple of this many rows (DEFAULT_VOCAB_PADDING_SIZE) and copies a
+# 4-bit lm_head's tensors whole into it, so a quantised lm_head's vocabulary must be such a multiple.
+VLLM_VOCAB_PADDING = 64
 # The names each quantization_config field goes by (AutoAWQ's own quant_config uses the second ones).
 _ALIASES = {
     "quant_method": ("quant_method",),
