@@ -146,6 +146,10 @@ def test_inspect_accepts_it_and_rejects_broken_ones(head_export, tiny_export, tm
     report = inspect(head_export)
     assert report.ok, [c for c in report.checks if c.status == "fail"]
     assert report.check("lm_head").status == "pass"
+    # plan's byte counts for a 4-bit lm_head equal the export's tensor bytes, lm_head included.
+    assert report.check("sizes match the plan").status == "pass", report.check("sizes match the plan").message
+    (head,) = [c for c in report.components if c.name == "lm_head"]
+    assert head.bytes == head.planned_bytes > 0
 
     undeclared = tmp_path / "undeclared"
     shutil.copytree(head_export, undeclared)

@@ -453,7 +453,7 @@ def inspect(folder: str | Path) -> InspectReport:
     planned: dict[str, int] | None = None
     if cfg is not None and group_used is not None:
         try:
-            planned = bytes_by_component(export_tensor_specs(cfg, group_used))
+            planned = bytes_by_component(export_tensor_specs(cfg, group_used, lm_head=HEAD_MODULE in quantised))
         except UserError:
             planned = None
     names = [c for c in COMPONENTS if comp_bytes.get(c) or (planned or {}).get(c)] + sorted(
