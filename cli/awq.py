@@ -44,6 +44,7 @@ def command(
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the clipping search."),
     propagate: str = typer.Option("quantized", help="Inputs of layer i+1: outputs of the quantized or the float layer i."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Weigh image and text tokens equally in the searches."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantise lm_head to 4 bit (AWQ, its scales folded into the final norm; vLLM reads \"lm_head\": true). Not for tied embeddings."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration set."),
     text_share: float = typer.Option(DEFAULT_TEXT_SHARE, help="Least share of text tokens in the calibration set, 0 to 1: the last image-bearing samples make room for text-only ones (the set's text parts, else the built-in questions as text). 0 keeps the set as encoded."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
@@ -64,7 +65,8 @@ def command(
     from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
     from r1v_quant.quant.run import quantize_checkpoint
 
-    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance)
+    settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
+                           lm_head=quantize_lm_head)
     choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed,
                                text_share)
     console = Console()
@@ -84,7 +86,10 @@ def command(
 
         def on_layer(i, total, report):
             note = f"err {report.rel_err_awq:.4f} (RTN {report.rel_err_rtn:.4f})" if report is not None else "resumed"
-            step("AWQ layer", i + 1, total, note)
+            if i == total:
+                step("AWQ lm_head", 1, 1, note)
+            else:
+                step("AWQ layer", i + 1, total, note)
 
         result = quantize_checkpoint(model, out, settings, choice, force=force, device=device, work_dir=work_dir,
                                      resume=resume, offload_dir=offload_dir, keep_work=keep_work,
@@ -98,8 +103,8 @@ def command(
     table = Table(title="per-layer relative output error (lower is better)")
     for col in ("layer", "AWQ", "round-to-nearest", "AWQ / RTN", "seconds", "peak MB"):
         table.add_column(col, justify="right")
-    for r in result.layers:
-        table.add_row(str(r.index), f"{r.rel_err_awq:.4f}", f"{r.rel_err_rtn:.4f}",
+    for r in result.layers + ([result.head] if result.head else []):
+        table.add_row("lm_head" if r is result.head else str(r.index), f"{r.rel_err_awq:.4f}", f"{r.rel_err_rtn:.4f}",
                       f"{r.rel_err_awq / max(r.rel_err_rtn, 1e-12):.2f}", f"{r.seconds:.1f}", f"{r.peak_mem_mb:.0f}")
     console.print(table)
     for k, v in result.summary().items():
@@ -108,5 +113,8 @@ def command(
         console.print(f"{k}: [bold]{v}[/]")
     console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.0f} s")
     if json_out:
-        json_out.write_text(json.dumps({"out": str(result.out), "summary": result.summary(), "seconds": result.seconds,
-                                        "layers": [asdict(r) for r in result.layers]}, indent=2) + "\n")
+        data = {"out": str(result.out), "summary": result.summary(), "seconds": result.seconds,
+                "layers": [asdict(r) for r in result.layers]}
+        if result.head is not None:
+            data["lm_head"] = asdict(result.head)
+        json_out.write_text(json.dumps(data, indent=2) + "\n")

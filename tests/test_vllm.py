@@ -34,18 +34,35 @@ def _tail(text: str, n: int = 60) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """make-tiny + `r1v-quant awq --calib builtin` + our runtime's greedy tokens, once for the module."""
-    work = tmp_path_factory.mktemp("vllm")
-    proc = subprocess.run([sys.executable, str(CHECK), "prepare", "--workdir", str(work)],
+def _prepare(work: Path, *extra: str) -> Path:
+    proc = subprocess.run([sys.executable, str(CHECK), "prepare", "--workdir", str(work), *extra],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"prepare failed:\n{_tail(proc.stdout + proc.stderr)}"
     return work / "reference.json"
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """make-tiny + `r1v-quant awq --calib builtin` + our runtime's greedy tokens, once for the module."""
+    return _prepare(tmp_path_factory.mktemp("vllm"))
+
+
+@pytest.fixture(scope="module")
+def reference_lm_head(tmp_path_factory) -> Path:
+    """The same with `awq --quantize-lm-head`: lm_head in 4 bit, `"lm_head": true`."""
+    from vllm_check import DEFAULT_AWQ_ARGS
+
+    return _prepare(tmp_path_factory.mktemp("vllm-lm-head"), f"--awq-args={DEFAULT_AWQ_ARGS} --quantize-lm-head")
+
+
+@pytest.fixture(scope="module")
+def full_engine(reference) -> dict:
+    """vLLM as installed on this machine, with images allowed (its own 4-bit kernel where its library has one)."""
+    return _run_vllm(reference)
+
+
 def _run_vllm(reference: Path, *extra: str) -> dict:
-    out = reference.parent / ("vllm-avx2.json" if "--emulate-avx2" in extra else "vllm.json")
+    out = reference.parent / ("vllm" + "".join(f"-{e.removeprefix('--')}" for e in extra) + ".json")
     proc = subprocess.run([str(VLLM_PYTHON), str(CHECK), "vllm", "--reference", str(reference), "--json", str(out), *extra],
                           capture_output=True, text=True, timeout=1200)
     assert out.exists(), f"vLLM run failed (exit {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}"
@@ -66,10 +83,31 @@ def _run_vllm(reference: Path, *extra: str) -> dict:
     return summary
 
 
-def test_vllm_matches_runtime_greedy_tokens(reference):
+def test_vllm_matches_runtime_greedy_tokens(full_engine):
     """vLLM as installed on this machine (its own 4-bit kernel where its library has one)."""
-    summary = _run_vllm(reference)
+    assert {c["name"] for c in full_engine["cases"]} == {"text", "image"}
+    assert full_engine["engine"]["lm_head_method"] == "UnquantizedEmbeddingMethod"
+
+
+def test_vllm_runs_a_4bit_lm_head_and_matches_runtime(reference_lm_head):
+    """A `--quantize-lm-head` export: vLLM builds lm_head from its AWQ tensors and agrees with our runtime."""
+    summary = _run_vllm(reference_lm_head)
     assert {c["name"] for c in summary["cases"]} == {"text", "image"}
+    engine = summary["engine"]
+    assert engine["lm_head_method"] == "AutoAWQMarlinLinearMethod", engine
+    assert "weight" not in engine["lm_head_params"], engine
+
+
+def test_text_only_engine_builds_no_vision_tower(reference, full_engine):
+    """limit_mm_per_prompt={"image": 0}: no vision weights are loaded, and the text replies are the full engine's."""
+    text_only = _run_vllm(reference, "--text-only")
+    assert full_engine["engine"]["vision_params"] > 0 and full_engine["engine"]["vision_model"] != "StageMissingLayer"
+    engine = text_only["engine"]
+    assert engine["vision_params"] == 0 and engine["vision_bytes"] == 0, engine
+    assert engine["vision_model"] == engine["mlp1"] == "StageMissingLayer", engine
+    (case,) = text_only["cases"]
+    (full,) = [c for c in full_engine["cases"] if c["name"] == "text"]
+    assert case["name"] == "text" and case["vllm_output_ids"] == full["vllm_output_ids"]
 
 
 def test_vllm_avx2_build_with_reference_op(reference):

@@ -19,7 +19,10 @@ Steps of the default `all`:
    near-tie with it (<= TIE_TOL nats), with vLLM's log-probability of it within LOGPROB_TOL
    of ours; and `LLM.chat` (vLLM's own chat templating and image placement, what `vllm
    serve` runs) builds the same prompt ids. `--strict` also demands identical free-running
-   replies. Exit status 0 only when every case passes. (Measured: identical replies and log-probabilities within 0.035 nats
+   replies. Exit status 0 only when every case passes. The summary also records what the engine
+   built (`engine_facts`): the vision tower's parameters and lm_head's quantisation method.
+   `--text-only` starts the engine with `limit_mm_per_prompt={"image": 0}` (vLLM then builds no
+   vision tower) and runs the text cases only. (Measured: identical replies and log-probabilities within 0.035 nats
    with vLLM's own kernels; one 0.0625-nat bf16 tie with its AVX2 kernels; an export with one
    layer's nibbles in the wrong order misses by 3.7 nats, a mirrored image by 1.4 nats.)
 
@@ -283,18 +286,36 @@ def _teacher_forced(llm, case: dict) -> dict:
             "steps_not_vllm_top": not_top, "deficit": deficit, "logprob_diff": diff}
 
 
-def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, strict: bool = False) -> dict:
+def engine_facts(model) -> dict:
+    """What the engine built, read off the loaded model inside the worker: the vision tower's
+    parameters (none when vLLM skipped building it) and the quantisation method of lm_head."""
+    tower = [(n, p) for n, p in model.named_parameters() if n.startswith(("vision_model.", "mlp1."))]
+    head = model.get_language_model().lm_head
+    return {"vision_params": len(tower), "vision_bytes": sum(p.numel() * p.element_size() for _, p in tower),
+            "vision_model": type(model.vision_model).__name__, "mlp1": type(model.mlp1).__name__,
+            "lm_head_method": type(getattr(head, "quant_method", None)).__name__,
+            "lm_head_params": sorted(n for n, _ in head.named_parameters())}
+
+
+def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, strict: bool = False,
+             text_only: bool = False) -> dict:
     setup = setup_vllm_process(emulate_avx2)
     _log(f"set-up: {setup}")
     import vllm
     from vllm import LLM
 
     t0 = time.perf_counter()
+    # Text only: no image per prompt, so vLLM does not build the vision tower at all.
     llm = LLM(model=str(model), trust_remote_code=True, dtype="bfloat16", distributed_executor_backend="uni",
-              enforce_eager=True, max_model_len=max_model_len, seed=0, limit_mm_per_prompt={"image": 1})
+              enforce_eager=True, max_model_len=max_model_len, seed=0,
+              limit_mm_per_prompt={"image": 0 if text_only else 1})
     load_s = time.perf_counter() - t0
+    facts = llm.apply_model(engine_facts)[0]
+    _log(f"engine: {facts}")
     results = []
     for case in ref["cases"]:
+        if text_only and case["images"]:
+            continue
         t1 = time.perf_counter()
         out = _generate(llm, case, ref["max_new_tokens"])
         gen_s = time.perf_counter() - t1
@@ -336,6 +357,8 @@ def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, str
         "vllm_version": vllm.__version__,
         "setup": setup,
         "criteria": {"strict": strict, "tie_tol_nats": TIE_TOL, "logprob_tol_nats": LOGPROB_TOL},
+        "text_only": text_only,
+        "engine": facts,
         "engine_load_s": round(load_s, 2),
         "cases": results,
         "ok": all(r["ok"] for r in results),
@@ -435,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--awq-args", default=DEFAULT_AWQ_ARGS, help=f"Extra `r1v-quant awq` options (default: {DEFAULT_AWQ_ARGS!r}).")
     p.add_argument("--emulate-avx2", action="store_true",
                    help="Make vLLM load its AVX2 library (no cpu_gemm_wna16) so the reference op is used.")
+    p.add_argument("--text-only", action="store_true",
+                   help='Start the engine with limit_mm_per_prompt={"image": 0} and run the text cases only.')
     p.add_argument("--strict", action="store_true",
                    help="Require identical greedy replies (default: identical, or equal up to bf16 near-ties; see TIE_TOL).")
     p.add_argument("--json", type=Path, help="Write the summary here.")
@@ -463,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.reference is None:
         p.error("the vllm step needs --reference (from the prepare step)")
     ref = json.loads(a.reference.read_text())
-    summary = run_vllm(a.model or Path(ref["export"]), ref, a.emulate_avx2, a.max_model_len, a.strict)
+    summary = run_vllm(a.model or Path(ref["export"]), ref, a.emulate_avx2, a.max_model_len, a.strict, a.text_only)
     summary["reference_timings"] = ref.get("timings", {})
     text = json.dumps(summary, indent=2)
     print(text)

@@ -13,6 +13,11 @@ The vLLM contract checked here (see design/AWQ-AND-VLLM.md):
   * every quantised linear has qweight/qzeros/scales (int32/int32/float16) of consistent shapes for
     its (in, out, group), and no leftover `.weight`; q/k/v and gate/up agree, as vLLM fuses them.
   * the group size is one Marlin takes (-1/32/64/128), else a warning.
+  * a 4-bit lm_head (`awq --quantize-lm-head`) goes with `"lm_head": true`, and only with it: vLLM's AWQ
+    config then builds ParallelLMHead from language_model.lm_head.{qweight,qzeros,scales}; without the
+    flag it builds a bf16 head and looks for lm_head.weight. Its weight loader copies the AWQ tensors
+    whole into the head padded to 64 rows, so the vocabulary must be a multiple of 64, and the head
+    must not be tied to embed_tokens.
   * the remote-code files that `auto_map` names exist (and the modules they import relatively).
   * the safetensors index agrees with the shards: every shard exists, every listed tensor is where
     the index says, every stored tensor is listed.
@@ -21,7 +26,6 @@ The vLLM contract checked here (see design/AWQ-AND-VLLM.md):
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,18 +41,26 @@ from r1v_quant.deploy.plan import (
     export_tensor_specs,
     model_dtype,
 )
+from r1v_quant.deploy.remote_code import check_remote_code
 from r1v_quant.deploy.tensor_files import TensorInfo, read_tensors
 from r1v_quant.deploy.units import ST_TO_TORCH, TORCH_TO_ST
 from r1v_quant.errors import UserError
-from r1v_quant.int4.format import AWQ_DTYPE_NAMES, AWQ_LEAVES, PACK, awq_shapes, group_width, quant_field
+from r1v_quant.int4.format import (
+    AWQ_DTYPE_NAMES,
+    AWQ_LEAVES,
+    PACK,
+    VLLM_VOCAB_PADDING,
+    awq_shapes,
+    group_width,
+    quant_field,
+)
 from r1v_quant.model.config import R1VConfig, parse_config
-from r1v_quant.model.layout import QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
+from r1v_quant.model.layout import HEAD_MODULE, QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
 from r1v_quant.model.topology import FUSED_LINEARS
 
 # The stored tensors' safetensors codes.
 AWQ_DTYPES = {leaf: TORCH_TO_ST[name] for leaf, name in AWQ_DTYPE_NAMES.items()}
 _FUSED = {leaf: fused for fused, leaves in FUSED_LINEARS.items() for leaf in leaves}
-_REL_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_][\w.]*)?\s+import\s+([\w ,()]+)", re.MULTILINE)
 
 
 @dataclass
@@ -178,20 +190,53 @@ def _check_not_convert(qc: dict[str, Any], unquantised: list[str], quantised: li
                                f"{len(quantised)} quantised ones.")
 
 
-def _check_quantised_where(quantised: list[str]) -> Check:
+def _check_quantised_where(quantised: list[str], head_declared: bool) -> Check:
     name = "vision encoder and projector unquantised"
-    wrong = [m for m in quantised if not is_quant_linear(m)]
+    wrong = [m for m in quantised if not is_quant_linear(m) and not (head_declared and m == HEAD_MODULE)]
     if not wrong:
-        return Check(name, "pass", "only language-model decoder linears carry 4-bit tensors.")
+        what = "and lm_head " if HEAD_MODULE in quantised else ""
+        return Check(name, "pass", f"only language-model decoder linears {what}carry 4-bit tensors.")
     by_area: dict[str, list[str]] = defaultdict(list)
     for m in wrong:
         by_area[_area(m)].append(m)
     parts = []
     for area, mods in sorted(by_area.items()):
         what = {"vision_model": "the vision encoder's linears were quantised", "mlp1": "the projector mlp1 was quantised",
-                "lm_head": "lm_head was quantised"}.get(area, f"modules under {area} were quantised")
+                "lm_head": "lm_head was quantised without \"lm_head\": true in quantization_config"
+                }.get(area, f"modules under {area} were quantised")
         parts.append(f"{what} ({len(mods)} modules with qweight, e.g. {listing(mods)})")
-    return Check(name, "fail", "; ".join(parts) + "; r1v-quant keeps everything but the decoder linears in bf16.")
+    return Check(name, "fail", "; ".join(parts) + "; r1v-quant keeps everything but the decoder linears (and, with "
+                               "--quantize-lm-head, lm_head) in bf16.")
+
+
+def _check_head(qc: dict[str, Any], modules: dict[str, dict[str, TensorInfo]], cfg: R1VConfig | None) -> Check | None:
+    """A 4-bit lm_head against vLLM's ParallelLMHead contract; None when neither the tensors nor the config quantise it."""
+    name = "lm_head"
+    declared = quant_field(qc, "lm_head", False)
+    leaves = modules.get(HEAD_MODULE, {})
+    packed = any(leaf in leaves for leaf in AWQ_LEAVES)
+    if declared is not True and not packed:
+        return None
+    problems = []
+    if declared is not True:
+        problems.append(f"lm_head carries 4-bit tensors but quantization_config has lm_head {declared!r}, not true, "
+                        "so vLLM would build a bf16 lm_head and find no language_model.lm_head.weight")
+    elif not packed:
+        problems.append('quantization_config says "lm_head": true but lm_head has no qweight/qzeros/scales'
+                        + (" (it has a bf16 weight)" if "weight" in leaves else "")
+                        + ", so vLLM would find none of the 4-bit tensors it builds lm_head from")
+    tied = cfg is not None and bool(cfg.llm.get("tie_word_embeddings", False))
+    if tied:
+        problems.append("tie_word_embeddings is true: a tied lm_head is embed_tokens, which vLLM never quantises")
+    vocab = int(cfg.llm["vocab_size"]) if cfg is not None else None
+    if vocab is not None and vocab % VLLM_VOCAB_PADDING:
+        problems.append(f"vocab_size {vocab} is not a multiple of {VLLM_VOCAB_PADDING}: vLLM pads lm_head to "
+                        f"{-(-vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING} rows and its loader cannot place the "
+                        "4-bit tensors in the padded head")
+    if problems:
+        return Check(name, "fail", "; ".join(problems) + ".")
+    return Check(name, "pass", f'4-bit lm_head with "lm_head": true: vLLM\'s AWQ configs build ParallelLMHead from '
+                               f"its qweight/qzeros/scales ({vocab} rows, a multiple of {VLLM_VOCAB_PADDING}).")
 
 
 def _check_awq_tensors(modules: dict[str, dict[str, TensorInfo]], quantised: list[str], group: int | None,
@@ -290,50 +335,6 @@ def _check_marlin(group: int | None, modules: dict[str, dict[str, TensorInfo]], 
     return Check(name, "pass", f"group size {group} and every linear's widths suit vLLM's Marlin kernels.")
 
 
-def _check_remote_code(folder: Path, raw: dict[str, Any]) -> Check:
-    name = "remote code (auto_map)"
-    auto_map = raw.get("auto_map")
-    if not auto_map:
-        return Check(name, "fail", "config.json has no auto_map; vLLM loads this model type with --trust-remote-code "
-                                   "from the Python files auto_map names, so copy the source checkpoint's.")
-    refs: list[str] = []
-    for value in (auto_map.values() if isinstance(auto_map, dict) else []):
-        refs.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str))
-    if not refs:
-        return Check(name, "fail", "auto_map is not a mapping of class references.")
-    missing, elsewhere, files = [], [], []
-    for ref in refs:
-        repo, _, local = ref.rpartition("--")
-        module = local.rsplit(".", 1)[0]
-        file = module.replace(".", "/") + ".py"
-        if file not in files:
-            files.append(file)
-        if not (folder / file).is_file():
-            (elsewhere if repo else missing).append(f"{file}" + (f" (from {repo})" if repo else ""))
-    seen, queue = set(), [f for f in files if (folder / f).is_file()]
-    while queue:
-        f = queue.pop()
-        if f in seen:
-            continue
-        seen.add(f)
-        text = (folder / f).read_text(errors="replace")
-        for mod, names in _REL_IMPORT.findall(text):
-            candidates = [mod.replace(".", "/") + ".py"] if mod else [n.strip() + ".py" for n in names.strip("() ").split(",")]
-            for c in candidates:
-                if (folder / c).is_file():
-                    queue.append(c)
-                elif mod:
-                    missing.append(f"{c} (imported by {f})")
-    problems = []
-    if missing:
-        problems.append(f"missing {listing(sorted(set(missing)))}")
-    if elsewhere:
-        problems.append(f"auto_map points at another repository's code, absent here: {listing(sorted(set(elsewhere)))}")
-    if problems:
-        return Check(name, "fail", "remote-code files for --trust-remote-code: " + "; ".join(problems) + ".")
-    return Check(name, "pass", f"{', '.join(sorted(seen))} present.")
-
-
 def _check_layout(cfg: R1VConfig, tensors: dict[str, TensorInfo], quantised: set[str], group: int | None) -> Check:
     """Every tensor the config implies is present with its shape; the unquantised ones in the model dtype."""
     name = "tensors match the config"
@@ -423,13 +424,16 @@ def inspect(folder: str | Path) -> InspectReport:
     checks.append(qc_check)
     if qc is not None:
         checks.append(_check_not_convert(qc, unquantised_linears, quantised))
-    checks.append(_check_quantised_where(quantised))
+    checks.append(_check_quantised_where(quantised, quant_field(qc or {}, "lm_head", False) is True))
+    head_check = _check_head(qc or {}, modules, cfg)
+    if head_check is not None:
+        checks.append(head_check)
     awq_check, inferred_group = _check_awq_tensors(modules, quantised, group, cfg)
     checks.append(awq_check)
     group_used = group if group is not None else inferred_group
     if quantised:
         checks.append(_check_marlin(group_used, modules, quantised))
-    checks.append(_check_remote_code(folder, raw))
+    checks.append(check_remote_code(folder, raw))
     checks.append(index_check)
     if cfg is not None and tensors:
         checks.append(_check_layout(cfg, tensors, set(quantised), group_used))
@@ -449,7 +453,7 @@ def inspect(folder: str | Path) -> InspectReport:
     planned: dict[str, int] | None = None
     if cfg is not None and group_used is not None:
         try:
-            planned = bytes_by_component(export_tensor_specs(cfg, group_used))
+            planned = bytes_by_component(export_tensor_specs(cfg, group_used, lm_head=HEAD_MODULE in quantised))
         except UserError:
             planned = None
     names = [c for c in COMPONENTS if comp_bytes.get(c) or (planned or {}).get(c)] + sorted(

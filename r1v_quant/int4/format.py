@@ -34,6 +34,9 @@ AWQ_DTYPE_NAMES = {leaf: str(dtype).removeprefix("torch.") for leaf, dtype in AW
 # quant_method values that name this format.
 AWQ_METHODS = ("awq", "awq_marlin", "auto_awq")
 DEFAULT_GROUP_SIZE = 128  # AutoAWQ's, when a config names none
+# vLLM pads its ParallelLMHead to a multiple of this many rows (DEFAULT_VOCAB_PADDING_SIZE) and copies a
+# 4-bit lm_head's tensors whole into it, so a quantised lm_head's vocabulary must be such a multiple.
+VLLM_VOCAB_PADDING = 64
 # The names each quantization_config field goes by (AutoAWQ's own quant_config uses the second ones).
 _ALIASES = {
     "quant_method": ("quant_method",),
@@ -173,16 +176,23 @@ def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
 # quantization_config
 
 
-def quantization_config(group_size: int, modules_to_not_convert: Iterable[str]) -> dict:
-    """What an export's config.json says about its quantised linears."""
-    return {
+def quantization_config(group_size: int, modules_to_not_convert: Iterable[str], lm_head: bool = False) -> dict:
+    """What an export's config.json says about its quantised linears.
+
+    `"lm_head": true` (written only when lm_head is quantised, as AutoAWQ never writes it) tells
+    vLLM's AWQ configs to build the output head from qweight/qzeros/scales too.
+    """
+    out: dict[str, Any] = {
         "quant_method": "awq",
         "bits": BITS,
         "group_size": group_size,
         "zero_point": True,
         "version": "gemm",
-        "modules_to_not_convert": list(modules_to_not_convert),
     }
+    if lm_head:
+        out["lm_head"] = True
+    out["modules_to_not_convert"] = list(modules_to_not_convert)
+    return out
 
 
 def quant_field(qc: dict, key: str, default: Any = None) -> Any:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import re
 
 from r1v_quant.model.config import R1VConfig
-from r1v_quant.model.topology import BIASED_LINEARS, QUANT_LINEARS
+from r1v_quant.model.topology import BIASED_LINEARS, FINAL_GROUP, LANGUAGE_MODEL, QUANT_LINEARS
 
 # The Qwen2 linears that AWQ quantises; everything else stays in the source dtype.
 QUANT_LINEAR_SUFFIXES = QUANT_LINEARS
 _QUANT_LINEAR_RE = re.compile(
     r"^language_model\.model\.layers\.(\d+)\.(" + "|".join(re.escape(s) for s in QUANT_LINEAR_SUFFIXES) + r")$"
 )
+# The output head and the norm before it, as the checkpoint names them (the optional lm_head search).
+HEAD_MODULE = LANGUAGE_MODEL + FINAL_GROUP.linears[0]
+FINAL_NORM = LANGUAGE_MODEL + FINAL_GROUP.prev
 # Entries vLLM matches by substring to keep modules unquantised; both are needed (see AWQ-AND-VLLM.md).
 MODULES_TO_NOT_CONVERT = ["vision_model", "mlp1"]
 
@@ -99,9 +102,9 @@ def llm_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
                 out[name + ".bias"] = (shape[0],)
         out[p + "input_layernorm.weight"] = (d,)
         out[p + "post_attention_layernorm.weight"] = (d,)
-    out["language_model.model.norm.weight"] = (d,)
+    out[FINAL_NORM + ".weight"] = (d,)
     if not llm.get("tie_word_embeddings", False):
-        out["language_model.lm_head.weight"] = (vocab, d)
+        out[HEAD_MODULE + ".weight"] = (vocab, d)
     return out
 
 

@@ -14,7 +14,7 @@ from r1v_quant.int4.format import read_quantization_config
 from r1v_quant.int4.linear import swap_to_empty_awq
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import R1VConfig, load_config
-from r1v_quant.model.layout import check_checkpoint_shapes, llm_linear_shapes
+from r1v_quant.model.layout import HEAD_MODULE, check_checkpoint_shapes, llm_linear_shapes
 from r1v_quant.model.projector import make_projector, tokens_from_patches
 from r1v_quant.model.prompt import IMG_CONTEXT, merge_image_embeddings
 from r1v_quant.model.vision import VisionModel
@@ -92,10 +92,16 @@ def build_empty(cfg: R1VConfig) -> R1VModel:
 
 
 def swap_quantized(model: R1VModel, cfg: R1VConfig) -> None:
-    """Give an export's quantised linears their AWQ form before its tensors are assigned."""
+    """Give an export's quantised linears their AWQ form before its tensors are assigned
+    (lm_head too when quantization_config says `"lm_head": true`)."""
     qc = read_quantization_config(cfg.quantization)
     qc.check_loadable("config.json")
     names = [n for i in range(cfg.num_layers) for n in llm_linear_shapes(cfg, i)]
+    if qc.lm_head:
+        if cfg.llm.get("tie_word_embeddings", False):
+            raise UserError("config.json says lm_head is quantised but also ties it to embed_tokens "
+                            "(tie_word_embeddings), which a 4-bit lm_head cannot be.")
+        names.append(HEAD_MODULE)
     swap_to_empty_awq(model, names, qc.group_size)
 
 

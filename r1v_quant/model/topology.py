@@ -2,7 +2,9 @@
 
 Each `ScaleGroup` is one scale search: linears that read the same input, the operation before
 them that absorbs the inverse scales, and the block whose output the search protects. Module
-paths are relative to a `Qwen2DecoderLayer`; the pipeline, the checkpoint layout and the export
+paths of `QWEN2_GROUPS` are relative to a `Qwen2DecoderLayer`; those of `FINAL_GROUP` (the
+optional search after the last decoder layer) to the language model, `Qwen2ForCausalLM`, whose
+checkpoint names sit under `LANGUAGE_MODEL`. The pipeline, the checkpoint layout and the export
 inspector all read their linear names from here. Plain data with no imports, so that the model
 layer can read it without depending on the quantisation code.
 """
@@ -45,4 +47,9 @@ FUSED_LINEARS: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v
 # The linears that carry a bias in Qwen2.
 BIASED_LINEARS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 NORMS: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+
+# lm_head reads the final norm's output; the norm absorbs its scales. The protected block is lm_head
+# itself (the logits), so its objective needs no stored float target (see quant/head.py).
+FINAL_GROUP = ScaleGroup("lm_head", "model.norm", ("lm_head",), "lm_head", False, ("lm_head",))
+LANGUAGE_MODEL = "language_model."
 

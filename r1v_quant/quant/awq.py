@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from r1v_quant.quant.primitives import fake_quantize
@@ -122,12 +123,8 @@ def search_scales_chunked(
             x_mean = accumulate_mean_abs(chunks)
         targets = [keep(block(x).float()) for x, _, block in chunks()]
         total = sum(t.shape[0] for t in targets)
-        w_mean = weight_magnitude(originals, group_size)
-        best: ScaleResult | None = None
-        losses: list[float] = []
-        for step in range(grid):
-            alpha = step / grid
-            s = candidate_scales(x_mean, w_mean, alpha, duo).to(originals[0].dtype)
+
+        def loss_of(s: torch.Tensor) -> float:
             for lin, w in zip(linears, originals):
                 lin.weight.data = fake_quantize(w * s, group_size).to(w.dtype) / s
             loss = 0.0
@@ -135,14 +132,84 @@ def search_scales_chunked(
                 out = block(x)
                 target = target.to(out.device)
                 loss += weighted_mse(out, target, w_tok) * (1.0 if w_tok is not None else out.shape[0] / total)
-            losses.append(loss)
-            if best is None or loss < best.loss:
-                best = ScaleResult(s.clone(), alpha, loss, 0.0)
+            return loss
+
+        best = grid_search(x_mean, weight_magnitude(originals, group_size), grid, duo, originals[0].dtype, loss_of)
         for lin, w in zip(linears, originals):
             lin.weight.data = w
+    return best
+
+
+def grid_search(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int, duo: bool, dtype: torch.dtype,
+                loss_of: Callable[[torch.Tensor], float]) -> ScaleResult:
+    """The alpha in {0, 1/grid, ...} whose candidate scales give the lowest `loss_of(scales)`."""
+    best: ScaleResult | None = None
+    losses: list[float] = []
+    for step in range(grid):
+        alpha = step / grid
+        s = candidate_scales(x_mean, w_mean, alpha, duo).to(dtype)
+        loss = loss_of(s)
+        losses.append(loss)
+        if best is None or loss < best.loss:
+            best = ScaleResult(s.clone(), alpha, loss, 0.0)
     assert best is not None
     best.loss_at_zero = losses[0]
     return best
+
+
+# Output rows of a large linear handled at a time where a whole-weight temporary would be too large.
+ROW_BLOCK = 4096
+
+
+def weight_delta(weight: torch.Tensor, fn: Callable[[torch.Tensor, int], torch.Tensor], out: torch.Tensor,
+                 rows: int = ROW_BLOCK) -> torch.Tensor:
+    """out = fn(weight) - weight, output-row block by block, so no second whole-weight temporary exists.
+
+    `fn(block, first_row)` must act on each output row alone (group-wise quantisation and clipping do).
+    """
+    for a in range(0, weight.shape[0], rows):
+        block = weight[a:a + rows]
+        out[a:a + rows] = fn(block, a).to(out.dtype) - block
+    return out
+
+
+def search_linear_scales(
+    weight: torch.Tensor,
+    chunks: Chunks,
+    group_size: int,
+    grid: int = 20,
+    duo: bool = True,
+    x_mean: torch.Tensor | None = None,
+) -> ScaleResult:
+    """`search_scales_chunked` for a group whose protected block is its one linear, without bias (lm_head).
+
+    The block's error is then x (W' - W)^T, computed from the weight difference: no float target
+    is kept, so memory holds one chunk of outputs (tokens x vocab for lm_head), never all of them.
+    The chunks' blocks are not used. `weight` is left as it was.
+    """
+    with torch.no_grad():
+        if x_mean is None:
+            x_mean = accumulate_mean_abs(chunks)
+        total = sum(x.shape[0] for x, _, _ in chunks())
+        rows = [weight[a:a + ROW_BLOCK] for a in range(0, weight.shape[0], ROW_BLOCK)]
+        w_mean = sum(weight_magnitude([r], group_size) * r.shape[0] for r in rows) / weight.shape[0]
+        delta = torch.empty_like(weight)
+
+        def loss_of(s: torch.Tensor) -> float:
+            weight_delta(weight, lambda w, _: fake_quantize(w * s, group_size).to(w.dtype) / s, delta)
+            return output_error(chunks, delta, total)
+
+        best = grid_search(x_mean, w_mean, grid, duo, weight.dtype, loss_of)
+    return best
+
+
+def output_error(chunks: Chunks, delta: torch.Tensor, total: int) -> float:
+    """The weighted mean square of x delta^T over the chunks' tokens (uniform weights when a chunk has none)."""
+    loss = 0.0
+    for x, w_tok, _ in chunks():
+        per_token = F.linear(x, delta).float().pow_(2).mean(-1)
+        loss += (per_token * w_tok.to(per_token)).sum().item() if w_tok is not None else per_token.sum().item() / total
+    return loss
 
 
 def accumulate_mean_abs(chunks: Chunks) -> torch.Tensor:

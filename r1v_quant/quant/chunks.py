@@ -8,6 +8,7 @@ pure function, `plan_chunks`, so that a memory model can ask it the same questio
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,28 @@ def plan_chunks(tokens: int, hidden: int, intermediate: int, layer_weight_bytes:
     return ChunkPlan(int(chunk), on_device, keep_down)
 
 
+def plan_head_chunks(tokens: int, hidden: int, vocab: int, head_weight_bytes: int, budget_bytes: int,
+                     act_bytes: int = 4) -> ChunkPlan:
+    """Chunk size and placement for lm_head's AWQ pass (quant/head.py) within `budget_bytes`.
+
+    Resident on the device: lm_head's weight twice (itself, and the difference a candidate's
+    quantisation makes to it, from which the objective is computed); one chunk of C tokens'
+    logit errors (`head_chunk_token_bytes`); and the final norm's outputs, tokens x hidden, when
+    they fit, else in host memory and streamed. As for a layer, a quarter of what the weights
+    leave goes to the chunk.
+    """
+    free = max(budget_bytes - 2 * head_weight_bytes, 0)
+    per_token = head_chunk_token_bytes(hidden, vocab, act_bytes)
+    chunk = max(MIN_CHUNK, min(tokens, (free // 4) // max(per_token, 1)))
+    return ChunkPlan(int(chunk), tokens * hidden * act_bytes <= free - chunk * per_token, False)
+
+
+def head_chunk_token_bytes(hidden: int, vocab: int, act_bytes: int) -> int:
+    """Bytes one chunk token holds alive in lm_head's objective: its logit error in the activation
+    dtype and in float32 (squared in place), plus hidden-width temporaries."""
+    return vocab * (act_bytes + 4) + CHUNK_HIDDEN * hidden * act_bytes
+
+
 def chunk_token_bytes(hidden: int, intermediate: int, act_bytes: int) -> int:
     """Bytes one chunk token holds alive inside an MLP forward of the scale search."""
     return (CHUNK_INTERMEDIATE * intermediate + CHUNK_HIDDEN * hidden) * act_bytes
@@ -95,6 +118,13 @@ def default_budget(device: torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         return headroom_budget(free)
     return max(available_host_bytes() - CPU_HEADROOM, 1024**3)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak memory of this process so far: allocated on a GPU, resident on the host."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def available_host_bytes() -> int:

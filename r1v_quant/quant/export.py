@@ -9,13 +9,14 @@ import shutil
 import stat
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from r1v_quant.errors import UserError
 from r1v_quant.int4.format import AWQ_LEAVES, quantization_config
 from r1v_quant.model.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, ShardWriter, is_inside
 from r1v_quant.model.config import R1VConfig
-from r1v_quant.model.layout import MODULES_TO_NOT_CONVERT, is_quant_linear
+from r1v_quant.model.layout import HEAD_MODULE, MODULES_TO_NOT_CONVERT, is_quant_linear
 
 _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
 # Weights, indexes and formats we rewrite or that must not travel with an export.
@@ -23,25 +24,34 @@ _SKIP_SIDE = {"config.json", INDEX_NAME, SINGLE_NAME, "README.md", ".gitattribut
 _SKIP_SUFFIX = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
-def export_config(cfg: R1VConfig, group_size: int) -> dict:
+def export_config(cfg: R1VConfig, group_size: int, lm_head: bool = False) -> dict:
     raw = json.loads(json.dumps(cfg.raw))
-    raw["quantization_config"] = quantization_config(group_size, MODULES_TO_NOT_CONVERT)
+    raw["quantization_config"] = quantization_config(group_size, MODULES_TO_NOT_CONVERT, lm_head)
     # A quant config left inside llm_config makes some readers quantise with the wrong settings.
     raw.get("llm_config", {}).pop("quantization_config", None)
     return raw
 
 
-def write_tensors(ckpt: Checkpoint, layer_file, out_dir: Path, max_shard_bytes: int) -> dict[str, str]:
+def write_tensors(ckpt: Checkpoint, layer_file, out_dir: Path, max_shard_bytes: int,
+                  head: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     """Every source tensor in source order; decoder-layer tensors come from the per-layer results.
 
-    `layer_file(i)` gives the path of layer i's results (names relative to the layer).
+    `layer_file(i)` gives the path of layer i's results (names relative to the layer). `head`, by
+    checkpoint name, replaces lm_head's weight with its AWQ tensors and the final norm's weight
+    with the one that carries lm_head's scales.
     """
     writer = ShardWriter(out_dir, max_shard_bytes)
     cached: tuple[int, dict] | None = None
     for name in ckpt.names():
         m = _LAYER.match(name)
-        if not m:
+        if head is not None and name == HEAD_MODULE + ".weight":
+            for suffix in AWQ_LEAVES:
+                writer.add(f"{HEAD_MODULE}.{suffix}", head[f"{HEAD_MODULE}.{suffix}"])
+        elif head is not None and name in head:
+            writer.add(name, head[name])
+        elif not m:
             writer.add(name, ckpt.get(name))  # vision, mlp1, embeddings, final norm, lm_head: untouched
+        if not m:
             continue
         index, rest = int(m.group(1)), m.group(2)
         if cached is None or cached[0] != index:
@@ -108,7 +118,19 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict) -> str:
+def _quantised_part(cfg: R1VConfig, group_size, lm_head: bool) -> str:
+    dtype = cfg.raw.get('torch_dtype', 'bfloat16')
+    if not lm_head:
+        return f"""The Qwen2 language model's linears are 4-bit AWQ (AutoAWQ GEMM layout,
+zero point, group size {group_size}); the vision encoder, `mlp1`, embeddings, `lm_head`
+and norms are kept in {dtype}, byte for byte from the source."""
+    return f"""The Qwen2 language model's linears and `lm_head` are 4-bit AWQ (AutoAWQ GEMM
+layout, zero point, group size {group_size}; `"lm_head": true` in `quantization_config`); the
+vision encoder, `mlp1`, embeddings and norms are kept in {dtype}, byte for byte from the source
+except the final norm, which carries `lm_head`'s AWQ scales."""
+
+
+def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict, lm_head: bool = False) -> str:
     shown, hub_id = card_source(str(source))
     recipe = {**recipe, "source": shown}
     if recipe.get("mix") is None:
@@ -121,9 +143,7 @@ def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict) -> str:
 ---
 # {Path(str(source)).name} — AWQ 4-bit (language model), vision in bf16
 
-Made with `r1v-quant awq`. The Qwen2 language model's linears are 4-bit AWQ (AutoAWQ GEMM layout,
-zero point, group size {recipe.get('group size')}); the vision encoder, `mlp1`, embeddings, `lm_head`
-and norms are kept in {cfg.raw.get('torch_dtype', 'bfloat16')}, byte for byte from the source.
+Made with `r1v-quant awq`. {_quantised_part(cfg, recipe.get('group size'), lm_head)}
 
 ## Recipe
 | setting | value |

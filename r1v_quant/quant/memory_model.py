@@ -3,9 +3,12 @@
 The layer phase is what `chunks.plan_chunks` decides and `chunks.device_bytes` counts (the same
 functions `quantize_layer` plans with), plus what they leave out: one sample's attention forward
 and the clip search's fixed token sample. The front phase (vision encoder, projector and token
-embeddings building the first layer's inputs) runs before it. The host holds the activations
-between layers (spilled to disk past a threshold), the work folder's write buffer, and, when the
-plan puts them there, the stored calibration tensors.
+embeddings building the first layer's inputs) runs before it. With `--quantize-lm-head` the lm_head
+phase runs after it (`head.head_plan`, what `quantize_head` plans with): at 38B lm_head's weight,
+152064 x 5120, outweighs a decoder layer's (1.6 times the parameters), so it can set the device
+peak and the smallest budget. The host holds the activations between layers (spilled to disk
+past a threshold), the work folder's write buffer, and, when the plan puts them there, the stored
+calibration tensors.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ class Prediction:
     host_peak: int
     disk: int
     spilled: int                      # activation bytes written to the offload folder
-    min_budget: int                   # the smallest budget one layer fits in
+    min_budget: int                   # the smallest budget one layer (and lm_head, when quantised) fits in
     device_parts: dict[str, int] = field(default_factory=dict)
     host_parts: dict[str, int] = field(default_factory=dict)
+    min_budget_phase: str = "layer"   # which phase sets min_budget: "layer" or "lm_head"
 
     @property
     def stored_activations(self) -> int:
@@ -104,14 +108,30 @@ def front_bytes(cfg: R1VConfig, act_bytes: int) -> dict[str, int]:
     return {"front weights": weights, "image activations": vision.vision_activations}
 
 
+def head_bytes(cfg: R1VConfig, tokens: int, budget: int, group_size: int, act_bytes: int) -> tuple[dict[str, int], int]:
+    """lm_head's phase on the device, by part, and the smallest budget it fits in."""
+    from r1v_quant.quant.chunks import head_chunk_token_bytes
+    from r1v_quant.quant.head import head_plan, head_weight_bytes
+
+    hidden, vocab = cfg.hidden_size, int(cfg.llm["vocab_size"])
+    weights = head_weight_bytes(cfg, act_bytes)
+    plan = head_plan(cfg, tokens, budget, act_bytes)
+    per_token = head_chunk_token_bytes(hidden, vocab, act_bytes)
+    parts = {"lm_head weights": 2 * weights, "lm_head chunk": plan.chunk_tokens * per_token,
+             "lm_head inputs": tokens * hidden * act_bytes if plan.stored_on_device else 0,
+             "lm_head clip search": CLIP_COPIES * min(CLIP_ROWS, vocab) * (hidden // group_size) * CLIP_TOKENS * 4
+             + CLIP_TOKENS * hidden * act_bytes}
+    return parts, 2 * weights + MIN_CHUNK * per_token
+
+
 def predict(cfg: R1VConfig, tokens: int, budget: int, *, device: str = "cuda", act_bytes: int = 2,
             seq_len: int = 2048, group_size: int = 128, spill_above: int | None = None,
-            offload: bool = True) -> Prediction:
+            offload: bool = True, lm_head: bool = False) -> Prediction:
     """Peaks of an `awq` run over `tokens` calibration tokens within a device budget of `budget` bytes.
 
     `device` is "cuda" or "cpu" (on CPU the device is the host, so the host peak includes the
     device's). `spill_above`: RAM kept for the activations between layers before they go to the
-    offload folder (None: never spilled).
+    offload folder (None: never spilled). `lm_head`: the run quantises lm_head too.
     """
     from pathlib import Path
 
@@ -125,6 +145,9 @@ def predict(cfg: R1VConfig, tokens: int, budget: int, *, device: str = "cuda", a
     front = front_bytes(cfg, act_bytes)
     # The floor `awq` refuses below: the plan's smallest chunk beside the weights, and one sample's attention.
     min_budget = 2 * weights + MIN_CHUNK * chunk_token_bytes(hidden, inter, act_bytes) + fixed["attention sample"]
+    head, head_min = head_bytes(cfg, tokens, budget, group_size, act_bytes) if lm_head else ({}, 0)
+    phase = "lm_head" if head_min > min_budget else "layer"
+    min_budget = max(min_budget, head_min)
 
     acts = tokens * hidden * ACT_BETWEEN_LAYERS
     in_ram = acts if not offload or spill_above is None else min(acts, spill_above)
@@ -137,18 +160,21 @@ def predict(cfg: R1VConfig, tokens: int, budget: int, *, device: str = "cuda", a
         host_layer["stored tensors (host)"] = stored["stored"]
     base = HOST_BASE["cuda" if device.startswith("cuda") else "cpu"]
     if device.startswith("cuda"):
-        device_peak = max(sum(layer.values()), sum(front.values()))
+        device_peak = max(sum(layer.values()), sum(front.values()), sum(head.values()))
         host_parts = {"process": base, **host_layer}
     else:
         device_peak = 0
-        layer_total = sum(layer.values()) + sum(host_layer.values())
-        front_total = sum(front.values()) + in_ram
-        host_parts = {"process": base, **layer, **host_layer} if layer_total >= front_total else \
-            {"process": base, **front, "activations in RAM": in_ram}
+        # On CPU each phase's device parts are host memory, beside the activations in RAM.
+        phases = [({**layer, **host_layer}, sum(layer.values()) + sum(host_layer.values())),
+                  ({**front, "activations in RAM": in_ram}, sum(front.values()) + in_ram)]
+        if head:
+            phases.append(({**head, "activations in RAM": in_ram}, sum(head.values()) + in_ram))
+        host_parts = {"process": base, **max(phases, key=lambda p: p[1])[0]}
     needs = run_needs(cfg, group_size, Path("out"), Path("work"), Path("offload") if offload else None,
                       spill_above if spill_above is not None else acts, tokens, False)
     return Prediction(tokens, budget, plan, device_peak, sum(host_parts.values()), sum(n.bytes for n in needs),
-                      spilled, min_budget, {**layer, **{f"front: {k}": v for k, v in front.items()}}, host_parts)
+                      spilled, min_budget, {**layer, **{f"front: {k}": v for k, v in front.items()}, **head},
+                      host_parts, phase)
 
 
 def largest_on_device(cfg: R1VConfig, budget: int, act_bytes: int = 2, ceiling: int = 1 << 22) -> int:
@@ -188,12 +214,12 @@ class CardCalibration:
 
 def plan_calibration(cfg: R1VConfig, cards: list[tuple[str, int]], tokens: int, *, seq_len: int = 2048,
                      group_size: int = 128, host_bytes: int = 32 * 10**9,
-                     spill_above: int | None = None) -> list[CardCalibration]:
+                     spill_above: int | None = None, lm_head: bool = False) -> list[CardCalibration]:
     """`awq` on CUDA (bf16) for each card of (label, bytes): the default budget of a free card, the peaks, the limits."""
     from r1v_quant.quant.chunks import headroom_budget
 
     spill = auto_spill_above(host_bytes) if spill_above is None else spill_above
-    kw = dict(device="cuda", act_bytes=2, seq_len=seq_len, group_size=group_size, spill_above=spill)
+    kw = dict(device="cuda", act_bytes=2, seq_len=seq_len, group_size=group_size, spill_above=spill, lm_head=lm_head)
     out = []
     for label, size in cards:
         budget = headroom_budget(size)

@@ -8,7 +8,6 @@ finished layer is saved to a work folder so an interrupted run resumes where it 
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,16 +33,20 @@ from r1v_quant.quant.awq import (
     search_scales_chunked,
     token_weights,
 )
-from r1v_quant.quant.chunks import CLIP_TOKENS, ChunkPlan, TokenStore, default_budget, plan_chunks, sample_bounds, token_bounds
+from r1v_quant.quant.chunks import (
+    CLIP_TOKENS,
+    ChunkPlan,
+    TokenStore,
+    default_budget,
+    peak_memory_mb,
+    plan_chunks,
+    sample_bounds,
+    token_bounds,
+)
+from r1v_quant.quant.head import check_head, quantize_head
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
 from r1v_quant.quant.recipe import AWQSettings
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_decoder_layer(cfg: R1VConfig, ckpt: Checkpoint, index: int, device: torch.device, dtype: torch.dtype):
@@ -385,9 +388,11 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
     return tensors, q_out, report
 
 
-def validate_group_size(cfg: R1VConfig, group_size: int) -> None:
+def validate_group_size(cfg: R1VConfig, group_size: int, lm_head: bool = False) -> None:
     for name, (out_f, in_f) in llm_linear_shapes(cfg, 0).items():
         check_awq_shape(out_f, in_f, group_size, name.split(".", 4)[-1])
+    if lm_head:
+        check_head(cfg, group_size)
 
 
 def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
@@ -395,15 +400,20 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
             work: WorkFolder, device: torch.device, resume: bool = False, offload_dir: Path | None = None,
             offload_above: int = 8 * 1024**3, dtype: torch.dtype = torch.float32, progress: Callable[[int, int, LayerReport | None], None] | None = None,
             stop_after: int | None = None, max_device_memory: int | None = None) -> list[LayerReport]:
-    """Quantise every decoder layer in order; results land in `work`. `stop_after` simulates an interruption.
+    """Quantise every decoder layer in order, then lm_head when `settings.lm_head`; results land in `work`.
+
+    Returns one report per layer, and lm_head's last (its index is the number of layers).
+    `stop_after` simulates an interruption.
 
     `max_device_memory` (bytes; default `chunks.default_budget`) bounds each layer's working set.
 
     `first_inputs` yields, per sample, its input embeddings [1, T, D] and which of its T tokens are image tokens.
     """
-    validate_group_size(cfg, settings.group_size)
+    validate_group_size(cfg, settings.group_size, settings.lm_head)
     begin = work.start(resume)
     acts = ActivationStore(offload_dir, offload_above, tag="in")
+    total = cfg.num_layers
+    head_pending = settings.lm_head and not work.head_done()
     if begin == 0:
         masks = []
         for x, is_image in first_inputs():
@@ -413,12 +423,12 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
             raise UserError("the calibration set produced no tokens to calibrate on.")
         work.save_masks(masks)
     else:
-        acts.load(work.first_acts_file())
+        if begin < total or head_pending:
+            acts.load(work.first_acts_file())
         stored = load_file(str(work.masks_file))
         masks = [stored[f"s{i}"] for i in range(len(stored))]
     weights = token_weights(torch.cat(masks), settings.balance)
     runner = LayerRunner(cfg, device)
-    total = cfg.num_layers
     for i in range(begin, total):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -435,5 +445,12 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
             progress(i, total, report)
         if stop_after is not None and i >= stop_after:
             raise KeyboardInterrupt
+    if head_pending:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tensors, report = quantize_head(cfg, ckpt, acts, settings, device, dtype, weights, budget=max_device_memory)
+        work.finish_head(tensors, report)
+        if progress:
+            progress(total, total, report)
     acts.clear()
-    return work.reports(total)
+    return work.reports(total) + ([work.head_report()] if settings.lm_head else [])

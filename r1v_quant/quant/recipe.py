@@ -119,7 +119,7 @@ PROPAGATE_MODES = ("quantized", "float")
 
 @dataclass(frozen=True)
 class AWQSettings:
-    """How each decoder layer is searched and quantised, checked when built."""
+    """How each decoder layer (and, with `lm_head`, the output head) is searched and quantised, checked when built."""
 
     group_size: int = 128
     grid: int = 20
@@ -127,6 +127,7 @@ class AWQSettings:
     duo: bool = True
     propagate: str = "quantized"  # feed layer i+1 with layer i's quantised ("quantized") or float ("float") outputs
     balance: bool = True  # image and text tokens weigh half each in the searches
+    lm_head: bool = False  # also AWQ lm_head, its scales folded into the final norm (quant/head.py)
 
     def __post_init__(self) -> None:
         if self.propagate not in PROPAGATE_MODES:
@@ -136,6 +137,17 @@ class AWQSettings:
         if not isinstance(self.grid, int) or self.grid < 2:
             raise UserError(f"--grid {self.grid} must be a whole number of at least 2.")
 
+    def to_json(self) -> dict[str, Any]:
+        """The settings as the report records and the fingerprint reads them; `lm_head` only when on,
+        so that exports without it are byte for byte what they were before the option existed."""
+        out = asdict(self)
+        if not self.lm_head:
+            out.pop("lm_head")
+        return out
+
     def display(self) -> dict[str, Any]:
-        return {"group size": self.group_size, "grid": self.grid, "duo scaling": self.duo, "clipping": self.clip,
-                "layer inputs": self.propagate, "image/text tokens balanced": self.balance}
+        out = {"group size": self.group_size, "grid": self.grid, "duo scaling": self.duo, "clipping": self.clip,
+               "layer inputs": self.propagate, "image/text tokens balanced": self.balance}
+        if self.lm_head:
+            out["lm_head"] = "4-bit AWQ, scales folded into the final norm"
+        return out

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
@@ -37,6 +38,7 @@ class AWQResult:
     seconds: float
     kl: dict | None = None
     extra: dict = field(default_factory=dict)
+    head: LayerReport | None = None   # lm_head's search, with --quantize-lm-head
 
     def summary(self) -> dict:
         awq = [r.rel_err_awq for r in self.layers]
@@ -48,6 +50,9 @@ class AWQResult:
             "mean relative layer-output error, AWQ": f"{sum(awq) / len(awq):.4f}",
             "mean relative layer-output error, round-to-nearest": f"{sum(rtn) / len(rtn):.4f}",
         }
+        if self.head is not None:
+            out["relative logit error of lm_head, AWQ / round-to-nearest"] = (
+                f"{self.head.rel_err_awq:.4f} / {self.head.rel_err_rtn:.4f}")
         if self.kl:
             out.update({f"held-out {k}": v for k, v in self.kl.items()})
         return out
@@ -88,19 +93,22 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def check_fits(cfg, calib: CalibrationRecipe, group_size: int, budget: int, dev: torch.device, dtype: torch.dtype,
-               spill_above: int) -> None:
+               spill_above: int, lm_head: bool = False) -> None:
     """Refuse, before any layer loads, settings whose predicted peaks cannot fit the device or the host."""
     from r1v_quant.quant.memory_model import largest_within_host
 
     tokens = calibration_tokens(calib.samples, calib.seq_len, calib.max_tokens)
     kw = dict(device=dev.type, act_bytes=act_bytes(dtype), seq_len=calib.seq_len, group_size=group_size,
-              spill_above=spill_above)
+              spill_above=spill_above, lm_head=lm_head)
     pred = predict(cfg, tokens, budget, **kw)
     if budget < pred.min_budget:
         need = -(-pred.min_budget // 2**20)
-        raise UserError(f"--max-device-memory {budget // 2**20}MiB cannot hold one decoder layer's AWQ pass, which "
-                        f"needs at least {need}MiB (the layer's weights twice, a 16-token chunk and one --seq-len "
-                        f"sample); pass --max-device-memory {need}MiB or more, or use a larger device.")
+        what = ("lm_head's AWQ pass, which needs at least {}MiB (its weight twice and a 16-token chunk of logits)"
+                if pred.min_budget_phase == "lm_head" else
+                "one decoder layer's AWQ pass, which needs at least {}MiB (the layer's weights twice, a 16-token chunk "
+                "and one --seq-len sample)").format(need)
+        raise UserError(f"--max-device-memory {budget // 2**20}MiB cannot hold {what}; pass --max-device-memory "
+                        f"{need}MiB or more, or use a larger device.")
     host = available_host_bytes()
     if pred.host_peak > host:
         fit = largest_within_host(cfg, budget, host, ceiling=tokens, **kw)
@@ -143,7 +151,7 @@ def quantize_checkpoint(
     ckpt = Checkpoint(src)
     check_checkpoint_shapes(cfg, ckpt)
     side_files(src)  # a link out of the checkpoint is refused before any work
-    validate_group_size(cfg, settings.group_size)
+    validate_group_size(cfg, settings.group_size, settings.lm_head)
     out = Path(out)
     check_out_dir(out, force, source=src)
     work_folder = work_path(out, work_dir)
@@ -158,7 +166,7 @@ def quantize_checkpoint(
     dev = pick_device(device)
     dtype, dtype_why = choose_compute_dtype(compute_dtype, dev)
     budget = default_budget(dev) if max_device_memory is None else max_device_memory
-    check_fits(cfg, calib, settings.group_size, budget, dev, dtype, offload_above)
+    check_fits(cfg, calib, settings.group_size, budget, dev, dtype, offload_above, settings.lm_head)
     tok = load_tokenizer(src)
 
     samples = load_samples(calib, src, device, trace_cache, trace_progress)
@@ -176,7 +184,7 @@ def quantize_checkpoint(
             yield x, torch.tensor(enc.ids) == context
 
     # The whole recipe goes into the fingerprint: a work folder made from other tokens is not resumed.
-    run_id = fingerprint({"model": str(Path(src).resolve()), "compute dtype": dtype_name(dtype)}, asdict(settings),
+    run_id = fingerprint({"model": str(Path(src).resolve()), "compute dtype": dtype_name(dtype)}, settings.to_json(),
                          calib.fingerprint_data())
     work = WorkFolder(work_folder, run_id)
     try:
@@ -189,7 +197,9 @@ def quantize_checkpoint(
         raise UserError(f"{dev.type} ran out of memory within a budget of {budget / 2**30:.1f} GiB (fragmentation or "
                         f"another process); lower --max-device-memory (e.g. to {0.8 * budget / 2**30:.1f}GiB) or "
                         f"--max-tokens, then rerun with --resume: {kept_note(work.path, cfg.num_layers)}.") from None
-    result = AWQResult(out, reports, len(encoded), tokens, image_token_share(encoded, tok), time.perf_counter() - start)
+    head = reports.pop() if settings.lm_head else None
+    result = AWQResult(out, reports, len(encoded), tokens, image_token_share(encoded, tok), time.perf_counter() - start,
+                       head=head)
     result.extra.update({f"calibration {k}": v for k, v in composition(encoded, tok, stubs).items()})
     result.extra["calibration text share"] = share_note.line()
     result.extra["compute dtype"] = f"{dtype_name(dtype)} ({dtype_why})"
@@ -202,18 +212,22 @@ def quantize_checkpoint(
     card = {"source": str(model), **calib.display(), **settings.display()}
     check_replaceable(out, protected)
     with staged_dir(out, force=force) as tmp:
-        write_tensors(ckpt, work.layer_file, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size), indent=2) + "\n")
+        write_tensors(ckpt, work.layer_file, tmp, max_shard_bytes,
+                      head=load_file(str(work.head_file)) if settings.lm_head else None)
+        (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size, settings.lm_head),
+                                                    indent=2) + "\n")
         copy_side_files(src, tmp)
         if kl_check is not None:
             result.kl = kl_check(src, tmp)
-        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary()))
+        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head))
         # Only deterministic facts go into the export, so equal inputs give byte-identical folders.
         layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas}
                   for r in reports]
-        (tmp / REPORT_NAME).write_text(json.dumps(
-            {"source": str(model), "calibration": calib.to_json(), "awq": asdict(settings),
-             "summary": result.summary(), "layers": layers}, indent=2) + "\n")
+        report = {"source": str(model), "calibration": calib.to_json(), "awq": settings.to_json(),
+                  "summary": result.summary(), "layers": layers}
+        if head is not None:
+            report["lm_head"] = {"rel_err_awq": head.rel_err_awq, "rel_err_rtn": head.rel_err_rtn, "alphas": head.alphas}
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     if not keep_work:
         import shutil
 

@@ -159,5 +159,30 @@ class WorkFolder:
         if i > 0:
             self.acts_file(i - 1).unlink(missing_ok=True)
 
+    @property
+    def head_file(self) -> Path:
+        return self.path / "lm_head.safetensors"
+
+    def head_done(self) -> bool:
+        return self.head_file.name in self.files
+
+    def finish_head(self, tensors: dict[str, torch.Tensor], report: LayerReport) -> None:
+        """Commit lm_head's results after the last layer, as a layer is committed; its inputs are then no longer needed."""
+        written = [self.head_file, self.path / "lm_head.json"]
+        try:
+            save_file(tensors, str(written[0]))
+            written[1].write_text(json.dumps(asdict(report)))
+            files = {k: v for k, v in self.files.items() if not k.startswith("acts-")}
+            self._write_state(self.done, self._record(files, *written))
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
+        for stale in self.path.glob("acts-*.safetensors"):
+            stale.unlink(missing_ok=True)
+
+    def head_report(self) -> LayerReport:
+        return LayerReport(**json.loads((self.path / "lm_head.json").read_text()))
+
     def reports(self, count: int) -> list[LayerReport]:
         return [LayerReport(**json.loads((self.path / f"layer-{i:04d}.json").read_text())) for i in range(count)]
