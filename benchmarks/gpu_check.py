@@ -181,4 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from r1v_quant.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"gpu-check: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import r1v_quant.cli.main' >/dev/null 2>&1; then
     echo "[gpu-check] installing the project (pip install --no-deps -e .)"
-    "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
+    # --no-build-isolation uses the setuptools already there: an isolated build would need the network.
+    "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || "$PY" -m pip install --quiet --no-deps -e .
 fi
 exec "$PY" benchmarks/gpu_check.py "$@"

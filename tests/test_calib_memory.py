@@ -20,7 +20,7 @@ FLAT = 1.15
 def test_measured_peak_rss_matches_the_memory_model_and_the_working_set_stays_flat(tmp_path):
     out = tmp_path / "calib.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "calib_memory.py"), "--width", "mid", "--layers", "1",
-           "--tokens", "500,1000,2000", "--samples", "10", "--grid", "2", "--work", str(tmp_path), "--json", str(out)]
+           "--tokens", "600,1200,2400", "--samples", "16", "--grid", "2", "--work", str(tmp_path), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
