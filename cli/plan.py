@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from r1v_quant.deploy import recipes
 from r1v_quant.deploy.plan import Plan, parse_gpu_mems, plan_model
 from r1v_quant.deploy.units import GiB, human_bytes
 from r1v_quant.errors import UserError
@@ -62,6 +63,8 @@ def render(plan: Plan, console: Console) -> None:
     console.print("fits: ok = 32k tokens or more; short = under 32k (long R1 chains of thought may be cut); "
                   "no = under 4k (not even one 13-tile image and an answer).")
 
+    render_recipes(plan, console)
+
     for card in plan.cards:
         if not card.suggestions:
             continue
@@ -70,13 +73,42 @@ def render(plan: Plan, console: Console) -> None:
         t.add_column("how", overflow="fold")
         t.add_column("max tokens", justify="right")
         t.add_column("still short", justify="right")
+        t.add_column("vLLM")
         t.add_column("note")
         for s in card.suggestions:
             t.add_row(s.title, s.how, f"{s.max_context:,d}", f"{_gib(s.short_by_bytes)} GiB" if s.short_by_bytes else "-",
-                      s.note)
+                      s.vllm, s.note)
         console.print(t)
     for note in plan.notes:
         console.print(f"note: {note}")
+
+
+def render_recipes(plan: Plan, console: Console) -> None:
+    """The best recipe per card (recipes.py), the text-only one beside it, and the flags of each."""
+    t = Table(title="Best recipe per card: the cheapest compromises reaching the longest goal (32k, else 16k, "
+              "else 4k tokens); the text-only one below it", title_justify="left")
+    for col, just in (("card", "left"), ("recipe", "left"), ("context", "right"), ("GPU GiB", "right"),
+                      ("host GiB", "right"), ("s/image", "right"), ("vLLM", "left")):
+        t.add_column(col, justify=just, no_wrap=col != "recipe", min_width=18 if col == "recipe" else None)
+    how = []
+    for card in plan.cards:
+        for kind, r in (("", card.best), ("text only: ", card.best_text_only)):
+            if r is None:
+                continue
+            t.add_row(card.label if not kind else "", " + ".join(r.levers) or "none (as exported)",
+                      f"{r.max_model_len:,d}",
+                      _gib(r.gpu_weights), _gib(r.host_pinned) if r.host_pinned else "-",
+                      f"{r.encode_seconds:.2f}" if r.host_pinned else "-",
+                      recipes.vllm_needed(r).removeprefix(">= ").replace(" (assumed)", " *"))
+            if r.levers:
+                how.append(f"{card.label}, {' + '.join(r.levers)}: {recipes.how(r)}")
+    console.print(t)
+    console.print("compromises, cheapest first: " + "; ".join(f"{n} = {recipes.TITLES[n]}" for n in recipes.COMPROMISES)
+                  + f". context: --max-model-len; host GiB: pinned host RAM; s/image: at least this per image-encoding "
+                  f"step (the offloaded encoder read over PCIe at {recipes.PCIE_BYTES_PER_S / 1e9:.0f} GB/s); vLLM: the "
+                  "oldest version that runs it (* assumed, not read in vLLM's source).", highlight=False)
+    for line in how:
+        console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
 
 
 def render_calibration(rows, tokens: int, host_bytes: int, console: Console) -> None:
@@ -118,6 +150,10 @@ def command(
         help="vLLM's --max-num-batched-tokens, which the reserve assumes.")] = 2048,
     max_tiles: Annotated[int | None, typer.Option(
         "--max-tiles", help="max_dynamic_patch the reserve assumes (default: the config's).")] = None,
+    quantize_lm_head: Annotated[bool | None, typer.Option(
+        "--quantize-lm-head/--bf16-lm-head",
+        help="Plan an export with a 4-bit lm_head (awq --quantize-lm-head), or with lm_head in bf16 "
+        "(default: an export's own; bf16 for a source model).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate", help="Predict `awq`'s peak device memory, host memory and disk instead of serving.")] = False,
@@ -152,7 +188,7 @@ def command(
     if kv_dtype.lower() not in ("bf16", "fp16", "fp8"):
         raise UserError(f"--kv-cache-dtype {kv_dtype!r} is not auto, bf16, fp16 or fp8.")
     plan = plan_model(model, group_size=group_size, kv_dtype=kv_dtype.lower(), util=util, gpu_mems=parse_gpu_mems(gpu_mem),
-                      max_batched_tokens=max_batched_tokens, max_dynamic_patch=max_tiles)
+                      max_batched_tokens=max_batched_tokens, max_dynamic_patch=max_tiles, lm_head=quantize_lm_head)
     render(plan, Console())
     if json_out is not None:
         try:

@@ -38,21 +38,30 @@ def command(
     gpu_mem: Annotated[str | None, typer.Option(
         "--gpu-mem", help="Total memory of the card, as in `plan --gpu-mem` (e.g. 80GiB, 49140MiB): plan --max-model-len "
         "for it instead of the GPU found.")] = None,
-    util: Annotated[float, typer.Option(
-        "--util", help="vLLM --gpu-memory-utilization, also what the plan assumes.")] = DEFAULT_UTIL,
+    util: Annotated[float | None, typer.Option(
+        "--util", help=f"vLLM --gpu-memory-utilization, also what the plan assumes (default {DEFAULT_UTIL}, or 0.95 "
+        "when the card needs it).")] = None,
     images: Annotated[int, typer.Option(
         "--images", min=0,
         help="Images allowed per prompt (0 = text only, which leaves more room for the KV cache).")] = DEFAULT_IMAGES_PER_PROMPT,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="Serve without images: vLLM 0.32 then does not build the vision encoder.")] = False,
+    recipe: Annotated[str | None, typer.Option(
+        "--recipe", help="The compromises to use, comma-separated (util-95, fp8-kv, tower-offload, tiles-6, text-only), "
+        "or none; default: the plan's best for the card.")] = None,
+    vllm_version: Annotated[str | None, typer.Option(
+        "--vllm-version", help="Plan for this vLLM version instead of the installed one (e.g. 0.31.0).")] = None,
 ) -> None:
-    """Run `vllm serve` on an export with --trust-remote-code, --dtype bfloat16, a --max-model-len that fits
-    the GPU, and images per prompt; any further arguments go to vLLM and win over ours
-    (r1v-quant serve r1v-38b-awq --port 8000 --kv-cache-dtype fp8)."""
+    """Run `vllm serve` on an export with --trust-remote-code, --dtype bfloat16, the recipe that fits the GPU
+    best (`r1v-quant plan` lists them), a --max-model-len that fits, and images per prompt; any further
+    arguments go to vLLM and win over ours (r1v-quant serve r1v-38b-awq --port 8000 --kv-cache-dtype fp8)."""
     from r1v_quant.deploy.serve import (
         build_serve,
         command_line,
         exec_vllm,
         find_vllm,
         gpu_memory,
+        installed_vllm,
     )
     from r1v_quant.deploy.units import parse_size
     from r1v_quant.model.config import load_config
@@ -67,7 +76,18 @@ def command(
     else:
         found = gpu_memory()
         gpu_bytes, label = (found[0], f"{found[1]} ({found[0] / 1024**3:.1f} GiB)") if found else (None, None)
-    cmd = build_serve(folder, cfg, gpu_bytes, extra, util=util, images_per_prompt=images, gpu_label=label)
+    version_note = None
+    if vllm_version is None:
+        vllm_version = installed_vllm()
+        if vllm_version is not None:
+            version_note = f"planned for the installed vLLM {vllm_version}."
+    else:
+        version_note = f"planned for vLLM {vllm_version} (--vllm-version)."
+    levers = None if recipe is None else [p.strip() for p in recipe.split(",") if p.strip()]
+    cmd = build_serve(folder, cfg, gpu_bytes, extra, util=util, images_per_prompt=images, gpu_label=label,
+                      vllm_version=vllm_version, text_only=text_only, recipe=levers)
+    if version_note:
+        cmd.notes.insert(0, version_note)
 
     vllm = find_vllm(required=not dry_run)
     if vllm is None:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from r1v_quant.deploy.plan import component_of, estimate_reserve, kv_bytes_per_token, make_plan, parse_gpu_mems, plan_model
 from r1v_quant.deploy.units import GiB, parse_size
 from r1v_quant.errors import UserError
-from r1v_quant.int4.format import awq_shapes
+from r1v_quant.int4.format import awq_shapes, to_awq
 from r1v_quant.model.checkpoint import resolve_config
 from r1v_quant.model.config import parse_config
 from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear
@@ -46,16 +46,30 @@ def small_config(**top) -> dict:
     return raw
 
 
+def awq_lm_head(shape: tuple[int, int], group: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """lm_head as `awq --quantize-lm-head` stores it, packed by the format module (codes, zeros, scales)."""
+    out_f, in_f = shape
+    g = in_f if group == -1 else group
+    codes = torch.randint(0, 16, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (out_f, in_f // g), generator=gen, dtype=torch.uint8)
+    scales = torch.rand((out_f, in_f // g), generator=gen).to(torch.float16)
+    return to_awq(codes, zeros, scales)
+
+
 def write_export(folder: Path, raw: dict, group: int | None = 128, shards: int = 2,
-                 dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Write config.json, remote-code stubs and sharded safetensors; group None writes the bf16 source instead."""
+                 dtype: torch.dtype = torch.bfloat16, lm_head: bool = False) -> dict[str, torch.Tensor]:
+    """Write config.json, remote-code stubs and sharded safetensors; group None writes the bf16 source instead;
+    lm_head=True writes lm_head in the AWQ layout and `"lm_head": true`."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = parse_config(raw)
     gen = torch.Generator().manual_seed(0)
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in checkpoint_shapes(cfg).items():
         module, _, leaf = name.rpartition(".")
-        if group is not None and leaf == "weight" and is_quant_linear(module):
+        if lm_head and name == "language_model.lm_head.weight":
+            for suffix, t in awq_lm_head(shape, group, gen).items():
+                tensors[f"{module}.{suffix}"] = t
+        elif group is not None and leaf == "weight" and is_quant_linear(module):
             out_f, in_f = shape
             g = in_f if group == -1 else group
             for suffix, (qshape, qdtype) in awq_shapes(out_f, in_f, g).items():
@@ -78,6 +92,8 @@ def write_export(folder: Path, raw: dict, group: int | None = 128, shards: int =
     if group is not None:
         raw = {**raw, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                               "version": "gemm", "modules_to_not_convert": ["vision_model", "mlp1"]}}
+        if lm_head:
+            raw["quantization_config"]["lm_head"] = True
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
     (folder / "configuration_skywork_chat.py").write_text("from .configuration_skywork_vit import SkyworkVisionConfig\n")
     (folder / "configuration_skywork_vit.py").write_text("class SkyworkVisionConfig: pass\n")
@@ -187,8 +203,9 @@ def test_38b_kv_cache_and_cards():
     assert cards["80 GB"].max_context > 131072 and cards["80 GB"].max_model_len == 131072
     # 24 GB gets the suggestions the brief asks for, each with what it still lacks
     titles = {s.title: s for s in cards["24 GB"].suggestions}
-    assert {"fp8 KV cache", "8-bit vision encoder", "offload weights to CPU"} <= set(titles)
+    assert {"fp8 KV cache", "8-bit vision encoder", "vision encoder in host memory", "4-bit lm_head", "text only"} <= set(titles)
     assert titles["8-bit vision encoder"].short_by_bytes < titles["fp8 KV cache"].short_by_bytes
+    assert titles["vision encoder in host memory"].short_by_bytes < titles["8-bit vision encoder"].short_by_bytes
     assert not cards["80 GB"].suggestions
 
 

@@ -83,26 +83,36 @@ def test_util_changes_the_plan_and_the_flag():
     assert cmd.max_model_len == plan_len(cfg, 48 * GiB, util=0.95) > plan_len(cfg, 48 * GiB)
 
 
-def test_no_gpu_leaves_max_model_len_to_vllm():
+def test_no_gpu_plans_for_the_48gb_default_and_says_so():
     cmd = build_serve("d", r1v_38b(), None)
-    assert "--max-model-len" not in cmd.args and cmd.max_model_len is None
-    assert any("no CUDA GPU found" in n for n in cmd.notes)
+    assert cmd.max_model_len == plan_len(r1v_38b(), 48 * GiB) == int(value(cmd.args, "--max-model-len"))
+    assert any("no CUDA GPU found and no --gpu-mem given: planned for the plan's 48 GB default card" in n
+               for n in cmd.notes)
 
 
 def test_a_card_too_small_is_one_sentence_unless_the_user_sets_the_length():
     cfg = r1v_38b()
-    with pytest.raises(UserError, match=r"does not fit the 24 GiB card .*weights alone"):
-        build_serve("d", cfg, 24 * GiB, gpu_label="24 GiB card")
-    args = build_serve("d", cfg, 24 * GiB, ["--max-model-len", "2048", "--cpu-offload-gb", "10"]).args
+    # 16 GiB: even the vision encoder in host memory leaves 18.0 GiB of weights on the card
+    with pytest.raises(UserError, match=r"does not fit the 16 GiB card .* even as .*vision encoder in host memory"):
+        build_serve("d", cfg, 16 * GiB, gpu_label="16 GiB card")
+    with pytest.raises(UserError, match=r"does not fit the 24 GiB card at --gpu-memory-utilization 0.9 even as as exported"):
+        build_serve("d", cfg, 24 * GiB, gpu_label="24 GiB card", recipe=["none"])
+    args = build_serve("d", cfg, 16 * GiB, ["--max-model-len", "2048", "--cpu-offload-gb", "10"]).args
     assert value(args, "--max-model-len") == "2048"
 
 
 def test_cpu_offload_counts_toward_the_budget():
     cfg = r1v_38b()
-    # 24 GiB holds nothing; with 16 GB of weights offloaded, the plan finds room.
+    # The user's own --cpu-offload-gb (vLLM's GiB) replaces the tower offload: 24 GiB plus 16 GiB offloaded.
     cmd = build_serve("d", cfg, 24 * GiB, ["--cpu-offload-gb", "16"])
-    assert cmd.max_model_len and cmd.max_model_len > 0
+    # 28.48 GiB of weights less 16 GiB, 3.95 GiB reserve: 95% of the card leaves 26k bf16 tokens, short of
+    # 32k; an fp8 KV cache at 90% reaches it (5.16 GiB at 128 KiB a token)
+    assert (int(24 * GiB * 0.95) - (30_585_369_344 - 16 * GiB) - 4_242_833_664) // 262_144 == 26_065
+    room = int(24 * GiB * 0.9) - (30_585_369_344 - 16 * GiB) - 4_242_833_664
+    assert cmd.recipe.levers == ("fp8-kv",) and cmd.max_model_len == room // 131_072 // 16 * 16 == 42_288
+    assert value(cmd.args, "--kv-cache-dtype") == "fp8"
     assert value(cmd.args, "--cpu-offload-gb") == "16"
+    assert "--cpu-offload-params" not in cmd.args and "--offload-backend" not in cmd.args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +202,7 @@ def cli(monkeypatch):
         app.command("serve", context_settings=serve_cli.CONTEXT_SETTINGS)(serve_cli.command)
         added = app.registered_commands[-1]
     monkeypatch.setattr(serve_mod, "gpu_memory", lambda: None)      # the same on machines with a GPU
+    monkeypatch.setattr(serve_mod, "installed_vllm", lambda: None)  # and with vLLM installed
     yield main_mod
     if added is not None:
         app.registered_commands.remove(added)
@@ -242,8 +253,10 @@ def test_dry_run_without_vllm_still_prints(cli, no_vllm, tmp_path):
     result = CliRunner().invoke(cli.app, ["serve", str(folder), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert shlex.split(result.stdout)[:3] == ["vllm", "serve", str(folder)]
-    assert "--max-model-len" not in result.stdout          # no GPU here, no --gpu-mem
-    assert "not installed here" in result.stderr and "no CUDA GPU found" in result.stderr
+    # no GPU here and no --gpu-mem: planned for 48 GB, and it says so
+    assert value(shlex.split(result.stdout), "--max-model-len") == str(plan_len(parse_config(small_config()), 48 * GiB))
+    err = " ".join(result.stderr.split())
+    assert "not installed here" in err and "no CUDA GPU found" in err and "48 GB default" in err
 
 
 def test_missing_vllm_exits_2_with_the_sentence(cli, no_vllm, tmp_path, capsys):
@@ -432,6 +445,8 @@ def test_chat_once_without_vllm_is_the_sentence(monkeypatch):
 
 def test_text_only_plan_drops_image_suggestions():
     cfg = r1v_38b()
-    card = make_plan(cfg, gpu_mems=[("x", 40 * GiB)], images=False).cards[0]
+    card = make_plan(cfg, gpu_mems=[("x", 24 * GiB)], images=False).cards[0]
     titles = {s.title for s in card.suggestions}
     assert "text only" not in titles and "at most 6 tiles per image" not in titles and "fp8 KV cache" in titles
+    assert "vision encoder in host memory" not in titles
+    assert card.weights_bytes == 30_585_369_344 - 11_256_564_480       # no tower is built

@@ -41,6 +41,6 @@ def test_serve_and_engine_share_one_set_of_vllm_settings():
     flags = serve_flags(vllm_settings(2, 0.85, 8192))
     assert flags == ["--trust-remote-code", "--dtype", "bfloat16", "--max-model-len", "8192",
                      "--limit-mm-per-prompt", json.dumps({"image": 2}), "--gpu-memory-utilization", "0.85"]
-    args = build_serve("d", r1v_38b(), None, util=0.85, images_per_prompt=2).args
-    assert args == ["serve", "d", *serve_flags(vllm_settings(2, 0.85))]
+    cmd = build_serve("d", r1v_38b(), None, util=0.85, images_per_prompt=2)
+    assert cmd.args == ["serve", "d", *serve_flags(vllm_settings(2, 0.85, cmd.max_model_len))]
     assert serve_flags(vllm_settings(2, 0.85), {"dtype"})[:2] == ["--trust-remote-code", "--limit-mm-per-prompt"]

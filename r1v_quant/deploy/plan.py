@@ -9,7 +9,8 @@ The export is the source checkpoint with every Qwen2 decoder linear (q, k, v, o,
 replaced by its AutoAWQ GEMM tensors (`layout.awq_shapes`: qweight/qzeros int32, scales float16)
 and every other tensor copied unchanged in the model dtype. `export_tensor_specs` lists those
 tensors name by name, so the predicted export size equals the sum of the tensor bytes in the
-export's safetensors files exactly (headers, tokenizer and config files are not counted).
+export's safetensors files exactly (headers, tokenizer and config files are not counted). An
+export written with `awq --quantize-lm-head` (`"lm_head": true`) stores lm_head the same way.
 
 Components: `vision` (vision_model.*), `projector` (mlp1.*), `llm_linears` (the seven decoder
 linears: `.weight` in the source, qweight+qzeros+scales in the export), `llm_other` (RMSNorm
@@ -39,6 +40,10 @@ The reserve is deliberately conservative (measured vLLM peaks are usually below 
                  V1 profiles as many max-size images as fit its encoder budget,
                  max(max_batched_tokens, tokens of one image), so a large chunk can mean two images.
 
+Weights that are not resident (the vision encoder in host memory, or not built for text only)
+and the other compromises that lengthen the context are `recipes.py`'s; each card gets the best
+recipe there.
+
 Card sizes are taken as GiB (what `nvidia-smi` reports for a "24 GB" card is about 24 GiB; an
 "80 GB" H100 reports about 79.6 GiB). Pass `gpu_mems` (e.g. "81559MiB") to plan for an exact card.
 """
@@ -49,6 +54,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from r1v_quant.deploy import recipes
 from r1v_quant.deploy.units import KV_DTYPE_BYTES, GiB, dtype_bytes, parse_size, spec_bytes
 from r1v_quant.errors import UserError
 from r1v_quant.int4.format import AWQ_LEAVES, awq_shapes, check_awq_shape, read_quantization_config
@@ -57,6 +63,7 @@ from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear, llm_linear_shapes
 
 DEFAULT_CARDS_GIB = (24, 32, 40, 48, 80)
+DEFAULT_SERVE_CARD_GIB = 48            # what serve plans for when it finds no GPU and is given no --gpu-mem
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 BLOCK_TOKENS = 16                      # vLLM's KV block size
 RUNTIME_RESERVE = 2 * GiB              # see the module docstring
@@ -64,6 +71,8 @@ SAMPLER_SEQS = 256                     # vLLM's default max_num_seqs
 DEFAULT_MAX_BATCHED_TOKENS = 2048
 MIN_USEFUL_CONTEXT = 4096              # one max-tile image (13 x 256 tokens) and a short answer
 LONG_CONTEXT = 32768                   # room for an R1 chain of thought (the vendor allows 64k new tokens)
+
+LM_HEAD = "language_model.lm_head"
 
 COMPONENTS = ("vision", "projector", "llm_linears", "llm_other", "embeddings", "lm_head")
 COMPONENT_LABELS = {
@@ -123,15 +132,16 @@ def source_tensor_specs(cfg: R1VConfig, dtype: str | None = None) -> dict[str, t
     return {name: (tuple(shape), dtype) for name, shape in checkpoint_shapes(cfg).items()}
 
 
-def export_tensor_specs(cfg: R1VConfig, group_size: int = 128,
-                        dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every tensor of our AWQ GEMM export: name -> (shape, dtype name)."""
+def export_tensor_specs(cfg: R1VConfig, group_size: int = 128, dtype: str | None = None,
+                        lm_head: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of our AWQ GEMM export: name -> (shape, dtype name). `lm_head=True` is an export
+    written with `awq --quantize-lm-head` (`"lm_head": true`): lm_head in the same AWQ layout."""
     dtype = dtype or model_dtype(cfg)
     check_linears_fit(cfg, group_size)
     specs: dict[str, tuple[tuple[int, ...], str]] = {}
     for name, shape in checkpoint_shapes(cfg).items():
         module, _, leaf = name.rpartition(".")
-        if leaf == "weight" and is_quant_linear(module):
+        if leaf == "weight" and (is_quant_linear(module) or (lm_head and module == LM_HEAD)):
             out_f, in_f = shape
             for suffix, (qshape, qdtype) in awq_shapes(out_f, in_f, group_size).items():
                 specs[f"{module}.{suffix}"] = (tuple(qshape), qdtype)
@@ -269,6 +279,7 @@ class Suggestion:
     status: str
     short_by_bytes: int       # memory still missing for a MIN_USEFUL_CONTEXT context (0 when it is reached)
     note: str = ""
+    vllm: str = ""            # the vLLM version it needs
 
 
 @dataclass
@@ -284,6 +295,8 @@ class CardFit:
     status: str               # "ok", "short" (< 32k tokens) or "no" (< 4k tokens)
     reason: str = ""
     suggestions: list[Suggestion] = field(default_factory=list)
+    best: recipes.Recipe | None = None    # the cheapest recipe reaching the longest goal, images kept (recipes.py)
+    best_text_only: recipes.Recipe | None = None
 
 
 @dataclass
@@ -304,25 +317,26 @@ class Plan:
     max_position_embeddings: int
     cards: list[CardFit]
     notes: list[str]
+    lm_head_4bit: bool = False
+    basis: recipes.Basis | None = None    # what `recipes` starts from, for other cards or vLLM versions
 
     def component(self, name: str) -> ComponentSize:
         return next(c for c in self.components if c.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        basis, self.basis = self.basis, None
+        try:
+            d = asdict(self)
+        finally:
+            self.basis = basis
+        d.pop("basis", None)
         d["reserve"] = self.reserve.to_dict()
+        for card, out in zip(self.cards, d["cards"]):
+            for key in ("best", "best_text_only"):
+                recipe = getattr(card, key)
+                if recipe is not None:
+                    out[key].update(title=recipe.title, vllm=recipes.vllm_needed(recipe), how=recipes.how(recipe))
         return d
-
-
-def _vision_int8_saving(cfg: R1VConfig) -> int:
-    """Bytes saved by storing the vision encoder's linear weights as int8 with one fp16 scale per output row."""
-    b = dtype_bytes(model_dtype(cfg))
-    saved = 0
-    for name, shape in checkpoint_shapes(cfg).items():
-        if name.startswith("vision_model.encoder.") and name.endswith(".weight") and len(shape) == 2:
-            out_f, in_f = shape
-            saved += out_f * in_f * (b - 1) - out_f * 2
-    return saved
 
 
 def _fit(label: str, gpu: int, util: float, weights: int, reserve: int, per_token: int, max_pos: int) -> CardFit:
@@ -341,67 +355,16 @@ def _fit(label: str, gpu: int, util: float, weights: int, reserve: int, per_toke
     return card
 
 
-def _suggest(cfg: R1VConfig, card: CardFit, util: float, kv_dtype: str, weights: int,
-             reserve_kwargs: dict[str, Any], per_token: int) -> list[Suggestion]:
-    """Ways to lengthen the context on a card that falls short, each with the context it would give
-    (or how much memory would still be missing), then all of them together, then CPU offload."""
-    out: list[Suggestion] = []
-    reserve = estimate_reserve(cfg, **reserve_kwargs).total
-
-    def add(title: str, how: str, u: float, w: int, r: int, pt: int, note: str = "") -> None:
-        room = int(card.gpu_bytes * u) - w - r
-        tokens = context_tokens(room, pt)
-        out.append(Suggestion(title, how, tokens, fit_status(tokens), max(0, MIN_USEFUL_CONTEXT * pt - room), note))
-
-    # Each lever: (title, how, util, weights, reserve, KV bytes per token, note); None where it does not apply.
-    combined = {"u": util, "w": weights, "r": reserve, "pt": per_token, "parts": []}
-    if KV_DTYPE_BYTES[kv_dtype.lower()] > 1:
-        pt8 = kv_bytes_per_token(cfg, "fp8")
-        add("fp8 KV cache", "--kv-cache-dtype fp8", util, weights, reserve, pt8,
-            "half the KV bytes; small accuracy cost at long context")
-        combined.update(pt=pt8)
-        combined["parts"].append("fp8 KV")
-    if util < 0.95:
-        add("use 95% of the GPU", "--gpu-memory-utilization 0.95", 0.95, weights, reserve, per_token,
-            "only if nothing else uses the GPU")
-        combined.update(u=0.95)
-        combined["parts"].append("95% of the GPU")
-    images = reserve_kwargs.get("images", True)
-    if images and cfg.dynamic_image_size and max_tiles(cfg, reserve_kwargs.get("max_dynamic_patch")) > 7:
-        fewer = estimate_reserve(cfg, **{**reserve_kwargs, "max_dynamic_patch": 6}).total
-        add("at most 6 tiles per image", "--mm-processor-kwargs '{\"max_dynamic_patch\": 6}'", util, weights, fewer,
-            per_token, "less detail on big images")
-        combined.update(r=fewer)
-        combined["parts"].append("6 tiles")
-    if images:
-        text_only = estimate_reserve(cfg, **{**reserve_kwargs, "images": False}).total
-        add("text only", "--limit-mm-per-prompt '{\"image\": 0}'", util, weights, text_only, per_token,
-            "no image inputs")
-    saving = _vision_int8_saving(cfg)
-    add("8-bit vision encoder", "int8 weight-only vision linears", util, weights - saving, reserve, per_token,
-        f"saves {saving / GiB:.1f} GiB; a format r1v-quant does not write and vLLM's AWQ config cannot express")
-    combined.update(w=weights - saving)
-    combined["parts"].append("8-bit vision")
-    add("all of these together", " + ".join(combined["parts"]), combined["u"], combined["w"], combined["r"], combined["pt"])
-    if card.max_context < MIN_USEFUL_CONTEXT:
-        target = LONG_CONTEXT // 4
-        need = weights + reserve + target * per_token - int(card.gpu_bytes * util)
-        if need > 0:
-            gb = math.ceil(need / 1e9)
-            out.append(Suggestion(
-                "offload weights to CPU", f"--cpu-offload-gb {gb}", target, fit_status(target), 0,
-                f"for {target} tokens; slow: the weights cross PCIe every step"))
-    return out
-
-
 def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None, kv_dtype: str = "bf16",
               util: float = 0.9, gpu_mems: list[tuple[str, int]] | None = None,
               max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, max_dynamic_patch: int | None = None,
-              images: bool = True) -> Plan:
-    """Plan bytes and context lengths for the AWQ export of `cfg` (or for `cfg` itself when already quantised).
+              images: bool = True, lm_head: bool | None = None) -> Plan:
+    """Plan bytes and context lengths for the AWQ export of `cfg` (or for `cfg` itself when already quantised),
+    and the best recipe per card (`recipes.py`).
 
     `images=False` plans a text-only server (vLLM `--limit-mm-per-prompt '{"image": 0}'`), which
-    profiles no vision activations.
+    builds no vision encoder and profiles no vision activations. `lm_head=True` plans an export
+    written with `awq --quantize-lm-head`; an existing export's own `"lm_head"` decides otherwise.
     """
     if not 0 < util <= 1:
         raise UserError(f"--util {util} must lie in (0, 1], e.g. 0.9.")
@@ -421,17 +384,22 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
         if group_size is not None and group_size != found:
             raise UserError(f"{source or 'the folder'} is already quantised with group size {found}; "
                             f"drop --group-size or pass {found}.")
-        group_size = found
-        notes.append(f"{source or 'the config'} already holds an AWQ quantization_config (group size {found}): "
-                     "planned as that export, assuming the standard layout (LLM decoder linears quantised, the rest unchanged).")
+        if lm_head is not None and lm_head != qc.lm_head:
+            raise UserError(f"{source or 'the folder'} was exported with lm_head {'4-bit' if qc.lm_head else 'in bf16'}; "
+                            "re-export to change it.")
+        group_size, lm_head = found, qc.lm_head
+        notes.append(f"{source or 'the config'} already holds an AWQ quantization_config (group size {found}"
+                     f"{', 4-bit lm_head' if qc.lm_head else ''}): planned as that export, assuming the standard "
+                     "layout (LLM decoder linears quantised, the rest unchanged).")
     if group_size is None:
         group_size = 128
+    lm_head = bool(lm_head) and LM_HEAD + ".weight" in checkpoint_shapes(cfg)
     if group_size not in MARLIN_GROUP_SIZES:
         notes.append(f"group size {group_size} is not one vLLM's Marlin kernels take (-1/32/64/128): it would fall back "
                      "to the slower fp16-only AWQ kernel, which overflows on Qwen2.")
     dtype = model_dtype(cfg)
     src_specs = source_tensor_specs(cfg, dtype)
-    exp_specs = export_tensor_specs(cfg, group_size, dtype)
+    exp_specs = export_tensor_specs(cfg, group_size, dtype, lm_head=lm_head)
     src_b, exp_b, params = bytes_by_component(src_specs), bytes_by_component(exp_specs), params_by_component(cfg)
     names = [c for c in COMPONENTS] + [c for c in src_b if c not in COMPONENTS and (src_b[c] or exp_b.get(c))]
     components = [ComponentSize(c, COMPONENT_LABELS[c], params.get(c, 0), src_b.get(c, 0), exp_b.get(c, 0))
@@ -439,15 +407,32 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
     source_total, export_total = sum(src_b.values()), sum(exp_b.values())
     weights = export_total
     per_token = kv_bytes_per_token(cfg, kv_dtype)
-    reserve_kwargs = {"max_batched_tokens": max_batched_tokens, "max_dynamic_patch": max_dynamic_patch, "dtype": dtype,
-                      "images": images}
-    reserve = estimate_reserve(cfg, **reserve_kwargs)
+    reserve = estimate_reserve(cfg, max_batched_tokens=max_batched_tokens, max_dynamic_patch=max_dynamic_patch,
+                               dtype=dtype, images=images)
     max_pos = int(cfg.llm.get("max_position_embeddings") or 32768)
+    lm_head_saving = 0
+    if not lm_head and LM_HEAD + ".weight" in checkpoint_shapes(cfg):
+        try:
+            quantised = bytes_by_component(export_tensor_specs(cfg, group_size, dtype, lm_head=True))["lm_head"]
+            lm_head_saving = exp_b["lm_head"] - quantised
+        except UserError as e:        # e.g. R1V3's vocabulary of 151,674 does not pack 8 to an int32
+            notes.append(f"no 4-bit lm_head for this model: {e}")
+    tower = exp_b.get("vision", 0) + exp_b.get("projector", 0)
+    # Text only: the tower is not built (the newest vLLM's behaviour; `recipes` checks the version).
+    basis = recipes.Basis(cfg, util, kv_dtype, weights if images else weights - tower, tower if images else 0,
+                          lm_head_saving, max_batched_tokens, max_dynamic_patch, images, max_pos)
+    if not images:
+        notes.append(f"text only: the vision encoder and mlp1 ({tower / GiB:.2f} GiB) are not built (vLLM "
+                     f">= {recipes.FEATURES['text-only'].min_version}).")
     cards = []
     for label, gpu in (gpu_mems or parse_gpu_mems(None)):
-        card = _fit(label, gpu, util, weights, reserve.total, per_token, max_pos)
+        card = _fit(label, gpu, util, basis.weights, reserve.total, per_token, max_pos)
+        # The best recipe keeps images; the text-only one is shown beside it.
+        card.best = recipes.best_recipe(basis, gpu, frozenset(recipes.COMPROMISES) - {"text-only"})
+        if images:
+            card.best_text_only = recipes.best_recipe(basis, gpu, required=frozenset({"text-only"}))
         if card.max_context < LONG_CONTEXT:
-            card.suggestions = _suggest(cfg, card, util, kv_dtype, weights, reserve_kwargs, per_token)
+            card.suggestions = recipes.suggestions(basis, card)
         cards.append(card)
     if already:
         notes.append("sizes are predicted from the config; `r1v-quant inspect` reads the real tensor bytes.")
@@ -456,7 +441,7 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
         source=source, model_type=str(cfg.raw.get("model_type")), model_dtype=dtype, bits=bits, group_size=group_size,
         already_quantized=already, components=components, source_total=source_total, export_total=export_total,
         kv_dtype=kv_dtype, kv_bytes_per_token=per_token, util=util, reserve=reserve,
-        max_position_embeddings=max_pos, cards=cards, notes=notes,
+        max_position_embeddings=max_pos, cards=cards, notes=notes, lm_head_4bit=lm_head, basis=basis,
     )
 
 
