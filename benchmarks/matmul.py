@@ -1,6 +1,6 @@
 """Time AWQLinear (4-bit, group 128) against a bf16 nn.Linear on the 38B LLM's layer shapes.
 
-    python benchmarks/matmul.py [--device cpu|cuda] [--json FILE] [--threads N]
+    python benchmarks/matmul.py [--device cpu|cuda] [--json FILE] [--threads N] [--small]
 
 Both run in the same process on the same inputs, called alternately; the table reports median
 milliseconds and the speedup of int4 over bf16 (> 1 means int4 is faster).
@@ -21,6 +21,8 @@ from r1v_quant.quant.baselines import rtn_linear
 
 # (in_features, out_features) of Skywork-R1V-38B's Qwen2 linears: q/o, gate/up, down.
 SHAPES = [(5120, 5120), (5120, 27648), (27648, 5120)]
+# The same three shapes at an eighth of the widths: a quick run of the same code (a dry run on a CPU).
+SMALL_SHAPES = [(i // 8, o // 8) for i, o in SHAPES]
 BATCHES = [1, 128]
 GROUP_SIZE = 128
 
@@ -52,10 +54,10 @@ def paired_median_ms(fn_a, fn_b, device: torch.device, budget_s: float, max_repe
     return 1000 * statistics.median(a), 1000 * statistics.median(b)
 
 
-def run(device: torch.device, budget_s: float, max_repeats: int) -> list[dict]:
+def run(device: torch.device, budget_s: float, max_repeats: int, shapes=SHAPES) -> list[dict]:
     rows = []
     torch.manual_seed(0)
-    for in_features, out_features in SHAPES:
+    for in_features, out_features in shapes:
         dense = nn.Linear(in_features, out_features, bias=False, device=device, dtype=torch.bfloat16)
         quant = rtn_linear(dense, GROUP_SIZE)
         for batch in BATCHES:
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per shape and batch")
     parser.add_argument("--max-repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--small", action="store_true", help="the shapes at an eighth of the 38B widths")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,9 +102,10 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "group_size": GROUP_SIZE,
+        "shapes": "38B / 8" if args.small else "38B",
     }
     print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
-    rows = run(device, args.budget, args.max_repeats)
+    rows = run(device, args.budget, args.max_repeats, SMALL_SHAPES if args.small else SHAPES)
     print("\n| in x out | batch | bf16 ms | int4 ms | int4 speedup |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:

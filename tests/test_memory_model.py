@@ -101,3 +101,40 @@ def test_out_of_memory_during_layers_names_what_to_lower_and_resume(tiny_dir, tm
     assert "ran out of memory within a budget of 0.1 GiB" in msg
     assert "lower --max-device-memory" in msg and "--resume" in msg
     assert not (tmp_path / "x").exists()
+
+
+def test_on_cpu_the_stored_tensors_count_as_growing_host_memory():
+    # On CPU the layer's stored tensors and down_proj inputs live in RAM: the working set
+    # (peak less these) is what stays flat as the calibration grows, with the chunk held by the budget.
+    from r1v_quant.fixtures.slices import slice_sizes
+    from r1v_quant.fixtures.tiny import tiny_config
+    from r1v_quant.model.config import parse_config
+    from r1v_quant.quant.chunks import chunk_token_bytes
+    from r1v_quant.quant.memory_model import layer_weight_bytes
+
+    cfg = parse_config(tiny_config(1024, slice_sizes("real", 1), {"bos": 0, "eos": 1, "pad": 1}))
+    budget = 2 * layer_weight_bytes(cfg, 4) + 4 * 512 * chunk_token_bytes(5120, 27648, 4)
+    small, large = (predict(cfg, t, budget, device="cpu", act_bytes=4, seq_len=256, spill_above=8 * GiB)
+                    for t in (600, 2400))
+    for p in (small, large):
+        assert p.plan.chunk_tokens == 512 and p.plan.stored_on_device and p.plan.keep_down_inputs
+        assert "stored" in p.host_parts and "front weights" not in p.host_parts
+        # between layers (float32 in RAM, the next inputs, the work-folder write) + stored + down inputs
+        assert p.stored_activations == (4 * 5120 * 3 + 6 * 5120 * 4 + 27648 * 4) * p.tokens
+    assert small.host_peak - small.stored_activations == large.host_peak - large.stored_activations
+
+
+def test_memory_check_tells_the_model_the_settings_the_command_gets(tiny_dir):
+    from r1v_quant.model.config import load_config
+    from r1v_quant.quant.memory_check import RunSettings, layer_device_bytes, prediction, working_set
+
+    s = RunSettings(device="cpu", samples=4, seq_len=512, max_tokens=2000, grid=3, budget=300 * MiB + 12345,
+                    spill_above=GiB + 7, compute_dtype="float32")
+    args = s.cli_args()
+    assert args[args.index("--max-device-memory") + 1] == "300MiB" and s.budget == 300 * MiB
+    assert args[args.index("--offload-above") + 1] == "1024MiB" and s.spill_above == GiB
+    p = prediction(tiny_dir, 1500, s)
+    assert p == predict(load_config(tiny_dir), 1500, 300 * MiB, device="cpu", act_bytes=4, seq_len=512,
+                        spill_above=GiB)
+    assert working_set(p.host_peak, p) == p.host_peak - p.stored_activations > 0
+    assert layer_device_bytes(p) == sum(v for k, v in p.device_parts.items() if not k.startswith("front"))

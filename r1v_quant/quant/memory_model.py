@@ -59,8 +59,9 @@ class Prediction:
         return sum(v for k, v in self.host_parts.items() if k in GROWING)
 
 
+# On CPU the layer's stored tensors and down_proj inputs are host memory too ("stored", "down inputs").
 GROWING = ("activations in RAM", "next layer's inputs", "work-folder write", "stored tensors (host)",
-           "down inputs (host)")
+           "down inputs (host)", "stored", "down inputs")
 
 
 def auto_spill_above(available_host: int) -> int:
