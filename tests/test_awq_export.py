@@ -75,6 +75,7 @@ def test_runtime_reads_the_export_as_the_format_says(tiny_export):
     assert torch.allclose(module(x), x @ ref.T, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_is_closer_to_the_source_than_round_to_nearest(tiny_dir, tiny_export):
     """Held-out prompts of the calibration's kind (with images): AWQ's KL to the source beats round-to-nearest's.
 
@@ -102,6 +103,7 @@ def test_chat_on_export(tiny_export, capsys):
     assert code == 0, err and out.strip()
 
 
+@pytest.mark.slow
 def test_resume_gives_a_byte_identical_export(tiny_dir, tmp_path):
     full = tmp_path / "full"
     quantize_checkpoint(str(tiny_dir), full, SMALL, SMALL_CALIB, device="cpu")

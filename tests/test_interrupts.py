@@ -135,7 +135,9 @@ DIE_AT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("point", ["layer-files-written", "acts-written", "state-written"])
+# one commit point in the quick run; the other two with the slow tests
+@pytest.mark.parametrize("point", [pytest.param("layer-files-written", marks=pytest.mark.slow),
+                                   pytest.param("acts-written", marks=pytest.mark.slow), "state-written"])
 def test_a_kill_inside_a_layer_commit_resumes_to_the_same_export(tiny_dir, tmp_path, reference, point):
     """The window of the old layout: the activations replaced, the state not yet updated."""
     out, work = tmp_path / "out", tmp_path / ".out.awq-work"

@@ -50,6 +50,7 @@ def test_mini_has_the_real_layout():
     assert sum(f.stat().st_size for f in path.iterdir()) <= 15 * 1024**2
 
 
+@pytest.mark.slow
 def test_mini_answers_heldout_questions_well_above_chance(loaded):
     questions = heldout_questions(QUESTIONS, 0)
     results = answer_questions(loaded, questions)
@@ -121,6 +122,7 @@ def mini_awq(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_awq_keeps_r1v_minis_accuracy_and_is_closer_than_rtn(mini_awq, tmp_path, capsys):
     report = tmp_path / "eval.json"
     code, out, err = run_cli(["eval", "--reference", mini.mini_path(), "--candidate", mini_awq,
