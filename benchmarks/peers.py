@@ -331,7 +331,8 @@ def ours(s: Settings, name: str, calib: str, label: str, extra_args: list[str], 
         data = json.loads(report.read_text())
         run.quantize_s = data["seconds"]
         run.tokens = int(data["summary"]["calibration tokens"])
-        run.extra = {"image-token share": data["summary"]["image-token share"]}
+        run.extra = {"image-token share": data["summary"]["image-token share"],
+                     "compute dtype": data.get("settings", {}).get("compute dtype", "?")}
         save_run(run, s)
     return run
 
@@ -535,7 +536,7 @@ def _bitsandbytes_ready() -> str | None:
 def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
     from r1v_quant.calib.traces import model_identity
     from r1v_quant.evals import run as ev
-    from r1v_quant.quant import baselines
+    from r1v_quant.quant import baselines as quant_baselines
 
     settings = ev.EvalSettings(suite=s.suite, limit=s.questions, seed=s.seed, max_new_tokens=s.max_new_tokens,
                                batch_size=s.batch_size, device="cpu", dtype="bf16", cache_dir=s.work / "eval-cache")
@@ -549,13 +550,13 @@ def evaluate(s: Settings, runs: list[Run], baselines: list[str]) -> dict:
     skipped = {}
     for base in baselines:
         if base == "rtn":
-            specs.append(ev.ModelSpec("rtn", "baseline", lambda: baselines.build_rtn(s.model, GROUP, "cpu", "bf16")))
+            specs.append(ev.ModelSpec("rtn", "baseline", lambda: quant_baselines.build_rtn(s.model, GROUP, "cpu", "bf16")))
         elif base == "nf4":
             why = _bitsandbytes_ready()
             if why:
                 skipped["nf4"] = why
             else:
-                specs.append(ev.ModelSpec("nf4", "baseline", lambda: baselines.build_nf4(s.model, "cpu", "bf16")))
+                specs.append(ev.ModelSpec("nf4", "baseline", lambda: quant_baselines.build_nf4(s.model, "cpu", "bf16")))
 
     def progress(label, done, total):
         if done in (0, total) or done % max(1, total // 4) == 0:
@@ -770,8 +771,9 @@ def main(argv: list[str] | None = None) -> int:
 
     c_rows = cost_rows(runs)
     median = f", median of {s.repeats} runs in rotated order" if s.repeats > 1 else ""
+    ours_dtype = next((r.extra.get("compute dtype") for r in runs if r.name == "ours-text" and r.extra), None)
     cost_title = (f"Calibration cost: {s.samples} x {s.seq_len} text tokens, {s.threads} threads, whole process{median} "
-                  f"(r1v-quant computes in float32 on CPU, the peers in {s.peer_dtype})")
+                  f"(r1v-quant computes in {ours_dtype or 'its auto dtype'}, the peers in {s.peer_dtype})")
     blocks = []
     if not s.cost_only:
         q_rows = quality_rows(results, runs)

@@ -113,8 +113,8 @@ def command(
         console.print(f"{k}: [bold]{v}[/]")
     console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.0f} s")
     if json_out:
-        data = {"out": str(result.out), "summary": result.summary(), "seconds": result.seconds,
-                "layers": [asdict(r) for r in result.layers]}
+        data = {"out": str(result.out), "summary": result.summary(), "settings": result.extra,
+                "seconds": result.seconds, "layers": [asdict(r) for r in result.layers]}
         if result.head is not None:
             data["lm_head"] = asdict(result.head)
         json_out.write_text(json.dumps(data, indent=2) + "\n")

@@ -12,7 +12,15 @@ from r1v_quant.calib.builtin import builtin_samples
 from r1v_quant.calib.skills import text_question
 from r1v_quant.evals.scoring import is_correct
 from r1v_quant.evals.suites import suite_loader
-from r1v_quant.fixtures.chains import FAMILY, MAX_VALUE, STEPS, chain_question, chain_split, outlier_heldout
+from r1v_quant.fixtures.chains import (
+    FAMILY,
+    MAX_VALUE,
+    STEPS,
+    chain_question,
+    chain_samples,
+    chain_split,
+    outlier_heldout,
+)
 from r1v_quant.fixtures.outlier_stats import channel_ratio, column_norm_ratios, decoder_input_ratios, meets_threshold
 from r1v_quant.fixtures.outliers import OUTLIERS_DIR, floor_columns, gain_schedule, measure_ratios
 
@@ -51,6 +59,15 @@ def test_held_out_chains_are_never_trained_chains():
         words = re.findall(r"(add|subtract) \d+", s.prompt.lower())
         ops = [("+" if w == "add" else "-", b) for w, b in zip(words, numbers[1:])]
         assert chain_split(numbers[0], ops) == "eval"
+
+
+def test_a_suite_never_asks_a_held_out_chain_twice():
+    prompts = [s.prompt for s, _ in chain_samples("eval", 0, 1000)]
+    assert len(set(prompts)) == 1000
+    suite = [s.prompt for s, f in outlier_heldout(400) if f == FAMILY]
+    assert suite == prompts[:200]
+    numbers = {int(x) for p in prompts for x in re.findall(r"\d+", p)}
+    assert numbers <= set(range(MAX_VALUE + 1)) and MAX_VALUE < 10   # one digit, one token
 
 
 def test_channel_ratio_of_a_known_tensor():
@@ -140,3 +157,20 @@ def test_the_committed_instrument_has_outliers_and_ordinary_weights(instrument):
     assert all(r["attn_top"] in channels and r["mlp_top"] in channels for r in rows)
     ratios = [v for row in column_norm_ratios(instrument.model, channels) for v in row["ratios"]]
     assert min(ratios) >= 0.95 and max(ratios) < 5.0
+
+
+@pytest.mark.slow
+def test_round_to_nearest_costs_the_instrument_chains(instrument):
+    """The instrument discriminates: w4 g128 RTN spoils held-out chains the bf16 model gets
+    right, by an interval that excludes no loss. (The full 400-question figure is in the README.)"""
+    from r1v_quant.evals.stats import paired_difference
+    from r1v_quant.fixtures.train import answer_questions
+    from r1v_quant.quant.baselines import build_rtn
+
+    chains = [(s, f) for s, f in outlier_heldout(400) if f == FAMILY][:60]
+    ref = [r["correct"] for r in answer_questions(instrument, chains, max_new_tokens=64)]
+    rtn = [r["correct"] for r in answer_questions(build_rtn(OUTLIERS_DIR, 128, "cpu", "bf16"), chains,
+                                                  max_new_tokens=64)]
+    assert sum(ref) >= 36                                 # 60% of chains, chance is 10%
+    delta = paired_difference(ref, rtn)
+    assert delta.hi < 0 and delta.value <= -10

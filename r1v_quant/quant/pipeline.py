@@ -44,6 +44,7 @@ from r1v_quant.quant.chunks import (
     token_bounds,
 )
 from r1v_quant.quant.head import check_head, quantize_head
+from r1v_quant.quant.host_memory import release_freed_host_memory
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
 from r1v_quant.quant.recipe import AWQSettings
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
@@ -441,6 +442,8 @@ def run_awq(cfg: R1VConfig, ckpt: Checkpoint, first_inputs: Callable[[], Iterabl
             acts.append(x.to(torch.float32) if x.dtype != torch.float32 else x)
         del nxt
         work.finish_layer(i, tensors, report, acts)
+        del tensors
+        release_freed_host_memory()
         if progress:
             progress(i, total, report)
         if stop_after is not None and i >= stop_after:
