@@ -5,13 +5,20 @@ Prompt format (multiple choice)::
     [Hint: {hint}\\n]Question: {question}\\nOptions:\\nA. {a}\\nB. {b}\\n...
     Please select the correct answer from the options above. \\n
 
-Open questions stop after the ``Question:`` line.  Images go where MMMU's ``<image n>``
-markers stand, in the question and in the options alike: each marker becomes one
-``<image>`` placeholder and ``images`` lists the pictures in the order the markers
-appear, so a picture referred to twice is listed twice.  As in the vendor's kit, a row
-whose text names none of its images gets all of them, in column order, each as
-``<image>\\n`` before the text, and a row that names some of its images leaves the
-unnamed ones out, so the model sees exactly what the published scores were measured on.
+Open questions stop after the ``Question:`` line.
+
+Pictures are placed as the model is served.  The vendor's kit cuts the text at MMMU's
+``<image n>`` markers (in the question and the options alike) and sends the pieces and the
+pictures interleaved, as content parts of one message, to a vLLM server.  R1V's chat template
+takes a message's content as one string, and for such templates vLLM's chat handling joins
+the text parts with newlines and puts one ``<image>`` per picture, each on its own line, in
+front of them (:func:`r1v_quant.model.prompt.served_prompt`).  So the prompt here is exactly
+that: ``<image>\\n`` once per marker, in marker order (a picture named twice is listed twice,
+pictures the text never names are left out), then the text pieces, markers removed, joined by
+newlines.  A row whose text names none of its pictures gets all of them, in column order, as
+the kit sends them first.  The same text goes to ``--engine torch`` and ``--engine vllm``,
+which both expand each ``<image>`` in place, so the two engines, the vendor's published runs
+and a client of ``serve`` sending the kit's message all show the model the same prompt.
 
 Where the data comes from, first match wins: a folder or parquet file given by the user
 (MMMU's own layout ``<Subject>/validation-*.parquet`` or flat files), MMMU files already
@@ -34,7 +41,7 @@ from typing import Any
 from PIL import Image
 
 from r1v_quant.errors import UserError
-from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, with_image_placeholders
+from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, served_prompt
 
 from . import hub
 from .sample import Sample
@@ -136,7 +143,9 @@ def decode_image(value: Any, row_id: str = "?") -> Image.Image:
     return image.convert("RGB")
 
 
-def _place_images(text: str, row: dict, row_id: str) -> tuple[str, list[Image.Image]]:
+def message_parts(text: str, row: dict, row_id: str) -> tuple[list[str | None], list[Image.Image]]:
+    """The vendor kit's interleaved message for a row: text pieces and None where a picture
+    stands (the text cut at each ``<image n>``, the marker removed), and the pictures in order."""
     decoded: dict[int, Image.Image] = {}
 
     def image_number(k: int) -> Image.Image:
@@ -147,23 +156,28 @@ def _place_images(text: str, row: dict, row_id: str) -> tuple[str, list[Image.Im
             decoded[k] = decode_image(value, row_id)
         return decoded[k]
 
-    numbers = [int(k) for k in _MARKER.findall(text)]
-    if numbers:
-        return _MARKER.sub(IMAGE_PLACEHOLDER, text), [image_number(k) for k in numbers]
-    present = [k for k in range(1, len(IMAGE_COLUMNS) + 1) if row.get(f"image_{k}") is not None]
-    images = [image_number(k) for k in present]
-    return with_image_placeholders(text, len(images)), images
+    pieces = _MARKER.split(text)  # text, number, text, number, ..., text
+    if len(pieces) == 1:
+        present = [k for k in range(1, len(IMAGE_COLUMNS) + 1) if row.get(f"image_{k}") is not None]
+        return [None] * len(present) + [text], [image_number(k) for k in present]
+    parts: list[str | None] = [pieces[0]]
+    images = []
+    for number, after in zip(pieces[1::2], pieces[2::2]):
+        images.append(image_number(int(number)))
+        parts += [None, after]
+    return parts, images
 
 
 def format_mmmu_question(row: dict) -> tuple[str, list[Image.Image]]:
-    """The vendor-format prompt of one MMMU row and its images in placeholder order."""
+    """The vendor-format prompt of one MMMU row as the served model sees it, and its images in placeholder order."""
     row_id = str(row.get("id", "?"))
     options = parse_options(row.get("options"), row_id)
     text = pose_question(str(row["question"]), options, row.get("hint") or None)
     if IMAGE_PLACEHOLDER in text:
         # a literal "<image>" in MMMU's own text would pair pictures with the wrong slots
         raise UserError(f"MMMU row {row_id} contains a literal {IMAGE_PLACEHOLDER} in its text.")
-    return _place_images(text, row, row_id)
+    parts, images = message_parts(text, row, row_id)
+    return served_prompt(parts), images
 
 
 def subject_of(row_id: str, fallback: str = "unknown") -> str:
@@ -262,12 +276,9 @@ def _parquet_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise UserError(f"the MMMU data path {path} does not exist.")
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    validation = [p for p in files if p.name.startswith("validation")]
-    if validation:
-        return validation
-    # dev and test rows would leak few-shot examples or carry no answers
-    return [p for p in files if not p.name.startswith(("dev", "test"))]
+    # by path, so <Subject>/validation/0000.parquet (the Hub's converted layout) counts too:
+    # dev rows would leak few-shot examples and test rows carry no answers
+    return hub.files_of(path, hub.data_files(path, (".parquet",)), MMMU_SPLIT)
 
 
 def _read_ids(file: Path) -> list[str]:
@@ -286,8 +297,8 @@ def _read_ids(file: Path) -> list[str]:
 
 
 def _subject_for(row_id: str, file: Path, root: Path) -> str:
-    folder = file.parent.name if file.parent != root else file.stem
-    return subject_of(row_id, fallback=folder)
+    parts = file.relative_to(root).parts if file != root else (file.name,)
+    return subject_of(row_id, fallback=parts[0] if len(parts) > 1 else file.stem)
 
 
 def parquet_source(path: str | Path) -> _Source:
@@ -338,7 +349,10 @@ def _hub_snapshot() -> Path | None:
 
 def _hub_cache_source() -> _Source | None:
     snapshot = _hub_snapshot()
-    if snapshot is None or not _parquet_files(snapshot):
+    try:
+        if snapshot is None or not _parquet_files(snapshot):
+            return None
+    except UserError:  # a cached snapshot without the validation split: look further
         return None
     return parquet_source(snapshot)
 

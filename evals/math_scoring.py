@@ -8,13 +8,18 @@ normalised strings, the one place where hand-written rules remain.
 
 Kinds scored here:
 
-- ``math`` (MATH-500, AIME 2024): the last boxed value against the gold answer.
+- ``math`` (MATH-500, AIME 2024): the last boxed value after the reasoning against the gold
+  answer (strict).  :func:`grade_with_fallback` also reads a reply without a box the way
+  lighteval and open-r1 do: the last LaTeX or number expression of the visible answer, so a
+  score can be set beside either convention.  Zero-padded gold answers (AIME's ``025``) equal
+  their numbers both ways.
 - ``free-form`` (MathVista's free-form questions): the last boxed value, else the visible
   answer when it is short; then by MathVista's answer type: ``integer`` (equal integers),
   ``float`` (equal once rounded to the question's ``precision`` decimals) or ``text``.
 
 Multiple-choice suites (MathVista's multi_choice, GPQA) keep the option-letter rules of
-:mod:`r1v_quant.evals.scoring`, so ``\\boxed{B}``, ``B`` and the option's text all count.
+:mod:`r1v_quant.evals.scoring`, so ``\\boxed{B}``, ``B`` and the option's text all count, and
+GPQA's ``Answer: B`` line first.
 """
 
 from __future__ import annotations
@@ -69,6 +74,21 @@ def boxed_answer(response: str, *, think_opened: bool = False) -> str | None:
     return boxed.strip() if boxed is not None and boxed.strip() else None
 
 
+def last_expression(response: str, *, think_opened: bool = False) -> str | None:
+    """The answer of a reply without a box as lighteval and open-r1 read it: math-verify's
+    extraction of the last LaTeX or number expression in the visible answer."""
+    from math_verify import parse
+
+    answer = visible_answer(response, think_opened=think_opened)
+    if answer is None or not answer.strip():
+        return None
+    try:
+        found = parse(answer, parsing_timeout=_VERIFY_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - a reply math-verify cannot read gives no answer
+        return None
+    return str(found[-1]).strip() or None if found else None
+
+
 def free_form_answer(response: str, *, think_opened: bool = False) -> str | None:
     """MathVista free-form: the boxed value, else the open-question fallbacks."""
     boxed = boxed_answer(response, think_opened=think_opened)
@@ -91,7 +111,7 @@ def free_form_correct(predicted: str, gold: str, answer_type: str, precision: in
 
 
 def grade(sample, response: str, *, think_opened: bool = False) -> tuple[str | None, bool]:
-    """(extracted answer, whether it is right) for any question kind."""
+    """(extracted answer, whether it is right) for any question kind; math strictly (a box)."""
     kind = sample.kind
     if kind == MATH:
         answer = boxed_answer(response, think_opened=think_opened)
@@ -102,6 +122,15 @@ def grade(sample, response: str, *, think_opened: bool = False) -> tuple[str | N
         ok = answer is not None and free_form_correct(answer, str(sample.answer), scoring.get("answer_type", "text"),
                                                       scoring.get("precision"))
         return answer, ok
-    answer = extract_answer(response, kind, sample.options, think_opened=think_opened)
+    extract = (getattr(sample, "scoring", None) or {}).get("extract")
+    answer = extract_answer(response, kind, sample.options, think_opened=think_opened, extract=extract)
     return answer, is_correct(sample, response, think_opened=think_opened)
+
+
+def grade_with_fallback(sample, response: str, *, think_opened: bool = False) -> tuple[str | None, bool]:
+    """:func:`grade`, except that a math reply without a box is read by its last expression."""
+    if sample.kind != MATH or boxed_answer(response, think_opened=think_opened) is not None:
+        return grade(sample, response, think_opened=think_opened)
+    answer = last_expression(response, think_opened=think_opened)
+    return answer, answer is not None and math_equal(answer, str(sample.answer))
 

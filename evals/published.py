@@ -15,6 +15,19 @@ from pathlib import Path
 
 HARNESS_NOTE = "published by the vendor, measured with its own harness"
 
+_NO_KIT = "the vendor published no scoring code for this suite; ours is rule-scored as the suite note says."
+# suite -> how the vendor scored its published figure, said beside it.
+VENDOR_SCORING: dict[str, str] = {
+    "mmmu-val": ("a GPT-4o judge read the replies, and open questions were turned into a two-option quiz after "
+                 "generation; ours are rule-scored, so the two are not like for like."),
+    "mathvista-testmini": ("a GPT-4o judge extracted the answers, and free-form answers had to match as exact floats; "
+                           "ours are rule-scored and round floats to the question's precision, as MathVista's own "
+                           "scorer does."),
+    "math-500": _NO_KIT,
+    "aime-2024": _NO_KIT,
+    "gpqa-diamond": _NO_KIT,
+}
+
 
 @dataclass(frozen=True)
 class Published:

@@ -8,7 +8,9 @@ Schema (``EvalResults``, written by ``to_json`` as a plain JSON object)::
     candidate        name of the quantised model under test
     baselines        names of other models shown for context (e.g. the vendor's AWQ)
     conf             confidence level of every interval, e.g. 0.95
-    settings         free-form run settings (generation parameters, seeds, limits)
+    settings         free-form run settings (generation parameters, seeds, limits); for the
+                     vendor's suites "suite_note": {prompt, extraction, vendor} says how the
+                     questions were posed, how answers were read and how the vendor scored its figure
     models           one ModelResult per model (reference, candidate, baselines):
         name, role ("reference" | "candidate" | "baseline"), n (questions scored),
         accuracy, accuracy_lo, accuracy_hi        percent, Wilson interval
@@ -16,6 +18,9 @@ Schema (``EvalResults``, written by ``to_json`` as a plain JSON object)::
         perplexity       on the suite's reference text, or null
         reasoning_tokens_mean, reasoning_tokens_median   tokens before </think>, or null
         runaway_share    percent of replies that never closed </think>, or null
+        fallback_accuracy, fallback_lo, fallback_hi   math suites: the accuracy when a reply
+                         without \\boxed{} is read by its last LaTeX or number expression
+                         (lighteval, open-r1), beside the strict accuracy; else null
     comparisons      one Comparison per non-reference model, against the reference:
         model, diff, diff_lo, diff_hi             points (model minus reference), paired bootstrap
         mcnemar_p        exact two-sided McNemar p-value
@@ -65,6 +70,9 @@ class ModelResult:
     reasoning_tokens_mean: float | None = None
     reasoning_tokens_median: float | None = None
     runaway_share: float | None = None
+    fallback_accuracy: float | None = None
+    fallback_lo: float | None = None
+    fallback_hi: float | None = None
 
 
 @dataclass
@@ -121,10 +129,13 @@ def model_result(
     reasoning_lengths: Sequence[int] | None = None,
     unfinished: Sequence[bool] | None = None,
     perplexity: float | None = None,
+    fallback_correct: Sequence[bool] | None = None,
     conf: float = 0.95,
 ) -> ModelResult:
-    """Summarise one model's per-question outcomes (``subjects`` parallel to ``correct``)."""
+    """Summarise one model's per-question outcomes (``subjects`` parallel to ``correct``);
+    ``fallback_correct``: the same replies scored with the no-box fallback (math suites)."""
     acc = accuracy_interval(correct, conf)
+    fallback = accuracy_interval(fallback_correct, conf) if fallback_correct else None
     per_subject: dict[str, float] = {}
     if subjects is not None:
         if len(subjects) != len(correct):
@@ -146,6 +157,9 @@ def model_result(
         reasoning_tokens_mean=float(statistics.fmean(lengths)) if lengths else None,
         reasoning_tokens_median=float(statistics.median(lengths)) if lengths else None,
         runaway_share=100.0 * sum(map(bool, unfinished)) / len(unfinished) if unfinished else None,
+        fallback_accuracy=None if fallback is None else fallback.value,
+        fallback_lo=None if fallback is None else fallback.lo,
+        fallback_hi=None if fallback is None else fallback.hi,
     )
 
 
@@ -270,14 +284,34 @@ def render_table(results: EvalResults, wide: bool = False) -> Table:
 
 
 def published_lines(results: EvalResults) -> list[str]:
-    """The vendor's own figures for this reference and suite, when known."""
+    """The vendor's own figures for this reference and suite, when known, and how they were scored."""
     found = results.settings.get("published") if isinstance(results.settings, dict) else None
     if not found:
         return []
     if found.get("bf16") is None and found.get("vendor_awq") is None:
         return [f"{found['model']}: the vendor published no {found['suite']} score."]
-    return [f"{found['model']} on {found['suite']}, {found['source']}: bf16 {_na(found.get('bf16'), '.1f')}, "
-            f"vendor AWQ {_na(found.get('vendor_awq'), '.1f')}."]
+    line = (f"{found['model']} on {found['suite']}, {found['source']}: bf16 {_na(found.get('bf16'), '.1f')}, "
+            f"vendor AWQ {_na(found.get('vendor_awq'), '.1f')}.")
+    note = (results.settings.get("suite_note") or {}).get("vendor")
+    return [line + (f" Vendor's scoring: {note}" if note else "")]
+
+
+def fallback_lines(results: EvalResults) -> list[str]:
+    """Math suites: every model's accuracy once more, a reply without a box read by its last expression."""
+    models = [m for m in results.ordered_models() if m.fallback_accuracy is not None]
+    if not models:
+        return []
+    scores = "; ".join(f"{m.name} {m.fallback_accuracy:.1f} [{m.fallback_lo:.1f}, {m.fallback_hi:.1f}]" for m in models)
+    return ["Accuracy above is strict (the last \\boxed{} after the reasoning). With the fallback of lighteval and "
+            f"open-r1 (no box: the last LaTeX or number expression): {scores}."]
+
+
+def suite_note_lines(results: EvalResults) -> list[str]:
+    """How the suite was posed and its answers read."""
+    note = results.settings.get("suite_note") if isinstance(results.settings, dict) else None
+    if not note:
+        return []
+    return [f"Prompt: {note['prompt']} Answers: {note['extraction']}"]
 
 
 def print_report(results: EvalResults, console: Console | None = None, wide: bool = False) -> None:
@@ -287,7 +321,7 @@ def print_report(results: EvalResults, console: Console | None = None, wide: boo
     console.print(render_table(results, wide=wide))
     if not wide:
         console.print(f"[dim]{_NARROW_CAPTION}[/]", highlight=False)
-    for line in published_lines(results):
+    for line in fallback_lines(results) + suite_note_lines(results) + published_lines(results):
         console.print(line, highlight=False)
     subjects = _subjects(results)
     if subjects:
@@ -314,9 +348,9 @@ def to_markdown(results: EvalResults) -> str:
     """The summary and per-subject tables as Markdown (for model cards and READMEs)."""
     lines = [f"## {results.suite}: {results.candidate} vs {results.reference}", ""]
     lines += _md_table(_headers(results), _rows(results))
-    published = published_lines(results)
-    if published:
-        lines += [""] + published
+    notes = fallback_lines(results) + suite_note_lines(results) + published_lines(results)
+    if notes:
+        lines += [""] + notes
     subjects = _subjects(results)
     if subjects:
         models = results.ordered_models()

@@ -53,7 +53,7 @@ from r1v_quant.evals.forcing import (
     prompt_opens_think,
     summarize,
 )
-from r1v_quant.evals.math_scoring import grade
+from r1v_quant.evals.math_scoring import MATH, grade, grade_with_fallback
 from r1v_quant.evals.ref_cache import ReferenceCache, RefItem, cache_key, default_cache_dir
 from r1v_quant.evals.scoring import reasoning_length
 from r1v_quant.evals.settings import BASELINES, EvalSettings, ProgressFn, check_settings
@@ -259,12 +259,16 @@ class Scored:
     answers: list[str | None]
     reasoning: list[int]
     runaway: list[bool]
+    fallback: list[bool]     # math suites: a reply without a box read by its last expression; else empty
 
 
 def score(suite: Suite, items: Sequence[ItemResult], think_close_id: int | None) -> Scored:
-    out = Scored([], [], [], [])
+    out = Scored([], [], [], [], [])
+    math = any(s.kind == MATH for s in suite.samples)
     for sample, item in zip(suite.samples, items):
         answer, correct = grade(sample, item.reply.text, think_opened=item.think_opened)
+        if math:
+            out.fallback.append(grade_with_fallback(sample, item.reply.text, think_opened=item.think_opened)[1])
         out.correct.append(correct)
         out.answers.append(answer)
         if think_close_id is not None:
@@ -314,7 +318,7 @@ def qa_results(suite: Suite, runs: dict[str, tuple[str, list[ItemResult]]], thin
     for label, (role, items) in runs.items():
         s = scored[label]
         models.append(report.model_result(label, role, s.correct, subjects, reasoning_lengths=s.reasoning or None,
-                                          unfinished=s.runaway, conf=conf))
+                                          unfinished=s.runaway, fallback_correct=s.fallback or None, conf=conf))
         if role != "reference":
             pooled = _pooled(items)
             comparisons.append(report.comparison(
@@ -332,6 +336,9 @@ def _pass_at_1_intervals(suite: Suite, models: list[report.ModelResult], compari
     clusters = [i // suite.samples_per_question for i in range(len(suite.samples))]
     for m in models:
         m.accuracy, m.accuracy_lo, m.accuracy_hi = pass_at_k.pass_at_1(scored[m.name].correct, clusters, conf=conf)
+        if scored[m.name].fallback:
+            m.fallback_accuracy, m.fallback_lo, m.fallback_hi = pass_at_k.pass_at_1(scored[m.name].fallback, clusters,
+                                                                                    conf=conf)
     for c in comparisons:
         c.diff, c.diff_lo, c.diff_hi = pass_at_k.paired_pass_at_1(scored[ref_label].correct, scored[c.model].correct,
                                                                   clusters, conf=conf)
@@ -410,10 +417,19 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
         suite=suite.name, reference=specs[0].label, candidate=specs[1].label, models=models, comparisons=comparisons,
         baselines=[s.label for s in specs[2:]],
         settings={**settings.describe(), "warnings": warnings, "reference_cache": cache_dir and str(cache_dir),
-                  "published": _published(reference, ref_path, suite.name)},
+                  "published": _published(reference, ref_path, suite.name), "suite_note": suite_note(suite.name)},
         questions=questions)
     return EvalRun(results, suite, warnings, cache_dir, reused, len(suite.samples) - reused,
                    {label: items for label, (_, items) in runs.items()})
+
+
+def suite_note(suite_name: str) -> dict | None:
+    """How a vendor suite was posed and read here, and how the vendor scored its figure."""
+    from r1v_quant.evals.vendor_suites import SUITE_NOTES
+
+    note = SUITE_NOTES.get(suite_name)
+    return None if note is None else {"prompt": note[0], "extraction": note[1],
+                                      "vendor": published.VENDOR_SCORING.get(suite_name)}
 
 
 def _published(reference: str, ref_path: Path, suite_name: str) -> dict | None:

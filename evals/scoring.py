@@ -19,6 +19,12 @@ Fallback, in order, when no usable ``\\boxed{}`` is present:
 4. option texts found in the answer: exactly one option (after dropping options whose
    text is part of another found option) -> that letter, else ``None``.
 
+Options that say the same thing (MathVista lists some answers twice) are one answer: the
+first of their letters stands for all of them, so any of the letters, or the text, scores.
+
+GPQA (``scoring["extract"] == ANSWER_LINE``): the last ``Answer: X`` line after the reasoning,
+as simple-evals reads it, before any of the rules above.
+
 Open questions: the last boxed value, else the last explicit answer phrase, else the
 whole visible answer when it is one short line.  Values compare numerically when both
 sides parse as numbers (a common unit after the predicted number is dropped), else as
@@ -40,6 +46,8 @@ from r1v_quant.model.prompt import THINK_END, THINK_START
 THINK_END_ID = 151649
 
 MULTIPLE_CHOICE = "multiple-choice"
+# A multiple-choice suite posed with "The last line of your response should be ... 'Answer: $LETTER'".
+ANSWER_LINE = "answer-line"
 
 # A one-line visible answer longer than this is prose, not an answer.
 _SHORT_ANSWER_CHARS = 60
@@ -221,6 +229,19 @@ def open_answers_match(pred: str, gold: str) -> bool:
 # ---------------------------------------------------------------- multiple choice
 
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def canonical_letter(letter: str, options: Sequence[str]) -> str:
+    """The first letter whose option says the same as ``letter``'s: options listed twice
+    (MathVista's ['9', '12', '18', '18']) are one answer."""
+    index = LETTERS.find(letter)
+    if index < 0 or index >= len(options):
+        return letter
+    same = normalize(options[index])
+    return next(LETTERS[i] for i, option in enumerate(options) if normalize(option) == same)
+
+
 def option_letters(options: Sequence[str]) -> str:
     """Valid letters for a question; without options listed, A to J are allowed."""
     count = len(options) if options else 10
@@ -247,8 +268,8 @@ def _letter_from_option_text(text: str, options: Sequence[str], *, prefix: bool 
     if not hits:
         return None
     best = max(h[0] for h in hits)
-    longest = [i for n, i in hits if n == best]
-    return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[longest[0]] if len(longest) == 1 else None
+    longest = {canonical_letter(LETTERS[i], options) for n, i in hits if n == best}
+    return longest.pop() if len(longest) == 1 else None
 
 
 def answer_to_letter(text: str, options: Sequence[str], *, loose: bool = False) -> str | None:
@@ -278,6 +299,17 @@ _ANSWER_PHRASE = re.compile(
     r"(?P<value>[^\n]*?)\s*(?=\n|$|\.\s|\.$)",
     re.IGNORECASE,
 )
+
+
+# simple-evals' "Answer: X", the letter standing alone ("Answer: After ..." names no option).
+_ANSWER_LINE = re.compile(r"(?i)answer[ \t]*:[*_ \t]*\$?\(?([A-Z])\)?\$?(?![A-Za-z0-9])")
+
+
+def answer_line_letter(text: str, options: Sequence[str]) -> str | None:
+    """The option letter of the last ``Answer: X`` in ``text``; None when there is none."""
+    letters = option_letters(options)
+    found = [m.group(1).upper() for m in _ANSWER_LINE.finditer(text) if m.group(1).upper() in letters]
+    return found[-1] if found else None
 
 
 def _explicit_answers(text: str) -> list[str]:
@@ -310,7 +342,7 @@ def _options_in_text(text: str, options: Sequence[str]) -> list[str]:
     # An option whose text sits inside another found option's text ("10" in "100 N") is
     # that other option being mentioned, not a second candidate.
     kept = [i for i, t in found.items() if not any(j != i and t in u and t != u for j, u in found.items())]
-    return ["ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i] for i in kept]
+    return list(dict.fromkeys(canonical_letter(LETTERS[i], options) for i in kept))
 
 
 def infer_option(text: str, options: Sequence[str]) -> str | None:
@@ -325,7 +357,7 @@ def infer_option(text: str, options: Sequence[str]) -> str | None:
         letter = answer_to_letter(value, options, loose=True)
         if letter:
             return letter
-    mentioned = mentioned_letters(stripped, options)
+    mentioned = list(dict.fromkeys(canonical_letter(m, options) for m in mentioned_letters(stripped, options)))
     if mentioned:
         return mentioned[0] if len(mentioned) == 1 else None
     by_text = _options_in_text(stripped, options)
@@ -336,22 +368,24 @@ def infer_option(text: str, options: Sequence[str]) -> str | None:
 
 
 def extract_answer(
-    response: str, kind: str, options: Sequence[str] = (), *, think_opened: bool = False
+    response: str, kind: str, options: Sequence[str] = (), *, think_opened: bool = False, extract: str | None = None
 ) -> str | None:
     """The answer a reply commits to, or ``None`` when it gives none (or never finished
-    reasoning).  Multiple choice: an upper-case option letter.  Open and text questions:
-    the normalised answer string.  ``think_opened``: the prompt already opened ``<think>``.
+    reasoning).  Multiple choice: an upper-case option letter (the first of options that say
+    the same).  Open and text questions: the normalised answer string.  ``think_opened``: the
+    prompt already opened ``<think>``.  ``extract``: ANSWER_LINE reads the ``Answer: X`` line first.
     """
     answer = visible_answer(response, think_opened=think_opened)
     if answer is None:
         return None
     boxed = last_boxed(answer)
     if kind == MULTIPLE_CHOICE:
-        if boxed is not None:
+        letter = answer_line_letter(answer, options) if extract == ANSWER_LINE else None
+        if letter is None and boxed is not None:
             letter = answer_to_letter(boxed, options, loose=True)
-            if letter:
-                return letter
-        return infer_option(answer, options)
+        if letter is None:
+            letter = infer_option(answer, options)
+        return None if letter is None else canonical_letter(letter, options)
     if boxed is not None:
         return normalize(boxed) or None
     explicit = _explicit_answers(answer)
@@ -395,10 +429,11 @@ def is_correct(sample_like: Any, response: str, *, think_opened: bool = False) -
         raise UserError(f"Sample {ident!r} has no gold answer, so it cannot be scored.")
     kind = _field(sample_like, "kind", "open")
     options = list(_field(sample_like, "options", None) or [])
-    predicted = extract_answer(response, kind, options, think_opened=think_opened)
+    extract = (_field(sample_like, "scoring", None) or {}).get("extract")
+    predicted = extract_answer(response, kind, options, think_opened=think_opened, extract=extract)
     if predicted is None:
         return False
     if kind == MULTIPLE_CHOICE:
-        golds = {answer_to_letter(g, options) or g.strip().upper() for g in gold_answers(gold)}
+        golds = {canonical_letter(answer_to_letter(g, options) or g.strip().upper(), options) for g in gold_answers(gold)}
         return predicted in golds
     return any(open_answers_match(predicted, g) for g in gold_answers(gold))

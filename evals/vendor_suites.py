@@ -12,11 +12,13 @@ gpqa-diamond   Idavidrein/gpqa (gated)  gpqa_diamond train  multiple choice A-D
 
 Posing.  MathVista: the vendor's kit (a VLMEvalKit fork) shows the data set's own
 ``query`` text, which already carries the hint, the question and the lettered choices,
-with the picture before it.  The text suites: the kit publishes no prompt of its own, so
+with the picture before it.  MATH-500 and AIME: the kit publishes no prompt of its own, so
 they are posed the way R1 models are asked for a boxed answer ("Please reason step by
-step, and put your final answer within \\boxed{}."), and GPQA in the kit's
-multiple-choice form (``Question: ...\\nOptions:\\nA. ...``) with its four answers shuffled
-into A-D by a fixed seed per question, so every run and every model sees the same order.
+step, and put your final answer within \\boxed{}.").  GPQA: the kit has no GPQA code, so it
+is posed in the form simple-evals, lighteval and open-r1 share ("Answer the following
+multiple choice question. ... 'Answer: $LETTER' ..." then ``A) ...`` to ``D) ...``), its four
+answers shuffled into A-D by a fixed seed per question, so every run and every model sees
+the same order.  :data:`SUITE_NOTES` says, per suite, the template and the answer extraction.
 
 Where the data comes from, first match wins: a local file or folder given with
 ``--data-path`` (parquet, jsonl, json or csv in the public schema), the ``datasets``
@@ -34,16 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1v_quant.calib import hub
-from r1v_quant.calib.mmmu import IMAGE_PLACEHOLDER, decode_image, pose_question
+from r1v_quant.calib.mmmu import IMAGE_PLACEHOLDER, decode_image
 from r1v_quant.calib.sample import Sample
 from r1v_quant.errors import UserError
 from r1v_quant.evals.math_scoring import FREE_FORM, MATH
-from r1v_quant.evals.scoring import MULTIPLE_CHOICE
+from r1v_quant.evals.scoring import ANSWER_LINE, MULTIPLE_CHOICE
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # GPQA's answers are shuffled with this seed (and the question's id): fixed, so the order
 # never depends on --seed and the reference cache stays valid across runs.
 GPQA_SHUFFLE_SEED = 0
+# The zero-shot chain-of-thought form of simple-evals, lighteval and open-r1.
+GPQA_TEMPLATE = ("Answer the following multiple choice question. The last line of your response should be of the "
+                 "following format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by step "
+                 "before answering.\n\n{question}\n\nA) {A}\nB) {B}\nC) {C}\nD) {D}")
 _FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
@@ -121,11 +127,16 @@ def gpqa_options(row: dict, question_id: str) -> tuple[list[str], str]:
     return [answers[i] for i in order], "ABCD"[order.index(0)]
 
 
+def gpqa_prompt(question: str, options: list[str]) -> str:
+    return GPQA_TEMPLATE.format(question=question, **dict(zip("ABCD", options)))
+
+
 def gpqa_sample(row: dict, position: int, root: Path | None) -> Sample:
     qid = _text(row, "Record ID") or str(position)
     options, letter = gpqa_options(row, qid)
-    return Sample(id=qid, prompt=pose_question(_text(row, "Question"), options), answer=letter,
-                  subject=_text(row, "High-level domain") or "all", kind=MULTIPLE_CHOICE, options=options)
+    return Sample(id=qid, prompt=gpqa_prompt(_text(row, "Question"), options), answer=letter,
+                  subject=_text(row, "High-level domain") or "all", kind=MULTIPLE_CHOICE, options=options,
+                  scoring={"extract": ANSWER_LINE})
 
 
 VENDOR_SUITES: dict[str, VendorSuite] = {s.name: s for s in (
@@ -141,38 +152,72 @@ VENDOR_SUITES: dict[str, VendorSuite] = {s.name: s for s in (
 )}
 
 
+_BOXED_NOTE = ("the problem, then \"Please reason step by step, and put your final answer within \\boxed{}.\" "
+               "(the R1 form; the vendor's kit publishes no prompt for it).")
+_MATH_EXTRACTION = ("strict: the last \\boxed{} after </think>, equal to the gold answer by mathematical equivalence "
+                    "(math-verify; zero-padded integers such as 025 equal their numbers); the fallback figure also reads "
+                    "a reply without a box by its last LaTeX or number expression, as lighteval and open-r1 do.")
+
+# suite label -> (how its questions are posed, how answers are read), shown with its results.
+SUITE_NOTES: dict[str, tuple[str, str]] = {
+    "mmmu-val": ("the vendor kit's MMMU form (\"Question: ...\", \"Options:\" A. to Z., \"Please select the correct "
+                 "answer from the options above.\"), its pictures placed as vLLM's chat server places the kit's "
+                 "interleaved message for R1V: one <image> per picture, in the order the <image n> markers name them, "
+                 "before the text, the markers removed.",
+                 "the last \\boxed{} after </think>, else option matching on the visible answer (rule-scored)."),
+    "mathvista-testmini": ("the data set's own query (hint, question, lettered choices) after its picture, as the "
+                           "vendor's kit shows it.",
+                           "multiple choice: the boxed letter or option text, else option matching, an option listed "
+                           "twice counting as one answer; free form: the boxed value, else a short visible answer, "
+                           "compared by answer type, floats rounded to the question's precision as MathVista's own "
+                           "scorer does (rule-scored)."),
+    "math-500": (_BOXED_NOTE, _MATH_EXTRACTION),
+    "aime-2024": (_BOXED_NOTE, _MATH_EXTRACTION),
+    "gpqa-diamond": ("the zero-shot template of simple-evals, lighteval and open-r1 (\"Answer the following multiple "
+                     "choice question. The last line of your response should be of the following format: 'Answer: "
+                     "$LETTER' ...\", the question, A) to D)), the four answers shuffled by a fixed seed per question.",
+                     "the last \"Answer: X\" after </think>, else a boxed letter or option text, else option matching "
+                     "(rule-scored)."),
+}
+
+
 # ---------------------------------------------------------------- reading rows
 
 
-def _files(path: Path, split: str) -> list[Path]:
+def _files(path: Path, suite: VendorSuite) -> list[Path]:
     if path.is_file():
         if path.suffix not in _FILE_SUFFIXES:
             raise UserError(f"{path} is not a {', '.join(_FILE_SUFFIXES)} file.")
         return [path]
     if not path.is_dir():
         raise UserError(f"the suite data path {path} does not exist.")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FILE_SUFFIXES)
-    # the hub's layout keeps several splits side by side: read only the one that is scored
-    of_split = [p for p in files if p.name.startswith(split)]
-    return of_split or files
+    # a folder holds what `hf download` makes: every configuration and split side by side
+    return hub.files_of(path, hub.data_files(path, _FILE_SUFFIXES), suite.split, suite.config)
 
 
-def _read_file(file: Path) -> list[dict]:
+def _read_file(file: Path) -> tuple[list[str], list[dict]]:
+    """A file's column names and rows."""
     try:
         if file.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(file).to_pylist()
+            table = pq.read_table(file)
+            return table.column_names, table.to_pylist()
         if file.suffix == ".csv":
             import csv
 
             with file.open(newline="", encoding="utf-8") as handle:
-                return list(csv.DictReader(handle))
+                reader = csv.DictReader(handle)
+                rows = list(reader)
+                return list(reader.fieldnames or []), rows
         text = file.read_text(encoding="utf-8")
         if file.suffix == ".json":
             data = json.loads(text)
-            return list(data.values()) if isinstance(data, dict) else list(data)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = list(data.values()) if isinstance(data, dict) else list(data)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        # a JSON row may leave out a column it has no value for: a column is one any row names
+        return list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row)), rows
     except (OSError, ValueError) as error:
         raise UserError(f"could not read {file} ({error}).") from None
     except Exception as error:  # noqa: BLE001 - pyarrow raises several unrelated types for damaged files
@@ -180,15 +225,18 @@ def _read_file(file: Path) -> list[dict]:
 
 
 def local_rows(suite: VendorSuite, path: Path) -> tuple[list[dict], Path]:
-    """The rows of local files in the suite's public schema, and the folder pictures are under."""
-    files = _files(path, suite.split)
+    """The rows of local files in the suite's public schema, and the folder pictures are under.
+    Every file's columns are checked, so a file of another schema is refused, never read as blanks."""
+    files = _files(path, suite)
     if not files:
-        raise UserError(f"no {', '.join(_FILE_SUFFIXES)} files were found under {path}.")
-    rows = [row for file in files for row in _read_file(file)]
-    if rows:
-        missing = [c for c in suite.required if c not in rows[0]]
+        raise UserError(f"no {', '.join(_FILE_SUFFIXES)} files of {suite.repo} ({suite.split}) were found under {path}.")
+    rows: list[dict] = []
+    for file in files:
+        columns, file_rows = _read_file(file)
+        missing = [c for c in suite.required if c not in columns]
         if missing:
-            raise UserError(f"{files[0]} is not in {suite.repo}'s schema: it lacks the column(s) {', '.join(missing)}.")
+            raise UserError(f"{file} is not in {suite.repo}'s schema: it lacks the column(s) {', '.join(missing)}.")
+        rows += file_rows
     return rows, (path if path.is_dir() else path.parent)
 
 

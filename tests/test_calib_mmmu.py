@@ -67,9 +67,11 @@ def test_thirty_subjects():
 
 
 def test_vendor_prompt_for_a_known_row_is_exact():
+    # as vLLM's chat server builds it from the vendor kit's interleaved message: the picture
+    # first, the text pieces around the removed marker joined by a newline
     prompt, images = format_mmmu_question(KNOWN_ROW)
     assert prompt == (
-        "Question: A block rests on the slope in <image>. What is the normal force in newtons?\n"
+        "<image>\nQuestion: A block rests on the slope in \n. What is the normal force in newtons?\n"
         "Options:\n"
         "A. $5\\sqrt{3}$\n"
         "B. 10\n"
@@ -92,17 +94,24 @@ def test_images_follow_marker_order_when_image_2_comes_first():
     prompt, images = format_mmmu_question(
         row("Compare <image 2> with <image 1>.", image_1=png(RED), image_2=png(GREEN))
     )
-    assert prompt == "Question: Compare <image> with <image>.\n"
+    assert prompt == "<image>\n<image>\nQuestion: Compare \n with \n.\n"
     assert colours(images) == [GREEN, RED]
 
 
-def test_markers_in_options_interleave_too():
+def test_markers_in_options_count_too():
     prompt, images = format_mmmu_question(
         row("Which matches <image 3>?", "['<image 2>', '<image 1>']",
             image_1=png(RED), image_2=png(GREEN), image_3=png(BLUE))
     )
-    assert prompt.startswith("Question: Which matches <image>?\nOptions:\nA. <image>\nB. <image>\n")
+    # the piece between two adjacent markers ("\nB. ") stays; an empty piece would be dropped
+    assert prompt.startswith("<image>\n<image>\n<image>\nQuestion: Which matches \n?\nOptions:\nA. \n\nB. \n\n")
     assert colours(images) == [BLUE, GREEN, RED]
+
+
+def test_adjacent_markers_leave_no_empty_line():
+    prompt, images = format_mmmu_question(row("<image 1><image 2> Which is larger?", image_1=png(RED), image_2=png(GREEN)))
+    assert prompt == "<image>\n<image>\nQuestion: \n Which is larger?\n"
+    assert colours(images) == [RED, GREEN]
 
 
 def test_a_picture_named_twice_is_listed_twice_and_unnamed_ones_are_left_out():
@@ -181,7 +190,7 @@ def test_fixture_rows_keep_mmmu_semantics(fixture_dir):
     assert len(samples) == 30
     reversed_pair = samples["validation_Math_2"]
     expected = fixture_row("Math", 2)
-    assert reversed_pair.prompt.startswith("Question: Look at <image> and then at <image>.")
+    assert reversed_pair.prompt.startswith("<image>\n<image>\nQuestion: Look at \n and then at \n.")
     assert [im.tobytes() for im in reversed_pair.images] == [
         Image.open(io.BytesIO(expected[k]["bytes"])).convert("RGB").tobytes() for k in ("image_2", "image_1")
     ]

@@ -44,6 +44,18 @@ def with_image_placeholders(text: str, n_images: int) -> str:
     return text
 
 
+def served_prompt(parts: Sequence[str | None]) -> str:
+    """The user text vLLM's OpenAI chat server makes of one message's content parts (text, or
+    None for a picture) for R1V, whose chat template takes the content as one string.
+
+    vLLM joins the text parts with newlines, dropping empty ones, and puts one `<image>` per
+    picture, each on its own line, in front: the pictures' places among the text are lost
+    (unless the server runs with --interleave-mm-strings, which `serve` does not pass)."""
+    texts = [p for p in parts if p]
+    markers = [IMAGE_PLACEHOLDER] * sum(p is None for p in parts)
+    return "\n".join(markers + (["\n".join(texts)] if texts else []))
+
+
 def expand_image_placeholders(text: str, tiles_per_image: Sequence[int], num_image_token: int) -> str:
     """Replace each `<image>`, in order, by its image's `<img><IMG_CONTEXT>...</img>` block."""
     if any(t < 1 for t in tiles_per_image):
