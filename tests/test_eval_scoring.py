@@ -148,3 +148,26 @@ def test_reasoning_length():
     assert reasoning_length([1, 2, 99, 3], end=99) == 2
     assert reasoning_length("<think>a b c</think> d e") == 3
     assert reasoning_length("<think>abcd</think>x", tokenize=list) == 4
+
+
+def test_options_that_say_the_same_are_one_answer():
+    options = ["9", "12", "18", "18"]
+    assert extract_answer("</think>\\boxed{18}", MC, options) == "C"
+    assert extract_answer("</think>\\boxed{D}", MC, options) == "C"
+    assert extract_answer("</think>It is C, which is D as well.", MC, options) == "C"
+    assert extract_answer("</think>It is B or D.", MC, options) is None  # two different answers stay ambiguous
+    sample = Sample(id="781", prompt="p", answer="D", kind=MC, options=options)  # gold given as the second letter
+    assert is_correct(sample, "</think>\\boxed{C}") and is_correct(sample, "</think>\\boxed{18}")
+    assert not is_correct(sample, "</think>\\boxed{B}")
+    assert extract_answer("</think>\\boxed{$18$}", MC, ["18", "$18$", "20"]) == "A"  # same once normalised
+
+
+def test_answer_line_is_read_only_when_the_suite_asks_for_it():
+    from r1v_quant.evals.scoring import ANSWER_LINE, answer_line_letter
+
+    reply = "</think>\\boxed{B}\nAnswer: C"
+    assert extract_answer(reply, MC, OPTIONS, extract=ANSWER_LINE) == "C"
+    assert extract_answer(reply, MC, OPTIONS) == "B"  # without it the box wins, as before
+    assert answer_line_letter("answer: (d)\nANSWER:   $A$", OPTIONS) == "A"
+    assert answer_line_letter("Answer: E", OPTIONS) is None  # no such option
+    assert answer_line_letter("Answer: Because", OPTIONS) is None

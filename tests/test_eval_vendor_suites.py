@@ -8,7 +8,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_vendor_suites import MATH500, mathvista_rows, write_jsonl
+from test_vendor_suites import MATH500, gpqa_folder, mathvista_rows, write_jsonl
 from typer.testing import CliRunner
 
 GEN = 4  # new tokens per reply: exercises generation, cheap on a CPU
@@ -66,6 +66,13 @@ def test_math500_with_k_samples_and_the_published_figures(vendor_named, tiny, tm
     assert report["settings"]["published"]["bf16"] == 94.0
     assert [m["n"] for m in report["models"]] == [6, 6]  # 3 questions, 2 replies each
     assert "vendor AWQ 86.0" in (tmp_path / "r.md").read_text()
+    # both scores of a math suite, and how it was posed, read and scored by the vendor
+    assert all(m["fallback_accuracy"] is not None and m["fallback_lo"] <= m["fallback_hi"] for m in report["models"])
+    note = report["settings"]["suite_note"]
+    assert "Please reason step by step" in note["prompt"] and "last \\boxed{}" in note["extraction"]
+    assert "fallback" in note["extraction"] and "no scoring code" in note["vendor"]
+    assert "With the fallback of lighteval and open-r1" in flat and "Prompt: the problem, then" in flat
+    assert "Vendor's scoring: the vendor published no scoring code" in flat
 
 
 def test_mathvista_with_pictures_runs_and_the_twin_agrees_exactly(tiny, tmp_path):
@@ -94,3 +101,58 @@ def test_k_samples_need_sampling_and_a_missing_suite_file_fails_first(tiny, tmp_
     code, text = refused(["--reference", str(tiny), "--candidate", str(tiny), "--suite", "aime-2024",
                           "--data-path", str(tmp_path / "missing.parquet")], capsys)
     assert code == 2 and "does not exist" in text
+
+
+def test_gpqa_from_the_four_csv_folder_evaluates_the_198_diamond_questions(tiny, tmp_path):
+    folder, diamond = gpqa_folder(tmp_path / "gpqa", diamond=198, main_extra=250, extended_extra=98)
+    out = tmp_path / "r.json"
+    code, text = run(["--reference", str(tiny), "--candidate", str(tiny), "--suite", "gpqa-diamond", "--data-path",
+                      str(folder), "--max-new-tokens", "1", "--batch-size", "32", "--no-cache", "--json", str(out)])
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    assert [m["n"] for m in report["models"]] == [198, 198]
+    assert [q["id"] for q in report["questions"]] == diamond
+    assert "Answer the following multiple choice question" in report["settings"]["suite_note"]["prompt"]
+    assert "simple-evals" in " ".join(text.split())
+
+
+def test_an_mmmu_question_with_interleaved_pictures_is_one_prompt_for_both_engines(tiny):
+    """The torch engine's ids against what vLLM is sent, with each `<image>` expanded as vLLM's
+    processor for R1V does (the image's `<img><IMG_CONTEXT>...</img>` block in place of the marker)."""
+    from types import SimpleNamespace
+
+    from test_calib_mmmu import png
+
+    from r1v_quant.calib.mmmu import mmmu_sample
+    from r1v_quant.evals.forcing import encode
+    from r1v_quant.evals.vllm_pass import prompt_request
+    from r1v_quant.model.config import load_config
+    from r1v_quant.model.generate import encode_prompt
+    from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, image_block
+    from r1v_quant.model.r1v import load_tokenizer
+
+    row = {"id": "validation_Physics_9", "answer": "B", "question_type": "multiple-choice",
+           "question": "Compare <image 2> with <image 1>: which ball is faster?",
+           "options": "['<image 1>', '<image 2>', 'The same']",
+           "image_1": png((255, 0, 0), (60, 30)), "image_2": png((0, 0, 255), (30, 90)), "image_3": png((0, 255, 0))}
+    sample = mmmu_sample(row)
+    assert sample.prompt == ("<image>\n<image>\n<image>\n<image>\nQuestion: Compare \n with \n: which ball is faster?"
+                             "\nOptions:\nA. \n\nB. \n\nC. The same\nPlease select the correct answer from the options above. \n")
+    assert [im.getpixel((0, 0)) for im in sample.images] == [(0, 0, 255), (255, 0, 0), (255, 0, 0), (0, 0, 255)]
+
+    tok, cfg = load_tokenizer(tiny), load_config(tiny)
+    torch_ids = encode(SimpleNamespace(tokenizer=tok, config=cfg), sample, 0).ids[0].tolist()
+    _, _, tiles = encode_prompt(cfg, tok, sample.prompt, sample.images)
+    request = prompt_request(tok, sample, 0)
+    assert request["multi_modal_data"]["image"] == sample.images
+    marker = tok(IMAGE_PLACEHOLDER, add_special_tokens=False).input_ids
+    sent, expanded, i = request["prompt_token_ids"], [], 0
+    blocks = iter(tiles)
+    while i < len(sent):
+        if sent[i:i + len(marker)] == marker:
+            expanded += tok(image_block(next(blocks), cfg.num_image_token), add_special_tokens=False).input_ids
+            i += len(marker)
+        else:
+            expanded.append(sent[i])
+            i += 1
+    assert next(blocks, None) is None and expanded == torch_ids

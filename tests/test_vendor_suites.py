@@ -5,6 +5,7 @@ pass@1 over k samples, and the published figures."""
 import csv
 import io
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,8 +15,8 @@ from PIL import Image
 from r1v_quant.calib.sample import Sample
 from r1v_quant.errors import UserError
 from r1v_quant.evals import pass_at_k, published
-from r1v_quant.evals.math_scoring import grade, math_equal
-from r1v_quant.evals.vendor_suites import BOXED_INSTRUCTION, VENDOR_SUITES, gpqa_options, load_vendor_suite
+from r1v_quant.evals.math_scoring import grade, grade_with_fallback, math_equal
+from r1v_quant.evals.vendor_suites import BOXED_INSTRUCTION, GPQA_TEMPLATE, VENDOR_SUITES, gpqa_options, load_vendor_suite
 
 
 def _png(colour) -> bytes:
@@ -67,19 +68,69 @@ def write_jsonl(path, rows):
     return path
 
 
-def gpqa_csv(path, n=3):
-    fields = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-              "Incorrect Answer 3", "Explanation", "Subdomain", "Record ID", "High-level domain"]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+# The header of gpqa_main.csv, gpqa_diamond.csv and gpqa_extended.csv in Idavidrein/gpqa.
+GPQA_COLUMNS = (
+    "Pre-Revision Question", "Pre-Revision Correct Answer", "Pre-Revision Incorrect Answer 1",
+    "Pre-Revision Incorrect Answer 2", "Pre-Revision Incorrect Answer 3", "Pre-Revision Explanation",
+    "Self-reported question-writing time (minutes)", "Question", "Correct Answer", "Incorrect Answer 1",
+    "Incorrect Answer 2", "Incorrect Answer 3", "Explanation", "Revision Comments (from Question Writer)", "Subdomain",
+    "Writer's Difficulty Estimate", "Extra Revised Question", "Extra Revised Explanation", "Extra Revised Correct Answer",
+    "Extra Revised Incorrect Answer 1", "Extra Revised Incorrect Answer 2", "Extra Revised Incorrect Answer 3",
+    "Non-Expert Validator Accuracy", "Majority Non-Expert Vals Incorrect", "Expert Validator Accuracy", "Record ID",
+    "High-level domain", "Question Writer",
+    *(f"{field}_EV_{k}" for k in (1, 2) for field in (
+        "Feedback", "Validator Revision Suggestion", "Is First Validation", "Post hoc agreement", "Sufficient Expertise?",
+        "Understand the question?", "Question Difficulty", "Validator Answered Correctly", "Self-reported time (minutes)",
+        "Probability Correct", "Manual Correctness Adjustment", "Expert Validator")),
+    *(f"{field}_NEV_{k}" for k in (1, 2, 3) for field in (
+        "Feedback", "Validator Answered Correctly", "Explanation", "Self-reported time (minutes)", "Websites visited",
+        "Probability Correct", "Manual Correctness Adjustment", "Non-Expert Validator")),
+    "Expert Validator Disagreement Category", "Canary String",
+)
+# gpqa_experts.csv describes the experts, not questions: none of the question columns.
+GPQA_EXPERT_COLUMNS = ("Expert ID", "Domain", "Subdomain", "Highest degree", "Role")
+
+
+def gpqa_row(rid: str, domain: str = "Physics") -> dict:
+    row = dict.fromkeys(GPQA_COLUMNS, "")
+    row.update({"Question": f"Which value is right in case {rid}?", "Correct Answer": f"right {rid}",
+                "Incorrect Answer 1": f"wrong {rid}a", "Incorrect Answer 2": f"wrong {rid}b",
+                "Incorrect Answer 3": f"wrong {rid}c", "Subdomain": f"{domain} (general)", "Record ID": rid,
+                "High-level domain": domain, "Canary String": "canary"})
+    return row
+
+
+def write_csv(path, columns, rows):
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
-        for i in range(n):
-            writer.writerow({"Pre-Revision Question": "", "Question": f"Which value is right in case {i}?",
-                             "Correct Answer": f"right {i}", "Incorrect Answer 1": f"wrong {i}a",
-                             "Incorrect Answer 2": f"wrong {i}b", "Incorrect Answer 3": f"wrong {i}c",
-                             "Explanation": "", "Subdomain": "Physics (general)", "Record ID": f"rec{i}",
-                             "High-level domain": "Physics"})
+        writer.writerows(rows)
     return path
+
+
+def gpqa_csv(path, n=3):
+    return write_csv(path, GPQA_COLUMNS, [gpqa_row(f"rec{i}") for i in range(n)])
+
+
+def gpqa_folder(root, diamond=3, main_extra=4, extended_extra=5):
+    """Idavidrein/gpqa as `hf download --local-dir` leaves it: four CSVs side by side (diamond
+    inside main inside extended, the experts file in its own schema), the card, the licence
+    and the download's metadata."""
+    root.mkdir(parents=True, exist_ok=True)
+    ids = [f"recD{i}" for i in range(diamond)]
+    main = ids + [f"recM{i}" for i in range(main_extra)]
+    extended = main + [f"recX{i}" for i in range(extended_extra)]
+    write_csv(root / "gpqa_diamond.csv", GPQA_COLUMNS, [gpqa_row(r) for r in ids])
+    write_csv(root / "gpqa_main.csv", GPQA_COLUMNS, [gpqa_row(r) for r in main])
+    write_csv(root / "gpqa_extended.csv", GPQA_COLUMNS, [gpqa_row(r) for r in extended])
+    write_csv(root / "gpqa_experts.csv", GPQA_EXPERT_COLUMNS,
+              [{"Expert ID": f"e{i}", "Domain": "Physics", "Subdomain": "Optics", "Highest degree": "PhD",
+                "Role": "writer"} for i in range(6)])
+    (root / "README.md").write_text("configs:\n- config_name: gpqa_diamond\n  data_files: gpqa_diamond.csv\n")
+    (root / "license.txt").write_text("CC BY 4.0\n")
+    (root / ".cache" / "huggingface").mkdir(parents=True)
+    (root / ".cache" / "huggingface" / "gpqa_diamond.csv.metadata").write_text("x\n")
+    return root, ids
 
 
 # ---------------------------------------------------------------- equivalence
@@ -177,14 +228,127 @@ def test_gpqa_choices_are_shuffled_with_a_fixed_seed_and_scored_by_letter(tmp_pa
     assert samples == load_vendor_suite("gpqa-diamond", path, seed=5)  # --seed does not move the answers
     letters = [s.answer for s in samples]
     for s in samples:
-        assert sorted(s.options) == sorted([f"right {s.id[-1]}"] + [f"wrong {s.id[-1]}{c}" for c in "abc"])
-        assert s.options["ABCD".index(s.answer)].startswith("right")
-        assert "Options:\nA. " in s.prompt and s.subject == "Physics"
+        assert sorted(s.options) == sorted([f"right {s.id}"] + [f"wrong {s.id}{c}" for c in "abc"])
+        assert s.options["ABCD".index(s.answer)].startswith("right") and s.subject == "Physics"
     assert gpqa_options({"Correct Answer": "x", "Incorrect Answer 1": "y", "Incorrect Answer 2": "z",
                          "Incorrect Answer 3": "w"}, "rec0")[1] == letters[0]
     wrong = "ABCD"[("ABCD".index(letters[0]) + 1) % 4]
     assert grade(samples[0], f"</think>\\boxed{{{letters[0]}}}")[1] and grade(samples[0], f"</think>{letters[0]}")[1]
     assert not grade(samples[0], f"</think>\\boxed{{{wrong}}}")[1]
+
+
+def test_gpqa_is_posed_in_the_simple_evals_form_and_read_from_its_answer_line(tmp_path):
+    (sample,) = load_vendor_suite("gpqa-diamond", gpqa_csv(tmp_path / "gpqa_diamond.csv", n=1))
+    o = sample.options
+    assert sample.prompt == (
+        "Answer the following multiple choice question. The last line of your response should be of the following "
+        "format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by step before answering."
+        f"\n\nWhich value is right in case rec0?\n\nA) {o[0]}\nB) {o[1]}\nC) {o[2]}\nD) {o[3]}")
+    assert sample.prompt == GPQA_TEMPLATE.format(question="Which value is right in case rec0?", **dict(zip("ABCD", o)))
+    right, wrong = sample.answer, "ABCD"[("ABCD".index(sample.answer) + 1) % 4]
+    assert grade(sample, f"</think>Both fit.\nAnswer: {right}") == (right, True)
+    assert grade(sample, f"</think>Answer: {wrong}")[1] is False
+    # the answer line the template asks for wins over a box and over letters mentioned earlier
+    assert grade(sample, f"</think>Maybe \\boxed{{{wrong}}} or {wrong}.\n\nAnswer: {right}")[1]
+    assert grade(sample, f"</think>Answer: {wrong}\nOn reflection:\n**Answer:** ${right}$")[1]
+    assert grade(sample, f"<think>Answer: {right}</think>\\boxed{{{right}}}")[1]  # the box still counts
+    assert grade(sample, f"<think>Answer: {right}", think_opened=True) == (None, False)  # never finished
+    # "Answer: After ..." names no option
+    assert grade(sample, "</think>Answer: After some thought it is unclear.")[0] is None
+
+
+def test_gpqa_from_the_four_csv_folder_reads_the_diamond_file_only(tmp_path):
+    folder, diamond = gpqa_folder(tmp_path / "gpqa")
+    samples = load_vendor_suite("gpqa-diamond", folder)
+    assert [s.id for s in samples] == diamond
+    assert all(s.prompt.count("Which value is right") == 1 and len(set(s.options)) == 4 for s in samples)
+    (folder / "gpqa_diamond.csv").unlink()
+    with pytest.raises(UserError, match="no file under .* belongs to the gpqa_diamond configuration"):
+        load_vendor_suite("gpqa-diamond", folder)
+
+
+def test_the_configuration_folder_of_a_parquet_conversion_counts_too(tmp_path):
+    for config, ids in (("gpqa_diamond", ["d0", "d1"]), ("gpqa_main", ["d0", "d1", "m0"])):
+        (tmp_path / config).mkdir()
+        pq.write_table(pa.Table.from_pylist([gpqa_row(r) for r in ids]), tmp_path / config / "train-00000-of-00001.parquet")
+    assert [s.id for s in load_vendor_suite("gpqa-diamond", tmp_path)] == ["d0", "d1"]
+
+
+def test_every_files_columns_are_checked_not_the_first_row(tmp_path):
+    write_jsonl(tmp_path / "test.jsonl", MATH500)
+    write_jsonl(tmp_path / "test-extra.jsonl", [{"question": "What is 1+1?", "answer": "2"}])
+    with pytest.raises(UserError, match="test-extra.jsonl is not in HuggingFaceH4/MATH-500's schema"):
+        load_vendor_suite("math-500", tmp_path)
+    # a row may leave out a column another row of its file has, as JSON lines do
+    other = tmp_path / "other"
+    other.mkdir()
+    path = write_jsonl(other / "test.jsonl", [MATH500[0], {k: v for k, v in MATH500[1].items() if k != "level"}])
+    assert len(load_vendor_suite("math-500", path)) == 2
+
+
+def test_the_hubs_converted_parquet_layout_loads_only_the_scored_split(tmp_path):
+    rows = mathvista_rows()
+    for split, chosen in (("testmini", rows), ("test", [{**r, "pid": f"t{r['pid']}", "answer": ""} for r in rows])):
+        (tmp_path / "default" / split).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(chosen), tmp_path / "default" / split / "0000.parquet")
+    assert [s.id for s in load_vendor_suite("mathvista", tmp_path)] == ["1", "2"]
+    shutil.rmtree(tmp_path / "default" / "testmini")
+    with pytest.raises(UserError, match="holds the test split\\(s\\) but no testmini files"):
+        load_vendor_suite("mathvista", tmp_path)
+
+
+def test_mmmu_in_the_converted_layout_reads_validation_and_hidden_answers_are_refused(tmp_path):
+    from r1v_quant.calib.mmmu import load_mmmu
+    from r1v_quant.evals.settings import EvalSettings
+    from r1v_quant.evals.suites import load_suite
+    from r1v_quant.fixtures.mmmu_fixture import fixture_row, mmmu_schema
+
+    for split in ("validation", "dev", "test"):
+        rows = [{**fixture_row("Art", k), "id": f"{split}_Art_{k}"} for k in (1, 2)]
+        if split == "test":
+            rows = [{**r, "answer": "?"} for r in rows]  # MMMU's test answers are hidden
+        (tmp_path / "Art" / split).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=mmmu_schema()), tmp_path / "Art" / split / "0000.parquet")
+    samples = load_mmmu(tmp_path, n=100)
+    assert [s.id for s in samples] == ["validation_Art_1", "validation_Art_2"]
+    assert {s.subject for s in samples} == {"Art"}
+    with pytest.raises(UserError, match="question test_Art_1 has no gold answer .* hidden"):
+        load_suite(EvalSettings(suite=str(tmp_path / "Art" / "test" / "0000.parquet")))
+
+
+def test_aime_zero_padded_answers_equal_their_numbers_strictly_and_with_the_fallback(tmp_path):
+    # as in HuggingFaceH4/aime_2024: answers are text, some zero-padded to three digits
+    answers = ["025", "080", "204", "009", "510", "033", "104"]
+    rows = [{"id": 60 + i, "problem": f"Find N for case {i}.", "solution": "...", "answer": a,
+             "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems", "year": "2024"}
+            for i, a in enumerate(answers)]
+    path = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    samples = load_vendor_suite("aime-2024", tmp_path)
+    assert [s.answer for s in samples] == answers
+    first, ninth = samples[0], samples[3]
+    assert grade(first, "</think>\\boxed{25}") == ("25", True) and grade(ninth, "</think>\\boxed{9}")[1]
+    assert grade(samples[2], "</think>\\boxed{204}")[1] and not grade(first, "</think>\\boxed{250}")[1]
+    # no box: strict gives no answer, the fallback reads the last number or expression
+    assert grade(first, "</think>So N is 25.") == (None, False)
+    assert grade_with_fallback(first, "</think>So N is 25.") == ("25", True)
+    assert grade_with_fallback(ninth, "</think>Hence $N = \\frac{18}{2}$.")[1]
+    assert grade_with_fallback(first, "</think>First 25, then N = 24.")[1] is False  # the last one counts
+    assert grade_with_fallback(first, "</think>\\boxed{24} though 25 is close")[1] is False  # a box stays strict
+    assert grade_with_fallback(first, "<think>N is 25", think_opened=True) == (None, False)
+
+
+def test_mathvista_options_listed_twice_are_one_answer(tmp_path):
+    # testmini pid 781 lists its answer twice
+    row = {**mathvista_rows()[0], "pid": "781", "choices": ["9", "12", "18", "18"], "answer": "18",
+           "query": "Hint: ...\nQuestion: How many?\nChoices:\n(A) 9\n(B) 12\n(C) 18\n(D) 18"}
+    path = tmp_path / "testmini-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    (sample,) = load_vendor_suite("mathvista", path)
+    assert (sample.answer, sample.options) == ("C", ["9", "12", "18", "18"])
+    for reply in ("\\boxed{18}", "\\boxed{C}", "\\boxed{D}", "D", "The answer is (D) 18.", "C or D, both 18"):
+        assert grade(sample, f"</think>{reply}") == ("C", True), reply
+    assert not grade(sample, "</think>\\boxed{12}")[1] and not grade(sample, "</think>\\boxed{A}")[1]
 
 
 def test_wrong_schema_and_missing_gated_data_are_one_sentence(tmp_path, monkeypatch):
