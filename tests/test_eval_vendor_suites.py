@@ -103,6 +103,7 @@ def test_k_samples_need_sampling_and_a_missing_suite_file_fails_first(tiny, tmp_
     assert code == 2 and "does not exist" in text
 
 
+@pytest.mark.slow
 def test_gpqa_from_the_four_csv_folder_evaluates_the_198_diamond_questions(tiny, tmp_path):
     folder, diamond = gpqa_folder(tmp_path / "gpqa", diamond=198, main_extra=250, extended_extra=98)
     out = tmp_path / "r.json"

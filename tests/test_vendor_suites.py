@@ -267,6 +267,16 @@ def test_gpqa_from_the_four_csv_folder_reads_the_diamond_file_only(tmp_path):
         load_vendor_suite("gpqa-diamond", folder)
 
 
+def test_the_eval_suite_from_the_four_csv_folder_has_the_198_diamond_questions(tmp_path):
+    from r1v_quant.evals.settings import EvalSettings
+    from r1v_quant.evals.suites import load_suite
+
+    folder, diamond = gpqa_folder(tmp_path / "gpqa", diamond=198, main_extra=250, extended_extra=98)
+    suite = load_suite(EvalSettings(suite="gpqa-diamond", data_path=folder))
+    assert (suite.name, len(suite.samples)) == ("gpqa-diamond", 198)
+    assert [s.id for s in suite.samples] == diamond
+
+
 def test_the_configuration_folder_of_a_parquet_conversion_counts_too(tmp_path):
     for config, ids in (("gpqa_diamond", ["d0", "d1"]), ("gpqa_main", ["d0", "d1", "m0"])):
         (tmp_path / config).mkdir()
@@ -276,8 +286,8 @@ def test_the_configuration_folder_of_a_parquet_conversion_counts_too(tmp_path):
 
 def test_every_files_columns_are_checked_not_the_first_row(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", MATH500)
-    write_jsonl(tmp_path / "test-extra.jsonl", [{"question": "What is 1+1?", "answer": "2"}])
-    with pytest.raises(UserError, match="test-extra.jsonl is not in HuggingFaceH4/MATH-500's schema"):
+    write_jsonl(tmp_path / "test_more.jsonl", [{"question": "What is 1+1?", "answer": "2"}])
+    with pytest.raises(UserError, match="test_more.jsonl is not in HuggingFaceH4/MATH-500's schema"):
         load_vendor_suite("math-500", tmp_path)
     # a row may leave out a column another row of its file has, as JSON lines do
     other = tmp_path / "other"
