@@ -85,6 +85,9 @@ MMMU_SUBJECTS: tuple[str, ...] = (
 IMAGE_COLUMNS: tuple[str, ...] = tuple(f"image_{k}" for k in range(1, 8))
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "question", "options", "answer")
 
+# MMMU's test split keeps its answers hidden: each row's answer reads "?".
+HIDDEN_ANSWER = "?"
+
 OPTIONS_INSTRUCTION = "Please select the correct answer from the options above. \n"
 
 _MARKER = re.compile(r"<image (\d+)>")
@@ -197,7 +200,7 @@ def mmmu_sample(row: dict, subject: str | None = None) -> Sample:
         id=row_id,
         prompt=prompt,
         images=images,
-        answer=None if answer is None else str(answer),
+        answer=None if answer is None or str(answer).strip() == HIDDEN_ANSWER else str(answer),
         subject=subject or subject_of(row_id),
         kind=str(kind),
         options=options,

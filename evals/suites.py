@@ -51,14 +51,6 @@ def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[
     raise UserError(f"unknown suite {spec!r}; use {SUITE_FORMS}.")
 
 
-# MMMU's test split keeps its answers hidden behind "?"
-HIDDEN_ANSWERS = ("", "?")
-
-
-def has_gold_answer(answer) -> bool:
-    return answer is not None and str(answer).strip() not in HIDDEN_ANSWERS
-
-
 def load_suite(settings: EvalSettings) -> Suite:
     from r1v_quant.calib.mmmu import NO_DATA_MESSAGE
 
@@ -76,7 +68,7 @@ def load_suite(settings: EvalSettings) -> Suite:
         raise UserError(f"suite {settings.suite!r} has no questions.")
     samples = pass_at_k.replicate(samples, settings.samples_per_question)
     if kind == "qa":
-        unanswered = [s.id for s in samples if not has_gold_answer(s.answer)]
+        unanswered = [s.id for s in samples if s.answer is None or not str(s.answer).strip()]
         if unanswered:
             raise UserError(f"suite {settings.suite!r}: question {unanswered[0]} has no gold answer (a split whose answers "
                             "are hidden, such as MMMU's test split, cannot be scored), so evaluate on the validation split.")

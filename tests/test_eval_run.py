@@ -248,7 +248,8 @@ def test_max_drop_fails_a_damaged_candidate(no_think, damaged, cache, tmp_path, 
     """Gold answers are the reference's own, so it scores 100% and any damage is a drop."""
     from r1v_quant.evals.scoring import extract_answer
 
-    suite = _open_questions(tmp_path / "questions.parquet", ["?"] * 4)
+    # any placeholder but "?", which in MMMU's schema marks a hidden answer and is refused
+    suite = _open_questions(tmp_path / "questions.parquet", ["unknown"] * 4)
     settings = EvalSettings(suite=str(suite), max_new_tokens=2, cache_dir=cache)
     probe = evaluate(str(no_think), str(damaged), settings)
     gold = [extract_answer(i.reply.text, "open", think_opened=i.think_opened) for i in probe.items["tiny-nothink"]]
