@@ -301,14 +301,15 @@ _ANSWER_PHRASE = re.compile(
 )
 
 
-# simple-evals' "Answer: X", the letter standing alone ("Answer: After ..." names no option).
-_ANSWER_LINE = re.compile(r"(?i)answer[ \t]*:[*_ \t]*\$?\(?([A-Z])\)?\$?(?![A-Za-z0-9])")
+# simple-evals' "Answer: X", the letter standing alone ("Answer: After ..." names no option) and
+# upper-case (the article in "my answer: a value of 3" is none either).
+_ANSWER_LINE = re.compile(r"(?:answer|Answer|ANSWER)[ \t]*:[*_ \t]*\$?\(?([A-Z])\)?\$?(?![A-Za-z0-9])")
 
 
 def answer_line_letter(text: str, options: Sequence[str]) -> str | None:
     """The option letter of the last ``Answer: X`` in ``text``; None when there is none."""
     letters = option_letters(options)
-    found = [m.group(1).upper() for m in _ANSWER_LINE.finditer(text) if m.group(1).upper() in letters]
+    found = [m.group(1) for m in _ANSWER_LINE.finditer(text) if m.group(1) in letters]
     return found[-1] if found else None
 
 

@@ -168,6 +168,8 @@ def test_answer_line_is_read_only_when_the_suite_asks_for_it():
     reply = "</think>\\boxed{B}\nAnswer: C"
     assert extract_answer(reply, MC, OPTIONS, extract=ANSWER_LINE) == "C"
     assert extract_answer(reply, MC, OPTIONS) == "B"  # without it the box wins, as before
-    assert answer_line_letter("answer: (d)\nANSWER:   $A$", OPTIONS) == "A"
+    assert answer_line_letter("answer: (D)\nANSWER:   $A$", OPTIONS) == "A"
+    assert answer_line_letter("**Answer:** (C)", OPTIONS) == "C"
+    assert answer_line_letter("My answer: a value of 3", OPTIONS) is None
     assert answer_line_letter("Answer: E", OPTIONS) is None  # no such option
     assert answer_line_letter("Answer: Because", OPTIONS) is None
