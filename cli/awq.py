@@ -62,8 +62,11 @@ def command(
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
     from r1v_quant.deploy.units import parse_size
+    from r1v_quant.output import check_report_path, write_text_report
     from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
     from r1v_quant.quant.run import quantize_checkpoint
+
+    check_report_path(json_out, "--json")
 
     settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
                            lm_head=quantize_lm_head)
@@ -117,4 +120,4 @@ def command(
                 "seconds": result.seconds, "layers": [asdict(r) for r in result.layers]}
         if result.head is not None:
             data["lm_head"] = asdict(result.head)
-        json_out.write_text(json.dumps(data, indent=2) + "\n")
+        write_text_report(json_out, json.dumps(data, indent=2) + "\n", "--json")

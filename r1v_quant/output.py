@@ -26,19 +26,6 @@ def check_out_dir(out: Path, force: bool, source: Path | None = None) -> None:
         raise UserError(f"--out {out} is not empty; pass --force to replace it.")
 
 
-def check_free_space(folder: Path, needed_bytes: int) -> None:
-    folder = Path(folder)
-    probe = folder if folder.exists() else folder.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    # 5% headroom for indexes, configs and filesystem overhead.
-    if free < needed_bytes * 1.05:
-        raise UserError(
-            f"{probe} has {free / 1e9:.2f} GB free but the output needs about {needed_bytes / 1e9:.2f} GB."
-        )
-
-
 @contextmanager
 def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; on success it replaces `out`, on any failure it vanishes."""
@@ -80,18 +67,21 @@ def _share(folder: Path) -> None:
             f.chmod(0o777 & ~umask)
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = False) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`, so a crash
     leaves either the old file or the new one, never half of one. The file gets the mode any file
-    the user creates gets (0666 less the umask), or the mode of the file it replaces."""
+    the user creates gets (0666 less the umask), or the mode of the file it replaces. With
+    `durable`, the bytes reach the disk before the rename (what a later step trusts after a power
+    loss). The folder must exist: a mistyped path is not made into new folders."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
         # mkstemp makes the file private (0600); a report is meant to be read like any other file.
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+        if durable:
+            fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -99,6 +89,63 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> Path:
     """`write_atomic` for UTF-8 text."""
-    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_report_path(path: Path | None, option: str) -> None:
+    """Refuse, before any work, a report path that could not be written at the end: a folder, a
+    path below a file or a missing folder, or a folder this process cannot write to."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; name a file to write.")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        above = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UserError(f"{option} {path} lies below {above}, which is a file, not a folder.")
+        raise UserError(f"{option} {path}: the folder {parent} does not exist; create it first.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise UserError(f"{option} {path} cannot be written: {parent} is not writable "
+                        f"({e.strerror or e}).") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def write_report(path: Path, write: Callable[[Path], None], option: str) -> Path:
+    """Write a report atomically. Should that fail after the work (the disk filled, the folder
+    went away), the report goes to a temporary file instead, and the one-sentence UserError
+    names both, so nothing computed is lost."""
+    path = Path(path)
+    try:
+        return write_atomic(path, write)
+    except OSError as e:
+        reason = e.strerror or str(e)
+    suffix = path.suffix or ".txt"
+    try:
+        fd, spare = tempfile.mkstemp(prefix=f"r1v-quant-{path.stem}-", suffix=suffix)
+        os.close(fd)
+        write(Path(spare))
+        os.chmod(spare, 0o666 & ~_umask())
+    except OSError as e:
+        raise UserError(f"{option} {path} could not be written ({reason}), nor a copy in the temporary folder "
+                        f"({e.strerror or e}).") from None
+    raise UserError(f"{option} {path} could not be written ({reason}); the report was saved to {spare} instead.")
+
+
+def write_text_report(path: Path, text: str, option: str) -> Path:
+    """`write_report` for UTF-8 text."""
+    return write_report(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), option)
