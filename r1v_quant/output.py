@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,13 +29,30 @@ def check_out_dir(out: Path, force: bool, source: Path | None = None) -> None:
 
 
 @contextmanager
-def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; on success it replaces `out`, on any failure it vanishes."""
+def staged_dir(out: Path, force: bool = False, owned: Callable[[str], bool] | None = None,
+               kept: list[str] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; on success it replaces `out`, on any failure it vanishes.
+
+    Replacing an earlier folder (`force`) replaces only its own files: those the new folder also
+    writes, and those `owned(name)` claims (an earlier export's shards, say). Everything else in it
+    (a `.git`, the user's notes) moves into the new folder untouched; `kept` receives those names.
+    """
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        if out.exists():
+            if not force and any(out.iterdir()):
+                raise UserError(f"--out {out} appeared while writing; pass --force to replace it.")
+            users = _users_entries(out, {p.name for p in tmp.iterdir()}, owned or (lambda name: False))
+        _share(tmp)
+        if out.exists():
+            _swap(out, tmp, users)
+            if kept is not None:
+                kept[:] = users
+        else:
+            tmp.rename(out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
@@ -42,13 +61,60 @@ def staged_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        if not force and any(out.iterdir()):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"--out {out} appeared while writing; pass --force to replace it.")
-        shutil.rmtree(out)
-    _share(tmp)
-    tmp.rename(out)
+
+
+def _users_entries(out: Path, writes: set[str], owned: Callable[[str], bool]) -> list[str]:
+    """The entries of `out` that are not the replaced folder's own, refusing a folder where a file goes."""
+    users = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in writes or owned(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                raise UserError(f"--out {out} holds a folder {entry.name} where the export writes a file; "
+                                "move it away first (--force replaces only an export's own files).")
+        else:
+            users.append(entry.name)
+    return users
+
+
+def _swap(out: Path, new: Path, users: list[str]) -> None:
+    """Put `new` in place of `out`, carrying the user's entries of `out` over. Signals wait until the
+    few renames are done, so an interruption never strands the user's files in the old folder."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    with _signals_deferred():
+        os.rename(out, old)  # onto the empty folder just made
+        try:
+            os.rename(new, out)
+        except OSError:
+            os.rename(old, out)
+            raise
+        stranded = []
+        for name in users:
+            try:
+                os.rename(old / name, out / name)
+            except OSError:
+                stranded.append(name)
+    if stranded:
+        raise UserError(f"the new export is in {out}, but {', '.join(stranded)} could not be moved over from the "
+                        f"earlier one; it is kept in {old}.")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first that came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _umask() -> int:

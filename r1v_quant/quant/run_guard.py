@@ -10,7 +10,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import signal
 from contextlib import ExitStack
 from pathlib import Path
@@ -43,8 +42,11 @@ def kept_note(work: Path, total: int | None) -> str:
     if not Path(work).exists():
         return "no work folder was left"
     if done == 0:
-        shutil.rmtree(work, ignore_errors=True)
-        return f"no layer had finished, so the work folder {work} was removed"
+        from r1v_quant.quant.workdir import remove_work_folder
+
+        if remove_work_folder(work):
+            return f"no layer had finished, so the work folder {work} was removed"
+        return f"no layer had finished; the work folder {work} was left as it was"
     if total is not None and done >= total:
         return f"all {done} layers are kept in {work}: rerun the same command with --resume to write the export"
     return (f"layers 0-{done - 1} are kept in {work}: rerun the same command with --resume to continue "
