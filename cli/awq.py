@@ -115,6 +115,9 @@ def command(
     for k, v in result.extra.items():
         console.print(f"{k}: [bold]{v}[/]")
     console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.0f} s")
+    if result.kept_files:
+        console.print(f"kept what the earlier export's folder held besides the export: {', '.join(result.kept_files)}",
+                      highlight=False)
     if json_out:
         data = {"out": str(result.out), "summary": result.summary(), "settings": result.extra,
                 "seconds": result.seconds, "layers": [asdict(r) for r in result.layers]}

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from r1v_quant.errors import Interrupted, UserError
 from r1v_quant.locks import locked
+from r1v_quant.quant.workdir import check_apart
 from r1v_quant.replace_guard import check_writable_parent
 
 _OS_ERROR = re.compile(r"os error (\d+)")
@@ -91,6 +92,7 @@ def guarded(run):
         out = Path(a["out"]).absolute()
         work = work_path(out, a.get("work_dir"))
         check_writable_parent(out)
+        check_apart(work, out)  # before the locks make any folder
         with ExitStack() as held:
             try:
                 held.enter_context(locked((out, "export folder"), (work, "work folder")))

@@ -94,16 +94,22 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_work_folder(work: Path, out: Path, inputs: dict[str, Path]) -> None:
-    """Refuse, before any work, a work folder the run could not later remove without deleting
-    what is not its own: the export folder or one holding or inside it, a folder holding any of
-    `inputs` (label -> path: the source checkpoint, the calibration data), or an existing folder
-    that is neither empty nor an r1v-quant work folder holding only its own files."""
+def check_apart(work: Path, out: Path) -> None:
+    """The work folder and the export folder must not be one, nor one inside the other."""
     work, out = Path(work).absolute().resolve(), Path(out).absolute().resolve()
     if _inside(work, out) or _inside(out, work):
         where = "is" if work == out else "lies inside" if _inside(work, out) else "holds"
         raise UserError(f"the work folder {work} {where} the export folder --out {out}; "
                         "pass another --work-dir (or none: the default lies beside --out).")
+
+
+def check_work_folder(work: Path, out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse, before any work, a work folder the run could not later remove without deleting
+    what is not its own: the export folder or one holding or inside it, a folder holding any of
+    `inputs` (label -> path: the source checkpoint, the calibration data), or an existing folder
+    that is neither empty nor an r1v-quant work folder holding only its own files."""
+    work = Path(work).absolute().resolve()
+    check_apart(work, out)
     for label, path in inputs.items():
         path = Path(path).absolute().resolve()
         if _inside(path, work):
