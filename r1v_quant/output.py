@@ -42,12 +42,13 @@ def staged_dir(out: Path, force: bool = False, owned: Callable[[str], bool] | No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        users = None
         if out.exists():
             if not force and any(out.iterdir()):
                 raise UserError(f"--out {out} appeared while writing; pass --force to replace it.")
             users = _users_entries(out, {p.name for p in tmp.iterdir()}, owned or (lambda name: False))
         _share(tmp)
-        if out.exists():
+        if users is not None:
             _swap(out, tmp, users)
             if kept is not None:
                 kept[:] = users
