@@ -15,7 +15,7 @@ from r1v_quant.errors import UserError
 from r1v_quant.evals.forcing import RefDist, Reply
 from r1v_quant.evals.settings import EvalSettings
 from r1v_quant.evals.suites import Suite
-from r1v_quant.output import write_atomic
+from r1v_quant.output import write_atomic, write_text_atomic
 
 # 2: keyed on the weight files' headers and modification times; each entry carries its digest
 CACHE_FORMAT = 2
@@ -74,7 +74,7 @@ class ReferenceCache:
         folder = root / f"{name}-{_sha(json.dumps(key, sort_keys=True))[:24]}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+            write_text_atomic(folder / "key.json", json.dumps(key, indent=1, sort_keys=True) + "\n")
         except OSError as error:
             raise UserError(f"could not write the eval cache {folder} ({error.strerror or error}); "
                             f"pass --cache-dir or set {CACHE_ENV} to a writable folder.") from None
