@@ -18,14 +18,18 @@ def one_line(err: str) -> str:
     return " ".join(err.split())
 
 
-@pytest.fixture
-def no_model(monkeypatch):
+def forbid_work(monkeypatch) -> None:
     """Any model load or layer fails the test: the refusal must come first."""
     from r1v_quant.model import r1v
     from r1v_quant.quant import pipeline
 
     monkeypatch.setattr(r1v, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(pipeline, "run_awq", lambda *a, **k: pytest.fail("a layer ran"))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    forbid_work(monkeypatch)
 
 
 def test_bad_report_paths_are_refused_before_the_work(tmp_path):
@@ -90,7 +94,8 @@ def test_eval_refuses_a_report_path_below_a_file_before_the_reference_pass(tiny_
 
 
 def test_eval_refuses_a_candidate_whose_group_size_disagrees_with_its_tensors(tiny_dir, tiny_export, tmp_path,
-                                                                              capsys, no_model):
+                                                                              capsys, monkeypatch):
+    forbid_work(monkeypatch)  # after the shared export is built
     cand = tmp_path / "cand"
     shutil.copytree(tiny_export, cand)
     config = json.loads((cand / "config.json").read_text())
