@@ -26,19 +26,16 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from r1v_quant.cache import CACHE_ENV, cache_folder
+from r1v_quant.cache import CACHE_ENV, cache_folder, record_digest
 from r1v_quant.errors import UserError
+from r1v_quant.model.identity import model_identity
 from r1v_quant.output import write_text_atomic
 
 from .sample import Sample
 
-CACHE_FORMAT = 1
+# 2: keyed on the weight files' headers and modification times; each reply carries its digest
+CACHE_FORMAT = 2
 DTYPE = "bf16"  # what load_model uses by default; part of the settings a trace depends on
-
-# files beside the weights whose content decides how prompts are rendered and replies decoded
-_TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.json", "chat_template.jinja",
-                    "special_tokens_map.json", "generation_config.json")
-_TOKENIZER_SIZED = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 Progress = Callable[[int, int], None]
 
@@ -53,25 +50,6 @@ def _sha256(data: bytes) -> str:
 def default_cache_dir() -> Path:
     """``$R1V_QUANT_CACHE/traces`` when the variable is set, else ``~/.cache/r1v-quant/traces``."""
     return cache_folder("traces")
-
-
-def model_identity(model_dir: Path) -> dict:
-    """What tells one checkpoint from another without reading its weights.
-
-    The resolved folder, a hash of config.json and of the safetensors index, the size of
-    every weight file, and the tokenizer's rendering and decoding settings.
-    """
-    folder = Path(model_dir).resolve()
-    config = folder / "config.json"
-    if not config.is_file():
-        raise UserError(f"{folder} has no config.json, so its replies cannot be generated.")
-    files = {}
-    for name in _TOKENIZER_FILES + ("model.safetensors.index.json",):
-        if (folder / name).is_file():
-            files[name] = _sha256((folder / name).read_bytes())
-    sizes = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
-    sizes.update({n: (folder / n).stat().st_size for n in _TOKENIZER_SIZED if (folder / n).is_file()})
-    return {"path": str(folder), "config": _sha256(config.read_bytes()), "files": files, "sizes": sizes}
 
 
 def trace_settings(max_trace_tokens: int) -> dict:
@@ -98,15 +76,22 @@ def cache_file(cache_dir: Path, identity: dict, settings: dict, keys: Sequence[s
 # ---------------------------------------------------------------- the cache file
 
 
-def _read_cache(path: Path) -> dict[str, dict]:
-    """The replies already stored under ``path``; an unreadable file counts as empty."""
+def _read_cache(path: Path) -> tuple[dict[str, dict], list[str]]:
+    """The replies already stored under ``path`` whose digests hold, and the keys of those whose
+    digests do not (they are generated again); an unreadable file counts as empty."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
+        return {}, []
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("traces"), dict):
-        return {}
-    return {k: v for k, v in data["traces"].items() if isinstance(v, dict) and isinstance(v.get("response"), str)}
+        return {}, []
+    good, damaged = {}, []
+    for k, v in data["traces"].items():
+        if isinstance(v, dict) and isinstance(v.get("response"), str) and v.get("digest") == record_digest(k, v):
+            good[k] = v
+        else:
+            damaged.append(k)
+    return good, damaged
 
 
 def _cache_error(path: Path, error: OSError) -> UserError:
@@ -157,6 +142,7 @@ def add_self_traces(
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
     progress: Progress | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> list[Sample]:
     """Copies of ``samples`` whose ``response`` is the full-precision model's own greedy reply.
 
@@ -164,7 +150,8 @@ def add_self_traces(
     under ``cache_dir`` (default :func:`default_cache_dir`) when present; the model is loaded
     only if some reply is missing, and each new reply is stored as soon as it is generated.
     ``progress(done, total)`` is called after each generated reply, ``total`` counting only
-    the replies that were missing.
+    the replies that were missing. A cached reply whose digest does not hold is generated again,
+    and ``on_warning`` (default: standard error) hears how many.
     """
     from r1v_quant.model.checkpoint import resolve_model
 
@@ -181,8 +168,11 @@ def add_self_traces(
     keys = {i: sample_key(samples[i]) for i in wanted}
     path = cache_file(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), identity, settings,
                       [keys[i] for i in wanted])
-    traces = _read_cache(path)
+    traces, damaged = _read_cache(path)
     missing = [i for i in wanted if keys[i] not in traces]
+    if damaged:
+        (on_warning or _to_stderr)(f"{len(damaged)} cached trace(s) in {path} failed their checksum; "
+                                   "they are generated again.")
 
     if missing:
         from r1v_quant.model.r1v import load_model
@@ -192,7 +182,8 @@ def add_self_traces(
         loaded = load_model(folder, device=device)
         try:
             for done, i in enumerate(missing, start=1):
-                traces[keys[i]] = generate_trace(loaded, samples[i], max_trace_tokens)
+                trace = generate_trace(loaded, samples[i], max_trace_tokens)
+                traces[keys[i]] = {**trace, "digest": record_digest(keys[i], trace)}
                 _write_atomic(path, record)
                 if progress is not None:
                     progress(done, len(missing))
@@ -204,6 +195,12 @@ def add_self_traces(
     for i in wanted:
         out[i] = dataclasses.replace(samples[i], response=traces[keys[i]]["response"])
     return out
+
+
+def _to_stderr(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _free_device_memory() -> None:

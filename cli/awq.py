@@ -62,8 +62,11 @@ def command(
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
     from r1v_quant.deploy.units import parse_size
+    from r1v_quant.output import check_report_path, write_text_report
     from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
     from r1v_quant.quant.run import quantize_checkpoint
+
+    check_report_path(json_out, "--json")
 
     settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
                            lm_head=quantize_lm_head)
@@ -112,9 +115,12 @@ def command(
     for k, v in result.extra.items():
         console.print(f"{k}: [bold]{v}[/]")
     console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.0f} s")
+    if result.kept_files:
+        console.print(f"kept what the earlier export's folder held besides the export: {', '.join(result.kept_files)}",
+                      highlight=False)
     if json_out:
         data = {"out": str(result.out), "summary": result.summary(), "settings": result.extra,
                 "seconds": result.seconds, "layers": [asdict(r) for r in result.layers]}
         if result.head is not None:
             data["lm_head"] = asdict(result.head)
-        json_out.write_text(json.dumps(data, indent=2) + "\n")
+        write_text_report(json_out, json.dumps(data, indent=2) + "\n", "--json")

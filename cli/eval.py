@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from r1v_quant.output import write_text_atomic
+from r1v_quant.output import check_report_path, write_report, write_text_report
 from r1v_quant.progress import steps
 
 # Exit status when the candidate lost more accuracy than --max-drop allows (2 is bad input).
@@ -37,25 +39,42 @@ def _text_markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_reports(run, json_out: Path | None, markdown: Path | None, plot: Path | None, console: Console) -> None:
+def _write_reports(run, json_out: Path | None, markdown: Path | None, plot: Path | None, console: Console) -> list[str]:
+    """Write each report asked for; a report that cannot be written is saved elsewhere and its
+    sentence returned, so the others are still written."""
+    from r1v_quant.errors import UserError
     from r1v_quant.evals import report
 
     results, is_text = run.results, run.suite.kind == "text"
+    writes = []
     if json_out:
-        console.print(f"wrote {report.to_json(results, json_out)}")
+        writes.append(("--json", lambda: write_text_report(json_out, report.json_text(results), "--json")))
     if markdown:
         text = _text_markdown(results) if is_text else report.to_markdown(results)
-        console.print(f"wrote {write_text_atomic(Path(markdown), text)}")
+        writes.append(("--markdown", lambda: write_text_report(Path(markdown), text, "--markdown")))
     if plot:
-        console.print(f"wrote {report.plot_per_subject(results, plot)}")
+        writes.append(("--plot", lambda: write_report(Path(plot), report.plot_writer(results), "--plot")))
+    failures = []
+    for _, write in writes:
+        try:
+            console.print(f"wrote {write()}")
+        except UserError as e:
+            failures.append(str(e))
+    return failures
 
 
-def _check_options(suite: str, data_path: Path | None, dtype: str, max_drop: float | None, plot: Path | None) -> None:
+def _check_options(suite: str, data_path: Path | None, dtype: str, max_drop: float | None, plot: Path | None,
+                   reports: dict[str, Path | None]) -> None:
     """Refuse bad options before hours of generation, not after."""
     from r1v_quant.errors import UserError
     from r1v_quant.evals.run import suite_loader
     from r1v_quant.model.r1v import parse_dtype
 
+    if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
+        raise UserError(f"--max-drop {max_drop:g} is not a number of points, 0 or more; the gate would pass "
+                        "or fail every candidate.")
+    for option, path in reports.items():
+        check_report_path(path, option)
     parse_dtype(dtype)
     _, kind, _ = suite_loader(suite, data_path)
     if kind == "text" and max_drop is not None:
@@ -64,16 +83,18 @@ def _check_options(suite: str, data_path: Path | None, dtype: str, max_drop: flo
         raise UserError(f"--plot draws accuracy per subject, which the text suite {suite} does not have.")
 
 
-def _check_drop(run, max_drop: float | None, console: Console) -> None:
+def _check_drop(run, max_drop: float | None, console: Console) -> bool:
+    """Whether the candidate is within --max-drop (True without one); says which."""
     from r1v_quant.evals.run import accuracy_drop
 
     if max_drop is None:
-        return
+        return True
     drop = accuracy_drop(run.results)
     if drop > max_drop:
         console.print(f"[bold red]accuracy drop {drop:.1f} points exceeds --max-drop {max_drop:g}[/]")
-        raise typer.Exit(DROP_EXCEEDED)
+        return False
     console.print(f"[green]accuracy drop {drop:.1f} points is within --max-drop {max_drop:g}[/]")
+    return True
 
 
 def _dry_run(reference: str, candidate: str, baselines: list[str], settings, console: Console) -> None:
@@ -142,11 +163,12 @@ def command(
                                  "memory it needs per GPU, from the plan, and stop (no weights are read)."),
 ) -> None:
     """Compare a quantised model with its reference: accuracy, agreement, KL, reasoning length."""
+    from r1v_quant.errors import UserError
     from r1v_quant.evals import report
     from r1v_quant.evals.run import EvalSettings, evaluate
     from r1v_quant.evals.settings import check_settings
 
-    _check_options(suite, data_path, dtype, max_drop, plot)
+    _check_options(suite, data_path, dtype, max_drop, plot, {"--json": json_out, "--markdown": markdown, "--plot": plot})
     settings = EvalSettings(suite=suite, data_path=data_path, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
                             greedy=greedy, batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
                             use_cache=not no_cache, samples_per_question=samples_per_question, engine=engine,
@@ -171,5 +193,11 @@ def command(
     if run.cache_dir is not None:
         console.print(f"[dim]reference outputs: {run.reference_reused} cached, {run.reference_generated} new "
                       f"({run.cache_dir})[/]")
-    _write_reports(run, json_out, markdown, plot, console)
-    _check_drop(run, max_drop, console)
+    failures = _write_reports(run, json_out, markdown, plot, console)
+    within = _check_drop(run, max_drop, console)
+    if failures and within:
+        raise UserError(" ".join(failures))
+    for failure in failures:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(failure)}", highlight=False, soft_wrap=True)
+    if not within:
+        raise typer.Exit(DROP_EXCEEDED)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from r1v_quant.deploy.inspect_export import InspectReport, inspect
 from r1v_quant.deploy.units import human_bytes
-from r1v_quant.errors import UserError
+from r1v_quant.output import check_report_path, write_text_report
 
 STATUS_STYLE = {"pass": "[green]pass[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
 
@@ -64,12 +64,10 @@ def command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
 ) -> None:
     """List what an export quantises, its bytes per component, and check it against vLLM's contract (exit 1 on failure)."""
+    check_report_path(json_out, "--json")
     report = inspect(folder)
     render(report, Console())
     if json_out is not None:
-        try:
-            json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        except OSError as e:
-            raise UserError(f"--json {json_out} could not be written ({e.strerror or e}).") from None
+        write_text_report(json_out, json.dumps(report.to_dict(), indent=2) + "\n", "--json")
     if not report.ok:
         raise typer.Exit(1)

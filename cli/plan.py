@@ -14,6 +14,7 @@ from r1v_quant.deploy import recipes
 from r1v_quant.deploy.plan import Plan, parse_gpu_mems, plan_model
 from r1v_quant.deploy.units import GiB, human_bytes
 from r1v_quant.errors import UserError
+from r1v_quant.output import check_report_path, write_text_report
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "short": "[yellow]short[/]", "no": "[red]no[/]"}
 
@@ -163,6 +164,7 @@ def command(
     host_mem: Annotated[str, typer.Option("--host-mem", help="Host RAM the calibration may use (with --calibrate).")] = "32GB",
 ) -> None:
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
+    check_report_path(json_out, "--json")
     if calibrate:
         from r1v_quant.deploy.units import parse_size
         from r1v_quant.model.checkpoint import resolve_config
@@ -177,11 +179,12 @@ def command(
         console.print(f"[bold]{source}[/]")
         render_calibration(rows, tokens, host, console)
         if json_out is not None:
-            json_out.write_text(json.dumps([{"card": r.label, "fits": r.fits, "tokens": tokens,
+            write_text_report(json_out, json.dumps([{"card": r.label, "fits": r.fits, "tokens": tokens,
                                              "device_peak": r.prediction.device_peak, "host_peak": r.prediction.host_peak,
                                              "disk": r.prediction.disk, "chunk_tokens": r.prediction.plan.chunk_tokens,
                                              "max_tokens_on_device": r.max_tokens_on_device,
-                                             "max_tokens_host": r.max_tokens_host} for r in rows], indent=2) + "\n")
+                                             "max_tokens_host": r.max_tokens_host} for r in rows], indent=2) + "\n",
+                          "--json")
         return
     # vLLM's spellings: auto is the model's dtype, fp8_e4m3 and fp8_e5m2 are both one byte.
     kv_dtype = {"auto": "bf16"}.get(kv_dtype.lower(), "fp8" if kv_dtype.lower().startswith("fp8") else kv_dtype)
@@ -191,7 +194,4 @@ def command(
                       max_batched_tokens=max_batched_tokens, max_dynamic_patch=max_tiles, lm_head=quantize_lm_head)
     render(plan, Console())
     if json_out is not None:
-        try:
-            json_out.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-        except OSError as e:
-            raise UserError(f"--json {json_out} could not be written ({e.strerror or e}).") from None
+        write_text_report(json_out, json.dumps(plan.to_dict(), indent=2) + "\n", "--json")

@@ -52,13 +52,18 @@ def _same_model(source: str, ref_spec: str, ref_path: Path) -> bool:
 def check_candidate(ref_path: Path, cand_path: Path, ref_spec: str | None = None) -> list[str]:
     """Refuse (UserError) a candidate with other shapes or another tokenizer; warn when its recipe
     names another source. Returns the warnings."""
+    from r1v_quant.model.checkpoint import Checkpoint
     from r1v_quant.model.config import load_config
+    from r1v_quant.model.layout import check_checkpoint_shapes
 
     ref, cand = load_config(ref_path), load_config(cand_path)
     shape = _shape_difference(ref, cand)
     if shape:
         raise UserError(f"the candidate {cand_path} has {shape}, so it is not a quantisation of the reference "
                         f"{ref_path} and the comparison would mean nothing.")
+    # The candidate's config against its own tensor headers: a mismatch would otherwise surface
+    # only when the candidate loads, after the whole reference pass.
+    check_checkpoint_shapes(cand, Checkpoint(cand_path))
     tok = _tokenizer_difference(ref_path, cand_path)
     if tok:
         raise UserError(f"the candidate {cand_path} has another tokenizer ({tok}) than the reference {ref_path}, "

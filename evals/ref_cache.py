@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from r1v_quant.cache import CACHE_ENV, cache_folder
+from r1v_quant.cache import CACHE_ENV, cache_folder, tensors_digest
 from r1v_quant.errors import UserError
 from r1v_quant.evals.forcing import RefDist, Reply
 from r1v_quant.evals.settings import EvalSettings
 from r1v_quant.evals.suites import Suite
-from r1v_quant.output import write_atomic
+from r1v_quant.output import write_atomic, write_text_atomic
 
-CACHE_FORMAT = 1
+# 2: keyed on the weight files' headers and modification times; each entry carries its digest
+CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -65,6 +66,7 @@ class ReferenceCache:
     def __init__(self, folder: Path, key: dict):
         self.folder = folder
         self.key = key
+        self.damaged: list[str] = []  # entries whose digest did not hold, by file name
 
     @classmethod
     def open(cls, root: Path, key: dict) -> ReferenceCache:
@@ -72,7 +74,7 @@ class ReferenceCache:
         folder = root / f"{name}-{_sha(json.dumps(key, sort_keys=True))[:24]}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+            write_text_atomic(folder / "key.json", json.dumps(key, indent=1, sort_keys=True) + "\n")
         except OSError as error:
             raise UserError(f"could not write the eval cache {folder} ({error.strerror or error}); "
                             f"pass --cache-dir or set {CACHE_ENV} to a writable folder.") from None
@@ -82,6 +84,8 @@ class ReferenceCache:
         return self.folder / f"{index:05d}.safetensors"
 
     def load(self, index: int, sample_id: str) -> RefItem | None:
+        """The stored item, or None when there is none or it cannot be trusted (then it is redone;
+        one whose digest does not hold is also listed in `damaged`)."""
         from safetensors import safe_open
 
         path = self.path(index)
@@ -92,6 +96,10 @@ class ReferenceCache:
                 meta = f.metadata() or {}
                 t = {k: f.get_tensor(k) for k in f.keys()}
         except Exception:  # noqa: BLE001 - a damaged cache file is simply redone
+            self.damaged.append(path.name)
+            return None
+        if meta.get("digest") != tensors_digest(t, meta):
+            self.damaged.append(path.name)
             return None
         if meta.get("id") != sample_id:
             return None
@@ -112,6 +120,7 @@ class ReferenceCache:
         if item.reply is not None:
             tensors["reply_ids"] = torch.tensor(item.reply.ids, dtype=torch.int64)
             meta.update(kind="qa", text=item.reply.text, finished="1" if item.reply.finished else "0")
+        meta["digest"] = tensors_digest(tensors, meta)
         path = self.path(index)
         try:
             write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))

@@ -363,11 +363,14 @@ def to_markdown(results: EvalResults) -> str:
 # ---------------------------------------------------------------- files
 
 
+def json_text(results: EvalResults) -> str:
+    """The results as JSON (the schema in this module's doc)."""
+    return json.dumps(results.to_dict(), indent=2, allow_nan=False) + "\n"
+
+
 def to_json(results: EvalResults, path: str | os.PathLike) -> Path:
     """Write the results as JSON (the schema in this module's doc)."""
-    path = Path(path)
-    text = json.dumps(results.to_dict(), indent=2, allow_nan=False) + "\n"
-    return write_text_atomic(path, text)
+    return write_text_atomic(Path(path), json_text(results))
 
 
 # ---------------------------------------------------------------- per-subject chart
@@ -398,6 +401,13 @@ def _text_w(draw: ImageDraw.ImageDraw, text: str, font) -> int:
 def plot_per_subject(results: EvalResults, png_path: str | os.PathLike) -> Path:
     """Grouped horizontal bar chart of accuracy per subject (overall first), one colour
     per model, drawn with Pillow and written as PNG."""
+    path = Path(png_path)
+    write_atomic(path, plot_writer(results))
+    return path
+
+
+def plot_writer(results: EvalResults):
+    """A function that writes the per-subject chart of `plot_per_subject` as PNG to the path it is given."""
     models = results.ordered_models()
     if not models:
         raise UserError("The results hold no models, so there is nothing to plot.")
@@ -446,6 +456,4 @@ def plot_per_subject(results: EvalResults, png_path: str | os.PathLike) -> Path:
                 draw.rectangle([x0, yb, xe, yb + _BAR_H - 1], fill=colours[m.name])
             draw.text((xe + 4, yb + 1), f"{value:.1f}", fill="black", font=small)
 
-    path = Path(png_path)
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
-    return path
+    return lambda path: image.save(path, format="PNG")

@@ -194,10 +194,15 @@ def _work(suite: Suite, n: int) -> int:
 
 
 def run_reference(spec: ModelSpec, suite: Suite, settings: EvalSettings, cache: ReferenceCache,
-                  progress: ProgressFn | None) -> tuple[list[RefItem], int]:
-    """The reference's items, from the cache where present; returns (items, how many were reused)."""
+                  progress: ProgressFn | None, warn: Callable[[str], None] | None = None) -> tuple[list[RefItem], int]:
+    """The reference's items, from the cache where present; returns (items, how many were reused).
+    `warn` hears of cached items whose digest did not hold, before they are computed again."""
     items: list[RefItem | None] = [cache.load(i, s.id) for i, s in enumerate(suite.samples)]
     missing = [i for i, item in enumerate(items) if item is None]
+    if cache.damaged and warn is not None:
+        shown = ", ".join(cache.damaged[:3]) + (f" and {len(cache.damaged) - 3} more" if len(cache.damaged) > 3 else "")
+        warn(f"{len(cache.damaged)} cached reference output(s) in {cache.folder} failed their checksum ({shown}); "
+             "they are computed again.")
     if not missing:
         if progress:
             progress(spec.label, 1, 1)
@@ -369,12 +374,13 @@ class EvalRun:
 
 
 def _run_models(specs: Sequence[ModelSpec], suite: Suite, settings: EvalSettings, key: dict,
-                progress: ProgressFn | None) -> tuple[dict[str, tuple[str, list[ItemResult]]], int, Path]:
+                progress: ProgressFn | None, warn: Callable[[str], None] | None = None
+                ) -> tuple[dict[str, tuple[str, list[ItemResult]]], int, Path]:
     """Every model in turn, the reference first: (label -> (role, items), reference items
     reused from the cache, the cache folder)."""
     with _cache_root(settings) as root:
         cache = ReferenceCache.open(root, key)
-        ref_items, reused = run_reference(specs[0], suite, settings, cache, progress)
+        ref_items, reused = run_reference(specs[0], suite, settings, cache, progress, warn)
         runs = {specs[0].label: ("reference", reference_results(ref_items))}
         for spec in specs[1:]:
             runs[spec.label] = (spec.role, run_model(spec, suite, settings, ref_items, progress))
@@ -384,10 +390,10 @@ def _run_models(specs: Sequence[ModelSpec], suite: Suite, settings: EvalSettings
 def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: Sequence[str] = (),
              progress: ProgressFn | None = None, on_warning: Callable[[str], None] | None = None) -> EvalRun:
     """Reference, candidate and baselines on the same suite, one model at a time.
-    ``on_warning`` hears each warning before the long work starts."""
-    from r1v_quant.calib.traces import model_identity
+    ``on_warning`` hears each warning before the long work starts (a damaged cache entry: when it is found)."""
     from r1v_quant.evals.compat import check_candidate
     from r1v_quant.model.checkpoint import resolve_model
+    from r1v_quant.model.identity import model_identity
 
     check_settings(settings)
     for base in baselines:
@@ -403,8 +409,13 @@ def evaluate(reference: str, candidate: str, settings: EvalSettings, baselines: 
         on_warning(warning)
     specs = model_specs(ref_path, display_name(reference, ref_path), cand_path, display_name(candidate, cand_path),
                         baselines, settings)
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning:
+            on_warning(message)
+
     runs, reused, folder = _run_models(specs, suite, settings, cache_key(model_identity(ref_path), suite, settings),
-                                       progress)
+                                       progress, warn)
     questions: list[dict] = []
     if suite.kind == "qa":
         think_close_id = _think_close_id(ref_path)

@@ -64,3 +64,15 @@ def check_replaceable(out: Path, protected: dict[str, Path | None]) -> None:
     if any(out.iterdir()) and not looks_like_export(out):
         raise UserError(f"--out {out} is not an r1v-quant export (it holds {_listing(out)}); "
                         "--force only replaces an earlier export, so choose another folder.")
+
+
+def check_export_conflicts(out: Path, writes: list[str], owned) -> None:
+    """Before any work: refuse an earlier export at `out` holding a folder where the new export
+    writes a file (`writes`, or a name `owned(name)` claims), naming it; `--force` never deletes it."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir()):
+        if (entry.name in writes or owned(entry.name)) and entry.is_dir() and not entry.is_symlink():
+            raise UserError(f"--out {out} holds a folder {entry.name} where the export writes a file; "
+                            "move it away first (--force replaces only an export's own files).")

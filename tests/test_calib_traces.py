@@ -207,3 +207,44 @@ def test_encoding_a_traced_sample_appends_the_reply_and_eos(traced, model):
         assert b.ids[-1] == tok.eos_token_id
         reply = tok.decode(b.ids[len(a.ids): -1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         assert reply == with_reply.response
+
+
+def _rewrite_in_place(shard):
+    """Change the last weight bytes of a shard without changing its size or header."""
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.seek(-4, 2)
+        tail = f.read(4)
+        f.seek(-4, 2)
+        f.write(bytes(b ^ 0x55 for b in tail))
+    assert shard.stat().st_size == size
+
+
+def test_a_source_rewritten_in_place_is_traced_again(model, tmp_path, loads, quick):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(model, copy)
+    cache = tmp_path / "cache"
+    add_self_traces(visual_samples(), copy, MAX, cache_dir=cache)
+    add_self_traces(visual_samples(), copy, MAX, cache_dir=cache)
+    assert len(loads) == 1 and quick == ["red", "sum"]
+    _rewrite_in_place(sorted(copy.glob("*.safetensors"))[-1])
+    add_self_traces(visual_samples(), copy, MAX, cache_dir=cache)
+    assert len(loads) == 2 and quick == ["red", "sum", "red", "sum"]  # another model: every reply again
+
+
+def test_a_cached_reply_that_fails_its_digest_is_generated_again_and_said(model, tmp_path, loads, quick):
+    add_self_traces(visual_samples(), model, MAX, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    key = sorted(record["traces"])[0]
+    record["traces"][key]["response"] = "a reply nobody generated"  # the digest still the old one
+    path.write_text(json.dumps(record))
+    heard = []
+    out = add_self_traces(visual_samples(), model, MAX, cache_dir=tmp_path, on_warning=heard.append)
+    assert len(loads) == 2 and len(quick) == 3  # that one reply only
+    assert len(heard) == 1 and "1 cached trace(s)" in heard[0] and "checksum" in heard[0]
+    assert "a reply nobody generated" not in [s.response for s in out]
+    again = json.loads(path.read_text())["traces"][key]
+    assert again["response"] != "a reply nobody generated" and again["digest"]

@@ -21,6 +21,9 @@ def test_images_go_first_unless_the_text_places_them():
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
     path = tmp_path / "sub" / "out.json"
+    with pytest.raises(FileNotFoundError):
+        write_text_atomic(path, "old")  # a missing folder is not made up
+    path.parent.mkdir()
     write_text_atomic(path, "old")
 
     def fail(tmp):

@@ -162,3 +162,27 @@ def check_checkpoint_shapes(cfg: R1VConfig, ckpt) -> None:
         if name in names and tuple(ckpt.shape_of(name)) != tuple(expected[name]):
             raise UserError(f"config.json's {shape_keys(cfg, name)} does not match the weights: {name} is "
                             f"{list(ckpt.shape_of(name))} in {ckpt.dir}, where the config implies {list(expected[name])}.")
+    if cfg.quantization is not None:
+        _check_awq_shapes(cfg, ckpt, names)
+
+
+def _check_awq_shapes(cfg: R1VConfig, ckpt, names: set[str]) -> None:
+    """An export's 4-bit tensors against its quantization_config's group size, from the headers alone."""
+    from r1v_quant.errors import UserError
+    from r1v_quant.int4.format import awq_shapes, read_quantization_config
+
+    qc = read_quantization_config(cfg.quantization)
+    linears = {n: s for i in range(cfg.num_layers) for n, s in llm_linear_shapes(cfg, i).items()}
+    if qc.lm_head:
+        linears[HEAD_MODULE] = (int(cfg.llm["vocab_size"]), int(cfg.llm["hidden_size"]))
+    for module, (out_features, in_features) in linears.items():
+        if module + ".qweight" not in names:
+            continue
+        for leaf, (shape, _) in awq_shapes(out_features, in_features, qc.group_size).items():
+            name = f"{module}.{leaf}"
+            found = tuple(ckpt.shape_of(name)) if name in names else shape
+            if found != shape:
+                groups = found[0] if leaf != "qweight" and found else 0
+                fits = f", which fits group size {in_features // groups}" if groups and in_features % groups == 0 else ""
+                raise UserError(f"config.json's quantization_config group size {qc.group_size} does not match the "
+                                f"weights: {name} is {list(found)} in {ckpt.dir}{fits}, where {list(shape)} is expected.")

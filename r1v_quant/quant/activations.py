@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from r1v_quant.output import write_atomic
+
 
 class ActivationStore:
     """Per-sample hidden states [1, T, D] kept on the CPU, written to disk past a byte threshold."""
@@ -48,9 +50,8 @@ class ActivationStore:
         self.items, self.ram_bytes = [], 0
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        save_file({f"s{i}": self[i] for i in range(len(self))}, str(tmp))
-        tmp.replace(path)
+        tensors = {f"s{i}": self[i] for i in range(len(self))}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def load(self, path: Path) -> None:
         data = load_file(str(path))

@@ -24,6 +24,17 @@ _SKIP_SIDE = {"config.json", INDEX_NAME, SINGLE_NAME, "README.md", ".gitattribut
 _SKIP_SUFFIX = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
+# The files of an export besides the side files it copies from its source; an earlier export's
+# files by these names are replaced by `awq --force`, anything else in the folder is kept.
+_EXPORT_FILE = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|" + "|".join(
+    re.escape(n) for n in (SINGLE_NAME, INDEX_NAME, "config.json", "README.md", "r1v_quant_report.json")) + ")$")
+
+
+def is_export_file(name: str) -> bool:
+    """Whether `name` is one of the files `awq` writes into every export (the copied side files aside)."""
+    return bool(_EXPORT_FILE.match(name))
+
+
 def export_config(cfg: R1VConfig, group_size: int, lm_head: bool = False) -> dict:
     raw = json.loads(json.dumps(cfg.raw))
     raw["quantization_config"] = quantization_config(group_size, MODULES_TO_NOT_CONVERT, lm_head)

@@ -14,18 +14,19 @@ from safetensors.torch import load_file
 from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import load_config
+from r1v_quant.model.identity import model_identity
 from r1v_quant.model.layout import check_checkpoint_shapes
 from r1v_quant.output import check_out_dir, staged_dir
 from r1v_quant.quant.chunks import available_host_bytes, default_budget
 from r1v_quant.quant.compute import choose_compute_dtype, dtype_name
-from r1v_quant.quant.export import copy_side_files, export_config, model_card, side_files, write_tensors
+from r1v_quant.quant.export import copy_side_files, export_config, is_export_file, model_card, side_files, write_tensors
 from r1v_quant.quant.memory_model import auto_spill_above, calibration_tokens, config_plan, predict
 from r1v_quant.quant.pipeline import run_awq, validate_group_size
 from r1v_quant.quant.recipe import REPORT_NAME, AWQSettings, CalibrationRecipe, fingerprint
 from r1v_quant.quant.run_guard import guarded, kept_note, work_path
 from r1v_quant.quant.space import check_space, run_needs
-from r1v_quant.quant.workdir import LayerReport, WorkFolder
-from r1v_quant.replace_guard import check_replaceable
+from r1v_quant.quant.workdir import SPILL, LayerReport, WorkFolder, check_work_folder, remove_work_folder
+from r1v_quant.replace_guard import check_export_conflicts, check_replaceable
 
 
 @dataclass
@@ -39,6 +40,7 @@ class AWQResult:
     kl: dict | None = None
     extra: dict = field(default_factory=dict)
     head: LayerReport | None = None   # lm_head's search, with --quantize-lm-head
+    kept_files: list[str] = field(default_factory=list)  # what the user had added to an earlier export at --out
 
     def summary(self) -> dict:
         awq = [r.rel_err_awq for r in self.layers]
@@ -150,17 +152,20 @@ def quantize_checkpoint(
         raise UserError(f"{src} is already quantised ({cfg.quantization.get('quant_method')}); pass the full-precision checkpoint.")
     ckpt = Checkpoint(src)
     check_checkpoint_shapes(cfg, ckpt)
+    source_identity = model_identity(src)  # before any work: a resumed run must find the source as it was
     side_files(src)  # a link out of the checkpoint is refused before any work
     validate_group_size(cfg, settings.group_size, settings.lm_head)
     out = Path(out)
-    check_out_dir(out, force, source=src)
     work_folder = work_path(out, work_dir)
+    inputs = {"source checkpoint": src, **{f"calibration data {p}": p for p in calib_paths(calib)}}
+    check_work_folder(work_folder, out, inputs)
+    check_out_dir(out, force, source=src)
     # Activations between layers spill past a share of the free RAM, by default into the work folder.
-    offload_dir = offload_dir or work_folder / "spill"
+    offload_dir = offload_dir or work_folder / SPILL
     offload_above = auto_spill_above(available_host_bytes()) if offload_above is None else offload_above
-    protected = {"source checkpoint": src, "offload folder": offload_dir, "work folder": work_folder,
-                 **{f"calibration data {p}": p for p in calib_paths(calib)}}
+    protected = {**inputs, "offload folder": offload_dir, "work folder": work_folder}
     check_replaceable(out, protected)
+    check_export_conflicts(out, [p.name for p in side_files(src)], is_export_file)
     check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, calib.max_tokens,
                           resume))
     dev = pick_device(device)
@@ -186,7 +191,7 @@ def quantize_checkpoint(
     # The whole recipe goes into the fingerprint: a work folder made from other tokens is not resumed.
     run_id = fingerprint({"model": str(Path(src).resolve()), "compute dtype": dtype_name(dtype)}, settings.to_json(),
                          calib.fingerprint_data())
-    work = WorkFolder(work_folder, run_id)
+    work = WorkFolder(work_folder, run_id, source=source_identity)
     try:
         reports = run_awq(cfg, ckpt, first_inputs, settings, work, dev, resume=resume, offload_dir=offload_dir,
                           offload_above=offload_above, dtype=dtype,
@@ -211,7 +216,8 @@ def quantize_checkpoint(
 
     card = {"source": str(model), **calib.display(), **settings.display()}
     check_replaceable(out, protected)
-    with staged_dir(out, force=force) as tmp:
+    kept: list[str] = []
+    with staged_dir(out, force=force, owned=is_export_file, kept=kept) as tmp:
         write_tensors(ckpt, work.layer_file, tmp, max_shard_bytes,
                       head=load_file(str(work.head_file)) if settings.lm_head else None)
         (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size, settings.lm_head),
@@ -228,8 +234,7 @@ def quantize_checkpoint(
         if head is not None:
             report["lm_head"] = {"rel_err_awq": head.rel_err_awq, "rel_err_rtn": head.rel_err_rtn, "alphas": head.alphas}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    result.kept_files = kept
     if not keep_work:
-        import shutil
-
-        shutil.rmtree(work.path, ignore_errors=True)
+        remove_work_folder(work.path)
     return result

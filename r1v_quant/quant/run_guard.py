@@ -10,7 +10,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import signal
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 
 from r1v_quant.errors import Interrupted, UserError
 from r1v_quant.locks import locked
+from r1v_quant.quant.workdir import check_apart
 from r1v_quant.replace_guard import check_writable_parent
 
 _OS_ERROR = re.compile(r"os error (\d+)")
@@ -43,8 +43,11 @@ def kept_note(work: Path, total: int | None) -> str:
     if not Path(work).exists():
         return "no work folder was left"
     if done == 0:
-        shutil.rmtree(work, ignore_errors=True)
-        return f"no layer had finished, so the work folder {work} was removed"
+        from r1v_quant.quant.workdir import remove_work_folder
+
+        if remove_work_folder(work):
+            return f"no layer had finished, so the work folder {work} was removed"
+        return f"no layer had finished; the work folder {work} was left as it was"
     if total is not None and done >= total:
         return f"all {done} layers are kept in {work}: rerun the same command with --resume to write the export"
     return (f"layers 0-{done - 1} are kept in {work}: rerun the same command with --resume to continue "
@@ -89,6 +92,7 @@ def guarded(run):
         out = Path(a["out"]).absolute()
         work = work_path(out, a.get("work_dir"))
         check_writable_parent(out)
+        check_apart(work, out)  # before the locks make any folder
         with ExitStack() as held:
             try:
                 held.enter_context(locked((out, "export folder"), (work, "work folder")))
