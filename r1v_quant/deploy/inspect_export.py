@@ -397,7 +397,7 @@ def inspect(folder: str | Path) -> InspectReport:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path} is not valid JSON ({e}).") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{cfg_path} does not hold a JSON object.")
+        parse_config(raw, str(cfg_path))  # the config reader's own sentence for a config that is no object
 
     checks: list[Check] = []
     cfg: R1VConfig | None
