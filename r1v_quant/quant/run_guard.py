@@ -89,6 +89,8 @@ def guarded(run):
         out = Path(a["out"]).absolute()
         work = work_path(out, a.get("work_dir"))
         check_writable_parent(out)
+        if a.get("work_dir"):
+            check_writable_parent(work, "--work-dir")
         with ExitStack() as held:
             try:
                 held.enter_context(locked((out, "export folder"), (work, "work folder")))
