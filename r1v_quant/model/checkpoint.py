@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from r1v_quant.errors import UserError
+from r1v_quant.output import new_file_mode
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -294,6 +295,8 @@ class ShardWriter:
 
         part = f"part-{len(self._parts):05d}.safetensors"
         save_file(self._pending, str(self.dir / part), metadata={"format": "pt"})
+        # safetensors writes its files private (0600); a shard is read by whoever may read the folder.
+        (self.dir / part).chmod(new_file_mode())
         self._parts.append((part, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
