@@ -19,7 +19,9 @@ STATUS_STYLE = {"pass": "[green]pass[/]", "warn": "[yellow]warn[/]", "fail": "[b
 
 def render(report: InspectReport, console: Console) -> None:
     cfg = report.config
-    console.print(f"[bold]{report.path}[/]  ({cfg.get('model_type')}, {', '.join(cfg.get('architectures') or [])}, "
+    archs = cfg.get("architectures")
+    archs = ", ".join(map(str, archs)) if isinstance(archs, list) else str(archs or "")
+    console.print(f"[bold]{report.path}[/]  ({cfg.get('model_type')}, {archs}, "
                   f"torch_dtype {cfg.get('torch_dtype')})")
     q = report.quantised
     if q["modules"]:

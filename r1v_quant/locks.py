@@ -43,9 +43,14 @@ class FolderLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            # A full disk takes the file's creation but not its PID: leave no empty lock behind.
+            self.release()
+            raise
 
     def _lock_once(self) -> int:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

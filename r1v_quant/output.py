@@ -124,6 +124,11 @@ def _umask() -> int:
     return umask
 
 
+def new_file_mode() -> int:
+    """The mode the user's umask gives a file they create: 0644 under umask 022, 0600 under 077."""
+    return 0o666 & ~_umask()
+
+
 def _share(folder: Path) -> None:
     # mkdtemp creates a private folder; an export is meant to be read by others. Files keep the
     # modes they were written with: widening them would publish a private side file.

@@ -34,12 +34,12 @@ def _listing(folder: Path, limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_writable_parent(out: Path) -> None:
-    """`--out` below a regular file cannot be created; say so before any work."""
+def check_writable_parent(out: Path, flag: str = "--out") -> None:
+    """A folder below a regular file cannot be created; say so, naming the flag, before any work."""
     for parent in Path(out).absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UserError(f"--out {out} lies below {parent}, which is a file, not a folder.")
+                raise UserError(f"{flag} {out} lies below {parent}, which is a file, not a folder.")
             return
 
 

@@ -167,3 +167,41 @@ def test_out_below_a_regular_file(tiny_dir, tmp_path, capsys):
     code, _, err = run_cli(AWQ + ["--model", tiny_dir, "--out", tmp_path / "afile" / "out"], capsys)
     assert code == 2 and "is a file, not a folder" in " ".join(err.split()), err
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_work_dir_below_a_regular_file_names_that_flag_and_file(tiny_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(AWQ + ["--model", tiny_dir, "--out", tmp_path / "out", "--work-dir", tmp_path / "afile" / "w"],
+                           capsys)
+    err = " ".join(err.split())
+    assert code == 2 and f"--work-dir {tmp_path / 'afile' / 'w'} lies below {tmp_path / 'afile'}, which is a file" in err, err
+    assert (tmp_path / "afile").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_full_disk_at_the_start_leaves_no_empty_lock(tiny_dir, small_fs, tmp_path, capsys, monkeypatch):
+    """The lock file's creation needs no data block, its PID does: a full disk must not keep the empty file."""
+    import os
+
+    fs = small_fs(64 * 1024)
+    if fs is not None:
+        with open(fs / "filler", "wb", buffering=0) as f:  # fill the disk to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+    else:  # no mount allowed: the PID's write fails as on a full disk
+        fs = tmp_path / "disk"
+        fs.mkdir()
+        (fs / "filler").write_text("x")
+        real = os.write
+
+        def full(fd, data):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data)
+        monkeypatch.setattr(os, "write", full)
+    code, _, err = run_cli(AWQ + ["--model", tiny_dir, "--out", fs / "out"], capsys)
+    err = " ".join(err.split())
+    assert code == 2 and "the disk is full" in err, err
+    assert sorted(p.name for p in fs.iterdir()) == ["filler"]

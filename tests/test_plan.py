@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import typer
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -277,6 +279,18 @@ def test_parse_sizes():
     for bad in ("lots", "24XB", "512MB", ""):
         with pytest.raises(UserError):
             parse_gpu_mems(bad) if bad == "" else parse_size(bad)
+    assert parse_size("1024TiB") == 2**50
+
+
+@pytest.mark.parametrize("text,named", [("99999999999999999999999GiB", "more than any device"),
+                                        ("2000TB", "more than any device"), ("9" * 400, "more than any device"),
+                                        ("24GiB,,48GiB", "empty entry (number 2)"), ("24GiB,", "empty entry (number 2)"),
+                                        (",24GiB", "empty entry (number 1)")])
+def test_absurd_and_empty_gpu_mem_entries_are_refused(text, named, capsys):
+    with pytest.raises(UserError, match=re.escape(named)):
+        parse_gpu_mems(text)
+    code, out, err = run_cli(["plan", "--model", "r1v-38b", "--gpu-mem", text], capsys)
+    assert code == 2 and named in " ".join(err.split()) and "Traceback" not in err and not out, err
 
 
 def test_bad_util_and_kv_dtype():

@@ -292,6 +292,20 @@ def test_failing_export_is_refused_naming_the_check(cli, fake_vllm_exe, tmp_path
     assert "fails the vLLM check 'quantization_config'" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_truncated_export_is_refused_for_its_truncation(cli, fake_vllm_exe, tmp_path, capsys):
+    """A cut-off download is the cause, not a missing quantisation the cut hides."""
+    folder = build(tmp_path / "export", shards=1)
+    shard = next(folder.glob("*.safetensors"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", str(folder), "--dry-run"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 2
+    assert "fails the vLLM check 'safetensors index' (and" in err and f"{shard.name} is not a readable safetensors" in err, err
+    assert err.index("safetensors index") < err.index("r1v-quant inspect") and "not a 4-bit export" not in err, err
+
+
 def test_serve_execs_vllm(cli, fake_vllm_exe, tmp_path, monkeypatch):
     folder = build(tmp_path / "export")
     calls = []

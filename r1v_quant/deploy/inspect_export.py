@@ -397,7 +397,7 @@ def inspect(folder: str | Path) -> InspectReport:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path} is not valid JSON ({e}).") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{cfg_path} does not hold a JSON object.")
+        parse_config(raw, str(cfg_path))  # the config reader's own sentence for a config that is no object
 
     checks: list[Check] = []
     cfg: R1VConfig | None
@@ -409,6 +409,8 @@ def inspect(folder: str | Path) -> InspectReport:
         checks.append(Check("config", "fail", str(e)))
 
     tensors, index_check = read_tensors(folder)
+    # Missing or damaged shard files explain every tensor check after them, so they are reported first.
+    checks.append(index_check)
     modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
     for t, info in tensors.items():
         module, _, leaf = t.rpartition(".")
@@ -434,7 +436,6 @@ def inspect(folder: str | Path) -> InspectReport:
     if quantised:
         checks.append(_check_marlin(group_used, modules, quantised))
     checks.append(check_remote_code(folder, raw))
-    checks.append(index_check)
     if cfg is not None and tensors:
         checks.append(_check_layout(cfg, tensors, set(quantised), group_used))
 

@@ -252,9 +252,13 @@ def parse_gpu_mems(text: str | None) -> list[tuple[str, int]]:
     """'24GiB,30GB' -> [(label, bytes)]; None -> the default cards 24/32/40/48/80 (as GiB)."""
     if text is None:
         return [(f"{g} GB", g * GiB) for g in DEFAULT_CARDS_GIB]
-    entries = [t.strip() for t in text.split(",") if t.strip()]
-    if not entries:
+    entries = [t.strip() for t in text.split(",")]
+    if not any(entries):
         raise UserError("--gpu-mem is empty; pass sizes such as 24GiB,30GB.")
+    if not all(entries):
+        place = entries.index("") + 1
+        raise UserError(f"--gpu-mem {text!r} has an empty entry (number {place}); pass sizes such as 24GiB,48GiB "
+                        "with one comma between each two.")
     return [(t, parse_size(t)) for t in entries]
 
 

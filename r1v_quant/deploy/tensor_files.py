@@ -12,7 +12,8 @@ from pathlib import Path
 
 from r1v_quant.deploy.checks import Check, listing
 from r1v_quant.deploy.units import ST_ITEMSIZE
-from r1v_quant.model.checkpoint import INDEX_NAME
+from r1v_quant.errors import UserError
+from r1v_quant.model.checkpoint import INDEX_NAME, read_weight_map
 
 
 @dataclass
@@ -83,12 +84,10 @@ def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], Check]:
     index_path = folder / INDEX_NAME
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            return tensors, Check(name, "fail", f"{INDEX_NAME} is not valid JSON with a weight_map.")
+            weight_map = read_weight_map(index_path)
+        except UserError as e:
+            return tensors, Check(name, "fail", str(e))
+        index = json.loads(index_path.read_text())
         listed_shards = sorted(set(weight_map.values()))
         absent = [s for s in listed_shards if s not in files]
         if absent:
@@ -103,7 +102,8 @@ def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], Check]:
         stray = [f for f in files if f not in listed_shards]
         if stray:
             warnings.append(f"{listing(stray)} not named by the index (loaders ignore it)")
-        total = (index.get("metadata") or {}).get("total_size")
+        meta = index.get("metadata")
+        total = meta.get("total_size") if isinstance(meta, dict) else None
         actual = sum(i.nbytes for s in listed_shards if s in headers for i in headers[s].values())
         if total is not None and total != actual and not absent:
             warnings.append(f"index metadata total_size {total} differs from the shards' tensor bytes {actual}")

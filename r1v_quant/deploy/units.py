@@ -48,12 +48,19 @@ def human_bytes(n: int) -> str:
     return f"{n:,d} B"
 
 
-def parse_size(text: str, flag: str = "--gpu-mem entry", minimum: int = GiB) -> int:
+# Far above any card's or host's memory, far below where byte counts stop being exact.
+MAX_SIZE = 2**50
+
+
+def parse_size(text: str, flag: str = "--gpu-mem entry", minimum: int = GiB, maximum: int = MAX_SIZE) -> int:
     """'24GiB' -> bytes; GB/MB are decimal, GiB/MiB binary; a bare number is GiB (a card's nominal size)."""
     m = _SIZE.match(text)
     if not m:
         raise UserError(f"{flag} {text!r} is not a size such as 24GiB, 30GB or 81559MiB.")
     value = float(m.group(1)) * _UNIT[(m.group(2) or "").lower()]
+    if value > maximum:
+        raise UserError(f"{flag} {text!r} is over {human_bytes(maximum)}, more than any device or host holds; "
+                        "check the number and its unit.")
     if value < minimum:
         raise UserError(f"{flag} {text!r} is under {human_bytes(minimum)}; write the unit, e.g. 24GiB.")
     return int(value)

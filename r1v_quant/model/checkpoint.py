@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from r1v_quant.errors import UserError
+from r1v_quant.output import new_file_mode
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -120,8 +121,6 @@ def _json_config(path: Path):
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a readable JSON config ({e}).") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} does not hold a JSON object.")
     return parse_config(raw, str(path))
 
 
@@ -179,6 +178,26 @@ def resolve_config(spec: str):
                         f"({type(e).__name__}).") from None
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The `weight_map` of a safetensors index, tensor name -> shard file name; one sentence when
+    the file is not JSON, has no weight_map, or maps a name to anything but a file name."""
+    try:
+        data = json.loads(Path(index).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{index} is not valid JSON, so it is not a safetensors index.") from None
+    except OSError as e:
+        raise UserError(f"{index} could not be read ({e.strerror or e}).") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        got = "none" if weight_map is None else f"a {type(weight_map).__name__}"
+        raise UserError(f"{index} is not a valid safetensors index: its weight_map is {got}, not an object "
+                        "from tensor names to shard files.")
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise UserError(f"{index} places tensor {bad[0]} in shard {bad[1]!r}, which is not a file name.")
+    return weight_map
+
+
 class Checkpoint:
     """The tensors of a checkpoint folder, read one at a time from (possibly sharded) safetensors."""
 
@@ -191,10 +210,7 @@ class Checkpoint:
     def _map_tensors(self) -> dict[str, str]:
         index = self.dir / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                raise UserError(f"{index} is not a valid safetensors index (no weight_map).") from None
+            weight_map = read_weight_map(index)
             for shard in sorted(set(weight_map.values())):
                 check_inside(self.dir, shard, str(index))
             missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
@@ -279,6 +295,8 @@ class ShardWriter:
 
         part = f"part-{len(self._parts):05d}.safetensors"
         save_file(self._pending, str(self.dir / part), metadata={"format": "pt"})
+        # safetensors writes its files private (0600); a shard is read by whoever may read the folder.
+        (self.dir / part).chmod(new_file_mode())
         self._parts.append((part, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

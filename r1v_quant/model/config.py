@@ -6,6 +6,7 @@ Our loader reads the JSON itself, so it never needs the vendor's remote code.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,16 @@ from r1v_quant.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("skywork_chat", "internvl_chat")
 SUPPORTED_LLM_ARCHS = ("Qwen2ForCausalLM",)
+# Activations transformers' ACT2FN provides that a Qwen2 MLP or an InternViT MLP may name; a test
+# keeps this list inside ACT2FN, so `plan` checks a config without importing transformers.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python", "gelu_accurate", "quick_gelu",
+               "relu", "relu2", "relu6", "silu", "swish", "tanh", "sigmoid", "mish", "leaky_relu", "linear")
+VISION_NORMS = ("rms_norm", "layer_norm")
+# Qwen2Config checks these types strictly (a whole number for a float field fails there), so they
+# are checked here first and handed over as floats.
+_QWEN2_FLOATS = ("rms_norm_eps", "initializer_range", "attention_dropout")
+_QWEN2_BOOLS = ("tie_word_embeddings", "use_sliding_window", "use_cache")
+_QWEN2_OPTIONAL_INTS = ("sliding_window", "max_window_layers", "bos_token_id", "pad_token_id")
 
 
 @dataclass(frozen=True)
@@ -81,14 +92,23 @@ class R1VConfig:
         keys = dict(self.llm)
         for drop in ("architectures", "auto_map", "_name_or_path", "transformers_version", "model_type"):
             keys.pop(drop, None)
-        cfg = Qwen2Config(**keys)
+        for key in _QWEN2_FLOATS:
+            if keys.get(key) is not None:
+                keys[key] = float(keys[key])
+        try:
+            cfg = Qwen2Config(**keys)
+        except (TypeError, ValueError, AttributeError) as e:
+            # validate_raw checks every field the model reads; this names any other one transformers refuses.
+            first = " ".join(str(e).split())[:160]
+            raise UserError(f"config.json llm_config is refused by transformers' Qwen2Config ({first}).") from None
         cfg.tie_word_embeddings = bool(self.llm.get("tie_word_embeddings", False))
         return cfg
 
 
 def _vision_from(raw: dict[str, Any]) -> VisionSettings:
     names = VisionSettings.__dataclass_fields__
-    kept = {k: v for k, v in raw.items() if k in names}
+    # A null setting reads as absent, as the vendor's configuration class reads it.
+    kept = {k: v for k, v in raw.items() if k in names and v is not None}
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in kept]
     if missing:
         raise UserError(f"vision_config lacks {', '.join(missing)}.")
@@ -115,6 +135,83 @@ def _int_setting(section: dict, key: str, limit: int, where: str, minimum: int =
         raise UserError(f"{where} {key} is {value}; it must lie between {minimum} and {limit}.")
 
 
+def _number(section: dict, key: str, where: str, low: float, high: float, *, low_open: bool = True) -> None:
+    """A finite JSON number in (low, high] (or [low, high] when not `low_open`), if the key is present."""
+    if key not in section or section[key] is None:
+        return
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where} {key} is {value!r}; it must be a number.")
+    if value < low or (low_open and value == low) or value > high:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise UserError(f"{where} {key} is {value!r}; it must lie in {span}.")
+
+
+def _choice(section: dict, key: str, where: str, allowed: tuple[str, ...]) -> None:
+    if key in section and section[key] not in allowed:
+        raise UserError(f"{where} {key} is {section[key]!r}; r1v-quant knows {', '.join(allowed)}.")
+
+
+def _typed(section: dict, key: str, where: str, kinds: tuple[type, ...], what: str) -> None:
+    """An optional key of a JSON type (`null` allowed); bool never counts as a number."""
+    value = section.get(key)
+    if value is None:
+        return
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise UserError(f"{where} {key} is {value!r}; it must be {what}.")
+
+
+def _names_list(section: dict, key: str, where: str) -> None:
+    value = section.get(key)
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        raise UserError(f"{where} {key} is {value!r}; it must be a list of class names.")
+
+
+def _check_llm_fields(llm: dict, where: str) -> None:
+    """The fields transformers and torch read from llm_config, which no size check covers."""
+    _names_list(llm, "architectures", where)
+    _number(llm, "rope_theta", where, 0, 1e12)
+    rope = llm.get("rope_parameters")
+    if rope is not None:
+        if not isinstance(rope, dict):
+            raise UserError(f"{where} rope_parameters is {rope!r}; it must be an object.")
+        _number(rope, "rope_theta", f"{where} rope_parameters", 0, 1e12)
+    _typed(llm, "rope_scaling", where, (dict,), "an object or null")
+    _number(llm, "rms_norm_eps", where, 0, 0.1)
+    _choice(llm, "hidden_act", where, ACTIVATIONS)
+    for key in _QWEN2_FLOATS[1:]:
+        _number(llm, key, where, 0, 1, low_open=False)
+    for key in _QWEN2_BOOLS:
+        _typed(llm, key, where, (bool,), "true or false")
+    for key in _QWEN2_OPTIONAL_INTS:
+        _typed(llm, key, where, (int,), "a whole number or null")
+    eos = llm.get("eos_token_id")
+    if eos is not None and not (isinstance(eos, int) and not isinstance(eos, bool)) and not (
+            isinstance(eos, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in eos)):
+        raise UserError(f"{where} eos_token_id is {eos!r}; it must be a token id or a list of them.")
+    for key in ("torch_dtype", "dtype"):
+        _typed(llm, key, where, (str,), "a dtype name such as bfloat16")
+
+
+def _check_vision_fields(vision: dict, where: str) -> None:
+    """The fields the vision encoder is built from, beyond its sizes."""
+    _names_list(vision, "architectures", where)
+    _choice(vision, "norm_type", where, VISION_NORMS)
+    _number(vision, "layer_norm_eps", where, 0, 0.1)
+    _choice(vision, "hidden_act", where, ACTIVATIONS)
+    _number(vision, "initializer_factor", where, -1e6, 1e6)
+    for key in ("qkv_bias", "qk_normalization"):
+        _typed(vision, key, where, (bool,), "true or false")
+
+
+def _check_top_fields(raw: dict, source: str) -> None:
+    _names_list(raw, "architectures", source)
+    _typed(raw, "template", source, (str,), "a template name or null")
+    for key in ("dynamic_image_size", "use_thumbnail"):
+        _typed(raw, key, source, (bool,), "true or false")
+    _typed(raw, "quantization_config", source, (dict,), "an object")
+
+
 def _divides(a_key: str, a: int, b_key: str, b: int, where: str) -> None:
     if a % b:
         raise UserError(f"{where} {a_key} {a} is not divisible by {b_key} {b}, as the model needs.")
@@ -126,6 +223,9 @@ def validate_raw(raw: dict[str, Any], source: str) -> None:
     if not isinstance(llm, dict) or not isinstance(vision, dict):
         raise UserError(f"{source} has a vision_config or llm_config that is not an object.")
     lw, vw = f"{source}: llm_config", f"{source}: vision_config"
+    _check_top_fields(raw, source)
+    _check_llm_fields(llm, lw)
+    _check_vision_fields(vision, vw)
     for key, limit in _LLM_INTS.items():
         if key in llm or key not in _LLM_OPTIONAL:
             _int_setting(llm, key, limit, lw)
@@ -157,7 +257,11 @@ def validate_raw(raw: dict[str, Any], source: str) -> None:
                         "into whole tokens.")
 
 
-def parse_config(raw: dict[str, Any], source: str = "config.json") -> R1VConfig:
+def parse_config(raw: Any, source: str = "config.json") -> R1VConfig:
+    """The one reader of a model's config: every field the model, transformers or torch reads is
+    checked here, so a malformed config is refused in one sentence before anything is created."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source} holds {_json_kind(raw)}, not a JSON object, so it is not a model config.")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
@@ -166,7 +270,10 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> R1VConfig:
         )
     if "vision_config" not in raw or "llm_config" not in raw:
         raise UserError(f"{source} has no vision_config or llm_config, so it is not an InternVL-chat layout.")
-    archs = (raw["llm_config"].get("architectures") if isinstance(raw["llm_config"], dict) else None) or ["Qwen2ForCausalLM"]
+    if not isinstance(raw["llm_config"], dict) or not isinstance(raw["vision_config"], dict):
+        raise UserError(f"{source} has a vision_config or llm_config that is not an object.")
+    _names_list(raw["llm_config"], "architectures", f"{source}: llm_config")
+    archs = raw["llm_config"].get("architectures") or ["Qwen2ForCausalLM"]
     if archs[0] not in SUPPORTED_LLM_ARCHS:
         raise UserError(f"{source} has a {archs[0]} language model; r1v-quant supports Qwen2ForCausalLM only.")
     validate_raw(raw, source)
@@ -189,6 +296,13 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> R1VConfig:
     )
 
 
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def load_config(model_dir: Path) -> R1VConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -197,4 +311,6 @@ def load_config(model_dir: Path) -> R1VConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}).") from None
+    except OSError as e:
+        raise UserError(f"{path} could not be read ({e.strerror or e}).") from None
     return parse_config(raw, str(path))

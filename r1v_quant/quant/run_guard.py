@@ -92,6 +92,8 @@ def guarded(run):
         out = Path(a["out"]).absolute()
         work = work_path(out, a.get("work_dir"))
         check_writable_parent(out)
+        if a.get("work_dir"):
+            check_writable_parent(work, "--work-dir")
         check_apart(work, out)  # before the locks make any folder
         with ExitStack() as held:
             try:
