@@ -71,16 +71,63 @@ def calib_paths(choice: CalibrationRecipe) -> list[Path]:
 
 
 def load_samples(recipe: CalibrationRecipe, model_dir: Path, device: str | None, trace_cache: Path | None = None,
-                 progress=None):
+                 progress=None, parallel=None, before_load=None):
+    """The calibration samples, with traces from `model_dir` (the model writing them) when the recipe asks."""
     from r1v_quant.calib.sets import load_calibration
 
     samples = load_calibration(recipe.spec, n=recipe.samples, seed=recipe.seed, calib_path=recipe.path, mix=recipe.mix)
-    if recipe.traces == "self":
+    if recipe.traces != "none":
         from r1v_quant.calib.traces import add_self_traces
 
         samples = add_self_traces(samples, model_dir, recipe.trace_tokens, cache_dir=trace_cache, device=device,
-                                  progress=progress)
+                                  progress=progress, engine=recipe.trace_engine, parallel=parallel,
+                                  before_load=before_load)
     return samples
+
+
+def weight_file_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def trace_check(cfg, calib: CalibrationRecipe, trace_dir: Path | None, dev: torch.device, budget: int,
+                group_size: int, parallel=None) -> Callable[[], None]:
+    """The memory pre-check of the trace phase, run before the trace model is loaded.
+
+    `trace_dir` None: the bootstrap export not yet made (its size predicted from the config)."""
+    from r1v_quant.quant import trace_plan as tp
+
+    def check() -> None:
+        job = tp.TraceJob(calib.samples, calib.seq_len, calib.trace_tokens)
+        four_bit = trace_dir is None or bool(load_config(trace_dir).quantization)
+        if trace_dir is None:
+            weights = tp.weight_totals(cfg, group_size)["export"]
+        elif four_bit:
+            weights = weight_file_bytes(trace_dir)
+        else:
+            weights = tp.weight_totals(cfg, group_size)["source"]
+        gpu_bytes = None
+        if calib.trace_engine == "vllm" and dev.type == "cuda":
+            from r1v_quant.deploy.serve import gpu_memory
+
+            found = gpu_memory()
+            gpu_bytes = found[0] if found else None
+        gpus = parallel.gpus if parallel is not None else 1
+        path = tp.runtime_path(cfg, job, calib.trace_engine, weights, four_bit, budget, gpus=gpus, gpu_bytes=gpu_bytes,
+                               group_size=group_size)
+        where = (f"{gpus} x {gpu_bytes / 2**30:.1f} GiB GPU" if gpu_bytes is not None and calib.trace_engine == "vllm"
+                 else f"the {dev.type} budget of {budget / 2**30:.1f} GiB")
+        tp.check_trace_phase(path, job, where)
+
+    return check
+
+
+def bootstrap_export(model: str, out: Path, settings: AWQSettings, calib: CalibrationRecipe, **kwargs) -> Path:
+    """The first pass of `--traces bootstrap`: `awq` without traces, into a folder beside the work folder."""
+    from dataclasses import replace
+
+    first = replace(calib, traces="none", trace_model=None, trace_engine="transformers")
+    result = quantize_checkpoint(model, out, settings, first, force=True, **kwargs)
+    return Path(result.out)
 
 
 def act_bytes(dtype: torch.dtype) -> int:
@@ -138,6 +185,8 @@ def quantize_checkpoint(
     trace_cache: Path | None = None,
     max_device_memory: int | None = None,
     compute_dtype: str = "auto",
+    trace_parallel=None,
+    note: Callable[[str], None] | None = None,
 ) -> AWQResult:
     from r1v_quant.calib.encode import composition, embed_encoded, image_token_share
     from r1v_quant.calib.text_share import encode_with_text_share, fill_source
@@ -159,7 +208,8 @@ def quantize_checkpoint(
     offload_dir = offload_dir or work_folder / "spill"
     offload_above = auto_spill_above(available_host_bytes()) if offload_above is None else offload_above
     protected = {"source checkpoint": src, "offload folder": offload_dir, "work folder": work_folder,
-                 **{f"calibration data {p}": p for p in calib_paths(calib)}}
+                 **{f"calibration data {p}": p for p in calib_paths(calib)},
+                 **({"trace model": resolve_model(calib.trace_model)} if calib.trace_model else {})}
     check_replaceable(out, protected)
     check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, calib.max_tokens,
                           resume))
@@ -169,7 +219,27 @@ def quantize_checkpoint(
     check_fits(cfg, calib, settings.group_size, budget, dev, dtype, offload_above, settings.lm_head)
     tok = load_tokenizer(src)
 
-    samples = load_samples(calib, src, device, trace_cache, trace_progress)
+    trace_dir = resolve_model(calib.trace_model) if calib.trace_model else (src if calib.traces == "self" else None)
+    boot = None
+    if calib.traces == "bootstrap" and trace_dir is None:
+        # refused before the first pass, not after it: the bootstrap's size is known from the config
+        trace_check(cfg, calib, None, dev, budget, settings.group_size, trace_parallel)()
+        boot = Path(f"{work_folder}.bootstrap")
+        if note is not None:
+            note(f"bootstrap: a first awq pass without traces, into {boot}")
+        trace_dir = bootstrap_export(model, boot, settings, calib, device=device, offload_dir=None,
+                                     offload_above=offload_above, max_shard_bytes=max_shard_bytes, progress=progress,
+                                     max_device_memory=max_device_memory, compute_dtype=compute_dtype)
+    if calib.traces != "none" and note is not None:
+        note(f"traces written by {calib.trace_writer()}" + (f" ({trace_dir})" if trace_dir != src else ""))
+    try:
+        samples = load_samples(calib, trace_dir or src, device, trace_cache, trace_progress, trace_parallel,
+                               trace_check(cfg, calib, trace_dir, dev, budget, settings.group_size, trace_parallel))
+    finally:
+        if boot is not None and not keep_work:
+            import shutil
+
+            shutil.rmtree(boot, ignore_errors=True)
     fill = (fill_source(calib.spec, calib.seed, calib.samples, calib.path, {s.id for s in samples})
             if calib.text_share else None)
     encoded, stubs, share_note = encode_with_text_share(samples, fill, cfg, tok, calib.seq_len, calib.max_tokens,
@@ -203,6 +273,8 @@ def quantize_checkpoint(
     result.extra.update({f"calibration {k}": v for k, v in composition(encoded, tok, stubs).items()})
     result.extra["calibration text share"] = share_note.line()
     result.extra["compute dtype"] = f"{dtype_name(dtype)} ({dtype_why})"
+    if calib.traces != "none":
+        result.extra["traces written by"] = calib.trace_writer()
     plan = config_plan(cfg, tokens, budget, act_bytes(dtype))
     result.extra["device budget"] = (
         f"{budget / 2**30:.1f} GiB: chunks of {plan.chunk_tokens} tokens, calibration tensors "
@@ -225,6 +297,10 @@ def quantize_checkpoint(
                   for r in reports]
         report = {"source": str(model), "calibration": calib.to_json(), "awq": settings.to_json(),
                   "summary": result.summary(), "layers": layers}
+        if calib.traces != "none":
+            report["traces"] = {"written by": calib.trace_writer(), "engine": calib.trace_engine,
+                                "model": ("bootstrap" if calib.traces == "bootstrap" and not calib.trace_model
+                                          else calib.trace_model or "source")}
         if head is not None:
             report["lm_head"] = {"rel_err_awq": head.rel_err_awq, "rel_err_rtn": head.rel_err_rtn, "alphas": head.alphas}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
