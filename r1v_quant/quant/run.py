@@ -114,8 +114,10 @@ def trace_check(cfg, calib: CalibrationRecipe, trace_dir: Path | None, dev: torc
         gpus = parallel.gpus if parallel is not None else 1
         path = tp.runtime_path(cfg, job, calib.trace_engine, weights, four_bit, budget, gpus=gpus, gpu_bytes=gpu_bytes,
                                group_size=group_size)
-        where = (f"{gpus} x {gpu_bytes / 2**30:.1f} GiB GPU" if gpu_bytes is not None and calib.trace_engine == "vllm"
-                 else f"the {dev.type} budget of {budget / 2**30:.1f} GiB")
+        from r1v_quant.deploy.units import human_bytes
+
+        where = (f"{gpus} x {human_bytes(gpu_bytes)} GPU" if gpu_bytes is not None and calib.trace_engine == "vllm"
+                 else f"the {dev.type} budget of {human_bytes(budget)}")
         tp.check_trace_phase(path, job, where)
 
     return check

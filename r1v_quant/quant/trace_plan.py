@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 
 from r1v_quant.deploy.cards import CardSpec, card_for
-from r1v_quant.deploy.units import GiB
+from r1v_quant.deploy.units import human_bytes
 from r1v_quant.errors import UserError
 from r1v_quant.model.config import R1VConfig
 
@@ -246,7 +246,7 @@ def no_path_sentence(job: TraceJob, where: str, tried: list[TracePath]) -> str:
     """The one-sentence refusal when no trace path fits, naming the alternatives."""
     need = min((p.device_bytes for p in tried), default=0)
     return (f"the trace phase ({job.samples} prompts, {job.context:,d} tokens of context each) does not fit {where} "
-            f"(the smallest path needs {need / GiB:.1f} GiB per device); use --traces bootstrap (traces from a "
+            f"(it needs {human_bytes(need)} per device); use --traces bootstrap (traces from a "
             "4-bit first pass), --trace-model EXPORT, more GPUs with --trace-engine vllm --tensor-parallel-size N, "
             "or calibrate on a trace file with --calib chat:PATH.")
 
