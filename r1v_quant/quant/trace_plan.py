@@ -174,12 +174,16 @@ def generation_seconds(spec: CardSpec, params: int, path: TracePath, job: TraceJ
     return prefill + waves * job.trace_tokens * step
 
 
-def layer_loop_seconds(spec: CardSpec, cfg: R1VConfig, tokens: int, grid: int, source_llm_bytes: int) -> float:
+def layer_seconds(spec: CardSpec, cfg: R1VConfig, tokens: int, grid: int) -> float:
+    """One decoder layer's AWQ pass at the compute rate (its weights' disk read not counted)."""
     from r1v_quant.model.layout import llm_linear_shapes
 
-    linear = sum(o * i for o, i in llm_linear_shapes(cfg, 0).values()) * cfg.num_layers
-    return (2 * linear * tokens * (grid + EXTRA_PASSES) / (spec.flops * COMPUTE_EFFICIENCY)
-            + source_llm_bytes / DISK_BYTES_PER_S)
+    linear = sum(o * i for o, i in llm_linear_shapes(cfg, 0).values())
+    return 2 * linear * tokens * (grid + EXTRA_PASSES) / (spec.flops * COMPUTE_EFFICIENCY)
+
+
+def layer_loop_seconds(spec: CardSpec, cfg: R1VConfig, tokens: int, grid: int, source_llm_bytes: int) -> float:
+    return cfg.num_layers * layer_seconds(spec, cfg, tokens, grid) + source_llm_bytes / DISK_BYTES_PER_S
 
 
 def export_seconds(totals: dict[str, int]) -> float:
