@@ -8,9 +8,10 @@ Builds a random slice checkpoint (4 decoder layers at hidden 5120 / intermediate
 it with the built-in calibration set at the default size (128 x 2048, cap 65,536 tokens) within
 the default budget of a 24 GiB card, and prints each layer's seconds and peak memory beside the
 memory model's prediction for the same settings, and the time model's seconds per layer beside the
-measured ones (with its prediction for the 38B model with --traces self on a card of this size). Then the int4 matmul benchmark at the 38B shapes
-(`benchmarks/matmul.py`) and a short greedy chat with a picture on the export. Nothing is
-downloaded. The JSON summary goes to --json, else to $OUT/gpu-check.json when $OUT is set.
+measured ones (with its prediction for the 38B model with --traces self on a card of this size).
+Then the int4 matmul benchmark at the 38B shapes (`benchmarks/matmul.py`) and a short greedy chat
+with a picture on the export. Nothing is downloaded. The JSON summary goes to --json, else to
+$OUT/gpu-check.json when $OUT is set.
 """
 
 from __future__ import annotations
