@@ -141,3 +141,20 @@ def test_the_recipe_records_the_trace_writer_and_keeps_old_reports_unchanged():
         CalibrationRecipe("builtin", trace_model="x")
     with pytest.raises(UserError, match="--trace-engine tgi is not one of"):
         CalibrationRecipe("builtin", traces="self", trace_engine="tgi")
+
+
+@pytest.mark.parametrize("gib, engine, lm_head", [(24, "vllm", True), (80, "vllm", False), (24, "transformers", False)])
+def test_a_bootstrap_served_on_a_card_whose_recipe_needs_a_4bit_lm_head_gets_one(monkeypatch, gib, engine, lm_head):
+    import torch
+
+    from r1v_quant.deploy import serve
+    from r1v_quant.model.checkpoint import resolve_config
+    from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
+    from r1v_quant.quant.run import bootstrap_settings
+
+    monkeypatch.setattr(serve, "gpu_memory", lambda: (gib * 2**30, "GPU"))
+    cfg = resolve_config("r1v-38b")[0]
+    calib = CalibrationRecipe("builtin", traces="bootstrap", trace_engine=engine)
+    got = bootstrap_settings(cfg, AWQSettings(), calib, torch.device("cuda"))
+    assert got.lm_head is lm_head and got.group_size == 128
+    assert bootstrap_settings(cfg, AWQSettings(), calib, torch.device("cpu")) == AWQSettings()

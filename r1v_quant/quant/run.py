@@ -123,6 +123,29 @@ def trace_check(cfg, calib: CalibrationRecipe, trace_dir: Path | None, dev: torc
     return check
 
 
+def bootstrap_settings(cfg, settings: AWQSettings, calib: CalibrationRecipe, dev: torch.device) -> AWQSettings:
+    """The first pass's settings: the run's, with a 4-bit lm_head when vLLM serves the bootstrap on a GPU
+    whose recipe from the plan needs one to hold a trace."""
+    from dataclasses import replace
+
+    if settings.lm_head or calib.trace_engine != "vllm" or dev.type != "cuda":
+        return settings
+    from r1v_quant.deploy.plan import make_plan
+    from r1v_quant.deploy.serve import gpu_memory
+
+    found = gpu_memory()
+    if found is None:
+        return settings
+    recipe = make_plan(cfg, group_size=settings.group_size, gpu_mems=[("GPU", found[0])]).cards[0].best
+    if "lm-head-4bit" not in recipe.levers:
+        return settings
+    try:
+        validate_group_size(cfg, settings.group_size, True)
+    except UserError:  # a vocabulary that does not pack: the bootstrap keeps its bf16 lm_head
+        return settings
+    return replace(settings, lm_head=True)
+
+
 def bootstrap_export(model: str, out: Path, settings: AWQSettings, calib: CalibrationRecipe, **kwargs) -> Path:
     """The first pass of `--traces bootstrap`: `awq` without traces, into a folder beside the work folder."""
     from dataclasses import replace
@@ -229,7 +252,8 @@ def quantize_checkpoint(
         boot = Path(f"{work_folder}.bootstrap")
         if note is not None:
             note(f"bootstrap: a first awq pass without traces, into {boot}")
-        trace_dir = bootstrap_export(model, boot, settings, calib, device=device, offload_dir=None,
+        trace_dir = bootstrap_export(model, boot, bootstrap_settings(cfg, settings, calib, dev), calib, device=device,
+                                     offload_dir=None,
                                      offload_above=offload_above, max_shard_bytes=max_shard_bytes, progress=progress,
                                      max_device_memory=max_device_memory, compute_dtype=compute_dtype)
     if calib.traces != "none" and note is not None:
