@@ -167,3 +167,35 @@ def test_awq_refuses_a_trace_phase_that_cannot_fit_before_loading_anything(tmp_p
     assert "--traces bootstrap" in message and "--trace-model" in message and "chat:PATH" in message
     assert not out.exists() and not (tmp_path / "cache").exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_the_path_awq_is_about_to_take_on_gpus_at_hand(cfg):
+    j = job()
+    one = tp.runtime_path(cfg, j, "vllm", SOURCE, False, 0, gpus=1, gpu_bytes=80 * GiB)
+    two = tp.runtime_path(cfg, j, "vllm", SOURCE, False, 0, gpus=2, gpu_bytes=80 * GiB)
+    assert not one.fits and two.fits and two.batch == 86
+    boot = tp.runtime_path(cfg, j, "vllm", EXPORT_LLM, True, 0, gpu_bytes=24 * GiB)
+    assert boot.fits and boot.model == tp.FOUR_BIT and boot.batch == 6
+    assert tp.runtime_path(cfg, j, "vllm", SOURCE, False, 0) is None          # vLLM on CPU: its own KV setting
+    with pytest.raises(Exception, match=r"^the trace phase \(128 prompts, 3,072 tokens of context each\) does not fit "
+                                        r"1 x 80 GPU \(it needs 76\.\d\d GiB per device\); use --traces bootstrap"):
+        tp.check_trace_phase(one, j, "1 x 80 GPU")
+
+
+def test_awqs_pre_check_counts_the_trace_models_weights(tmp_path):
+    import torch
+
+    from r1v_quant.errors import UserError
+    from r1v_quant.model.config import load_config
+    from r1v_quant.quant.recipe import CalibrationRecipe
+    from r1v_quant.quant.run import trace_check
+
+    mini = load_config(MINI)
+    calib = CalibrationRecipe("builtin", samples=4, traces="self")
+    need = tp.transformers_path(mini, tp.TraceJob(4, 2048, 1024), 0, tp.weight_totals(mini)["source"], 0).device_bytes
+    trace_check(mini, calib, MINI, torch.device("cpu"), need, 128)()                  # exactly enough
+    with pytest.raises(UserError, match="does not fit the cpu budget of"):
+        trace_check(mini, calib, MINI, torch.device("cpu"), need - 1, 128)()
+    # a bootstrap not made yet is counted at its predicted 4-bit size, smaller than the source
+    boot = CalibrationRecipe("builtin", samples=4, traces="bootstrap")
+    trace_check(mini, boot, None, torch.device("cpu"), need - 1, 128)()
