@@ -131,7 +131,7 @@ def time_prediction(dev: torch.device, model: Path, run, s: RunSettings) -> dict
     cfg, _ = resolve_config("r1v-38b")
     job = tp.TraceJob(s.samples, s.seq_len, 1024)
     r = tp.plan_card(cfg, f"{card / GiB:.0f} GiB", card, job, min(s.samples * s.seq_len, s.max_tokens), grid=s.grid)
-    path = r.path.describe(r.label) if r.path else "none fits"
+    path = r.path.describe(f"{card / GiB:.1f} GiB") if r.path else "none fits"
     say(f"38B with --traces self on this card: {path}; " + ", ".join(f"{t.phase} {tp.human_seconds(t.seconds)}"
                                                                      for t in r.times))
     return {"assumed_chip": spec.name, "layer_seconds_predicted": per_layer, "layer_seconds_measured": mean,

@@ -165,7 +165,8 @@ def render_traces(rows, job, traces: str, console: Console) -> None:
             t.add_row(r.label, r.spec.name, "[red]none fits[/]", _gib(min(p.device_bytes for p in r.tried)), "-", "0",
                       "-", tp.human_seconds(loop), tp.human_seconds(export), "-")
             continue
-        what = r.path.describe(r.label) + (" (bootstrap: a first awq pass without traces)" if r.bootstrap else "")
+        what = (r.path.describe(f"{r.card_bytes / GiB:g} GiB")
+                + (" (bootstrap: a first awq pass without traces)" if r.bootstrap else ""))
         t.add_row(r.label, r.spec.name, what, _gib(r.path.device_bytes), _gib(r.path.budget), f"{r.path.batch:,d}",
                   tp.human_seconds(times["trace generation"]), tp.human_seconds(loop), tp.human_seconds(export),
                   tp.human_seconds(r.total_seconds))
