@@ -127,7 +127,7 @@ def time_prediction(dev: torch.device, model: Path, run, s: RunSettings) -> dict
     measured = [m.seconds for m in run.layers]
     mean = sum(measured) / max(len(measured), 1)
     say(f"time model, assuming a {spec.name} ({spec.bf16_tflops:g} bf16 TFLOPs, {spec.bandwidth_gbs:g} GB/s): "
-        f"{per_layer:.1f} s per layer predicted, {mean:.1f} s measured (ratio {mean / per_layer:.2f})")
+        f"{per_layer:.3g} s per layer predicted, {mean:.3g} s measured (ratio {mean / per_layer:.3g})")
     cfg, _ = resolve_config("r1v-38b")
     job = tp.TraceJob(s.samples, s.seq_len, 1024)
     r = tp.plan_card(cfg, f"{card / GiB:.0f} GiB", card, job, min(s.samples * s.seq_len, s.max_tokens), grid=s.grid)
