@@ -7,9 +7,11 @@ Builds a random slice checkpoint (4 decoder layers at hidden 5120 / intermediate
 8 KV heads and one InternViT-6B layer at 3200 / 12800 / 25 heads, small vocabulary), runs `awq` on
 it with the built-in calibration set at the default size (128 x 2048, cap 65,536 tokens) within
 the default budget of a 24 GiB card, and prints each layer's seconds and peak memory beside the
-memory model's prediction for the same settings. Then the int4 matmul benchmark at the 38B shapes
-(`benchmarks/matmul.py`) and a short greedy chat with a picture on the export. Nothing is
-downloaded. The JSON summary goes to --json, else to $OUT/gpu-check.json when $OUT is set.
+memory model's prediction for the same settings, and the time model's seconds per layer beside the
+measured ones (with its prediction for the 38B model with --traces self on a card of this size).
+Then the int4 matmul benchmark at the 38B shapes (`benchmarks/matmul.py`) and a short greedy chat
+with a picture on the export. Nothing is downloaded. The JSON summary goes to --json, else to
+$OUT/gpu-check.json when $OUT is set.
 """
 
 from __future__ import annotations
@@ -111,6 +113,31 @@ def chat(export: Path, dev: torch.device, max_new_tokens: int) -> dict:
             "image_tiles": 0 if pixels is None else int(pixels.shape[0]), "seconds": round(seconds, 3)}
 
 
+def time_prediction(dev: torch.device, model: Path, run, s: RunSettings) -> dict:
+    """The time model (r1v_quant/quant/trace_plan.py) beside the measurement: this slice's seconds per layer,
+    and `plan --calibrate --traces self` for the 38B config on a card of this GPU's memory."""
+    from r1v_quant.deploy.cards import card_for
+    from r1v_quant.model.checkpoint import resolve_config
+    from r1v_quant.model.config import load_config
+    from r1v_quant.quant import trace_plan as tp
+
+    card = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else CARD
+    spec = card_for(card)
+    per_layer = tp.layer_seconds(spec, load_config(model), run.tokens, s.grid)
+    measured = [m.seconds for m in run.layers]
+    mean = sum(measured) / max(len(measured), 1)
+    say(f"time model, assuming a {spec.name} ({spec.bf16_tflops:g} bf16 TFLOPs, {spec.bandwidth_gbs:g} GB/s): "
+        f"{per_layer:.3g} s per layer predicted, {mean:.3g} s measured (ratio {mean / per_layer:.3g})")
+    cfg, _ = resolve_config("r1v-38b")
+    job = tp.TraceJob(s.samples, s.seq_len, 1024)
+    r = tp.plan_card(cfg, f"{card / GiB:.0f} GiB", card, job, min(s.samples * s.seq_len, s.max_tokens), grid=s.grid)
+    path = r.path.describe(f"{card / GiB:.1f} GiB") if r.path else "none fits"
+    say(f"38B with --traces self on this card: {path}; " + ", ".join(f"{t.phase} {tp.human_seconds(t.seconds)}"
+                                                                     for t in r.times))
+    return {"assumed_chip": spec.name, "layer_seconds_predicted": per_layer, "layer_seconds_measured": mean,
+            "r1v_38b_traces_self": {"path": path, "seconds": {t.phase: t.seconds for t in r.times}}}
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
@@ -169,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "host_peak_bytes": pred.host_peak, "plan": asdict(pred.plan),
                                  "device_parts": pred.device_parts, "host_parts": pred.host_parts}
         summary["layers"] = layer_rows(run, pred, dev)
+        summary["time_prediction"] = time_prediction(dev, model, run, s)
         summary["matmul"] = matmul(dev, tiny, work)
         summary["chat"] = chat(run.out, dev, a.chat_tokens)
     summary["seconds"] = round(time.perf_counter() - start, 3)

@@ -9,7 +9,7 @@ import torch
 
 from r1v_quant.calib.sample import Sample
 from r1v_quant.errors import UserError
-from r1v_quant.model.prompt import IMG_CONTEXT, IMG_END, IMG_START, truncate_tokens
+from r1v_quant.model.prompt import IMG_CONTEXT, IMG_END, IMG_START, render_chat, reply_after_prompt, truncate_tokens
 
 
 @dataclass
@@ -25,13 +25,19 @@ def encode_sample(sample: Sample, cfg, tok, seq_len: int) -> Encoded:
     img_start = tok.convert_tokens_to_ids(IMG_START)
     img_end = tok.convert_tokens_to_ids(IMG_END)
     pixels, tiles = None, []
+    response = sample.response
     if sample.kind == "text":
         ids = tok(sample.prompt, add_special_tokens=True).input_ids
+    elif sample.kind == "chat":
+        # the turns as the chat template renders them (it writes BOS itself), the reply after its generation prompt
+        rendered = render_chat(tok, sample.messages, add_generation_prompt=True)
+        ids = tok(rendered, add_special_tokens=False).input_ids
+        response = reply_after_prompt(rendered, response or "")
     else:
         ids_t, pixels, tiles = encode_prompt(cfg, tok, sample.prompt, sample.images)
         ids = ids_t[0].tolist()
-    if sample.response:
-        ids = ids + tok(sample.response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    if response:
+        ids = ids + tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
     ids = truncate_tokens(ids, seq_len, img_start, img_end)
     kept_images = ids.count(img_start)
     if pixels is not None and kept_images:

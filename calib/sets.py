@@ -5,8 +5,12 @@ Accepted specs::
     builtin                 the offline procedural set (its "calib" split)
     mmmu-sample             MMMU validation questions (from --calib-path or the caches)
     text:PATH               paragraphs of a .txt file or "text" fields of a .jsonl file
-    hf:NAME[:column]        a column ("text" by default) of a Hugging Face data set
-    PATH                    a folder of parquet files or one .parquet file in MMMU's layout
+    chat:PATH               conversations of a .jsonl or .parquet file: a "messages" list, or
+                            "prompt" and "response" columns (calib/chat.py)
+    hf:NAME[:column]        a column ("text" by default) of a Hugging Face data set; a set with a
+                            "messages" column or "prompt" and "response" columns is read as chat data
+    PATH                    a .jsonl file of conversations, a .parquet file of conversations, or
+                            a folder of parquet files or one .parquet file in MMMU's layout
     A+B[+...]               a mixture; ``mix`` weights split ``n`` between the parts
 
 A spec that names an existing file or folder is read as a path before any "+" splits it.
@@ -22,12 +26,13 @@ from pathlib import Path
 from r1v_quant.errors import UserError
 
 from .builtin import builtin_samples
+from .chat import is_chat_columns, is_chat_jsonl, load_chat_file, parquet_columns
 from .mmmu import load_mmmu
 from .sample import Sample
 from .text import load_hf_text, load_text
 
 ACCEPTED_FORMS = (
-    "builtin, mmmu-sample, text:PATH (.txt or .jsonl), hf:NAME[:column], "
+    "builtin, mmmu-sample, text:PATH (.txt or .jsonl), chat:PATH (.jsonl or .parquet), hf:NAME[:column], "
     "a folder or .parquet file in MMMU's layout, or a mixture such as mmmu-sample+text:PATH"
 )
 
@@ -74,10 +79,19 @@ def part_loader(part: str, calib_path: str | Path | None) -> Callable[[int, int]
         return lambda n, seed: load_mmmu(calib_path, n=n, seed=seed)
     if part.startswith("text:") and len(part) > len("text:"):
         return lambda n, seed: load_text(part[len("text:"):], n=n, seed=seed)
+    if part.startswith("chat:") and len(part) > len("chat:"):
+        return lambda n, seed: load_chat_file(part[len("chat:"):], n=n, seed=seed)
     if part.startswith("hf:") and len(part) > len("hf:"):
         name, _, column = part[len("hf:"):].partition(":")
-        return lambda n, seed: load_hf_text(name, column=column or "text", n=n, seed=seed)
+        return lambda n, seed: load_hf_text(name, column=column or None, n=n, seed=seed)
     path = Path(part).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        if not is_chat_jsonl(path):
+            raise UserError(f"{path} is not chat data (its first row has no 'messages' list and no 'prompt' and "
+                            "'response' fields); pass text:PATH for a .jsonl of \"text\" fields.")
+        return lambda n, seed: load_chat_file(path, n=n, seed=seed)
+    if path.is_file() and path.suffix == ".parquet" and is_chat_columns(parquet_columns(path)):
+        return lambda n, seed: load_chat_file(path, n=n, seed=seed)
     if path.is_dir() or path.suffix == ".parquet":
         return lambda n, seed: load_mmmu(path, n=n, seed=seed)
     raise UserError(f"unknown calibration set {part!r}; use {ACCEPTED_FORMS}.")

@@ -84,8 +84,12 @@ def load_text(path: str | Path, n: int = 128, seed: int = 0) -> list[Sample]:
     return text_samples(read_texts(path), f"text:{Path(path).name}", n, seed)
 
 
-def load_hf_text(name: str, column: str = "text", n: int = 128, seed: int = 0, split: str = "train") -> list[Sample]:
-    """``n`` text samples from one column of a Hugging Face data set (cached, or downloaded)."""
+def load_hf_text(name: str, column: str | None = "text", n: int = 128, seed: int = 0, split: str = "train") -> list[Sample]:
+    """``n`` text samples from one column of a Hugging Face data set (cached, or downloaded).
+
+    With no column named, a set with chat columns (``messages``, or ``prompt`` and ``response``)
+    gives chat samples (calib/chat.py); any other set its "text" column.
+    """
     try:
         dataset = hub.load_hub_dataset(name, None, split, hub.hub_reachable)
     except hub.HubUnavailable:
@@ -93,6 +97,16 @@ def load_hf_text(name: str, column: str = "text", n: int = 128, seed: int = 0, s
             f"the Hugging Face data set {name!r} is not in the local cache and the Hub cannot be "
             "reached; pass a local file with --calib text:PATH instead."
         ) from None
+    if column is None:
+        from .chat import chat_from_dataset, is_chat_columns
+
+        if is_chat_columns(dataset.column_names):
+            return chat_from_dataset(dataset, name, n, seed)
+        column = "text"
+    if column == "messages" and "messages" in dataset.column_names:
+        from .chat import chat_from_dataset
+
+        return chat_from_dataset(dataset, name, n, seed)
     if column not in dataset.column_names:
         raise UserError(f"the data set {name!r} has no column {column!r}; it has {', '.join(dataset.column_names)}.")
     texts = [t for t in dataset[column] if isinstance(t, str) and t.strip()]

@@ -68,7 +68,7 @@ class ShareNote:
 
 
 def text_parts(spec: str) -> list[str]:
-    return [p for p in split_spec(spec.strip()) if p.startswith(("text:", "hf:"))]
+    return [p for p in split_spec(spec.strip()) if p.startswith(("text:", "hf:", "chat:"))]
 
 
 def fill_source(spec: str, seed: int, samples: int, calib_path: str | Path | None,

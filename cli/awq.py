@@ -31,14 +31,19 @@ def _mix(text: str | None) -> list[float] | None:
 def command(
     model: str = typer.Option(..., "--model", "-m", help="Full-precision checkpoint folder or Hugging Face id."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the export (written whole at the end)."),
-    calib: str = typer.Option("builtin", help="Calibration set: builtin, mmmu-sample, text:PATH, hf:NAME[:column], a folder/parquet in MMMU's schema, or A+B mixtures."),
+    calib: str = typer.Option("builtin", help="Calibration set: builtin, mmmu-sample, text:PATH, chat:PATH (a .jsonl or .parquet of conversations: a messages list, or prompt/response columns; published reasoning traces), hf:NAME[:column] (chat columns are read as conversations), a folder/parquet in MMMU's schema, or A+B mixtures."),
     calib_path: Path | None = typer.Option(None, help="Local MMMU data (folder or parquet files) for --calib mmmu-sample."),
     mix: str | None = typer.Option(None, help="Weights of a mixture, e.g. 0.7,0.3 for mmmu-sample+text:PATH."),
     samples: int = typer.Option(128, min=1, help="Calibration samples."),
     seq_len: int = typer.Option(2048, min=16, help="Longest calibration sample, in tokens (image blocks are never cut)."),
     max_tokens: int = typer.Option(65536, min=16, help="Cap on calibration tokens in total."),
-    traces: str = typer.Option("none", help="none, or self: calibrate on the full-precision model's own answers (cached)."),
+    traces: str = typer.Option("none", help="none; self: calibrate on the model's own greedy answers (cached), written by the full-precision model or by --trace-model; bootstrap: a first awq pass without traces writes them, then calibration runs again."),
     max_trace_tokens: int = typer.Option(1024, min=1, help="Longest self-generated trace."),
+    trace_engine: str = typer.Option("transformers", help="What generates the traces: transformers (our runtime, one prompt at a time on --device) or vllm (all prompts in one batch; --tensor-parallel-size / --pipeline-parallel-size spread it)."),
+    trace_model: str | None = typer.Option(None, help="A 4-bit export that writes the traces instead of the full-precision model (with --traces self or bootstrap)."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", min=1, help="With --trace-engine vllm: GPUs each layer is split over."),
+    pipeline_parallel_size: int = typer.Option(1, "--pipeline-parallel-size", "-pp", min=1, help="With --trace-engine vllm: pipeline stages."),
+    distributed_executor_backend: str | None = typer.Option(None, "--distributed-executor-backend", help="With --trace-engine vllm: mp, ray or uni (default: vLLM's choice)."),
     group_size: int = typer.Option(128, help="Input channels per quantisation group (128, 64 or 32)."),
     grid: int = typer.Option(20, min=2, help="Grid points for the scale and clip searches."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the clipping search."),
@@ -70,8 +75,16 @@ def command(
 
     settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
                            lm_head=quantize_lm_head)
+    from r1v_quant.deploy.vllm_engine import Parallel
+
     choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed,
-                               text_share)
+                               text_share, trace_engine=trace_engine, trace_model=trace_model)
+    parallel = Parallel(tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend)
+    if (parallel.gpus > 1 or distributed_executor_backend) and (traces == "none" or trace_engine != "vllm"):
+        from r1v_quant.errors import UserError
+
+        raise UserError("--tensor-parallel-size, --pipeline-parallel-size and --distributed-executor-backend spread "
+                        "the trace engine; pass them with --traces self or bootstrap and --trace-engine vllm.")
     console = Console()
     check = None
     if kl_check:
@@ -85,7 +98,7 @@ def command(
     with steps(console) as step:
 
         def on_trace(done, total):
-            step("self traces", done, total)
+            step("traces", done, total)
 
         def on_layer(i, total, report):
             note = f"err {report.rel_err_awq:.4f} (RTN {report.rel_err_rtn:.4f})" if report is not None else "resumed"
@@ -101,7 +114,8 @@ def command(
                                      max_shard_bytes=parse_size(max_shard_size, "--max-shard-size", 2**20),
                                      compute_dtype=compute_dtype, max_device_memory=(parse_size(max_device_memory, "--max-device-memory", 2**20)
                                                         if max_device_memory else None),
-                                     progress=on_layer, kl_check=check, trace_progress=on_trace)
+                                     progress=on_layer, kl_check=check, trace_progress=on_trace,
+                                     trace_parallel=parallel, note=lambda text: console.print(f"[dim]{text}[/]"))
 
     table = Table(title="per-layer relative output error (lower is better)")
     for col in ("layer", "AWQ", "round-to-nearest", "AWQ / RTN", "seconds", "peak MB"):

@@ -112,6 +112,21 @@ def render_recipes(plan: Plan, console: Console) -> None:
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
 
 
+def _trace_rows(cfg, traces, engine, gpus, samples, seq_len, trace_tokens, tokens, group_size, grid, cards, console):
+    from r1v_quant.quant import trace_plan as tp
+    from r1v_quant.quant.recipe import TRACE_MODES
+
+    if traces not in TRACE_MODES:
+        raise UserError(f"--traces {traces} is not one of {', '.join(TRACE_MODES)}.")
+    if traces == "none":
+        return None
+    job = tp.TraceJob(samples, seq_len, trace_tokens)
+    rows = [tp.plan_card(cfg, label, size, job, tokens, gpus=gpus, engine=engine, traces=traces,
+                         group_size=128 if group_size is None else group_size, grid=grid) for label, size in cards]
+    render_traces(rows, job, traces, console)
+    return rows
+
+
 def render_calibration(rows, tokens: int, host_bytes: int, console: Console) -> None:
     console.print(f"[bold]awq calibration[/] on CUDA (bf16) over {tokens:,d} tokens; host RAM limit "
                   f"{human_bytes(host_bytes)}")
@@ -131,6 +146,41 @@ def render_calibration(rows, tokens: int, host_bytes: int, console: Console) -> 
     console.print("host parts (first card): " + ", ".join(f"{k} {_gib(v)}" for k, v in first.host_parts.items()))
     if first.spilled:
         console.print(f"activations spilled to the offload folder: {first.spilled / 1e9:.2f} GB")
+
+
+def render_traces(rows, job, traces: str, console: Console) -> None:
+    """The trace phase per card (which engine and model on which devices, its memory) and every phase's time."""
+    from r1v_quant.quant import trace_plan as tp
+
+    console.print(f"[bold]trace phase[/] (--traces {traces}): {job.samples} prompts of at most {job.prompt_tokens:,d} "
+                  f"tokens, traces of at most {job.trace_tokens:,d}")
+    t = Table(title="Trace path and predicted wall time per card", title_justify="left")
+    for col in ("card", "assumed chip", "trace path", "GiB per device", "budget GiB", "batch", "trace generation",
+                "layer loop", "export", "total"):
+        t.add_column(col, justify="left" if col in ("card", "assumed chip", "trace path") else "right")
+    for r in rows:
+        times = {p.phase: p.seconds for p in r.times}
+        loop = times["layer loop"] + times.get("bootstrap layer loop", 0)
+        export = times["export"] + times.get("bootstrap export", 0)
+        if r.path is None:
+            t.add_row(r.label, r.spec.name, "[red]none fits[/]", _gib(min(p.device_bytes for p in r.tried)), "-", "0",
+                      "-", tp.human_seconds(loop), tp.human_seconds(export), "-")
+            continue
+        what = (r.path.describe(f"{r.card_bytes / GiB:g} GiB")
+                + (" (bootstrap: a first awq pass without traces)" if r.bootstrap else ""))
+        t.add_row(r.label, r.spec.name, what, _gib(r.path.device_bytes), _gib(r.path.budget), f"{r.path.batch:,d}",
+                  tp.human_seconds(times["trace generation"]), tp.human_seconds(loop), tp.human_seconds(export),
+                  tp.human_seconds(r.total_seconds))
+    console.print(t)
+    console.print(
+        f"assumptions: 2 x parameters FLOPs per token; a decode step reads the language model's weights once per batch "
+        f"plus the batch's KV cache; the layer loop runs grid + {tp.EXTRA_PASSES} passes over every calibration token; "
+        f"{tp.COMPUTE_EFFICIENCY:.0%} of the chip's published dense bf16 peak and {tp.BANDWIDTH_EFFICIENCY:.0%} of its "
+        f"bandwidth (r1v_quant/deploy/cards.py); disk {tp.DISK_BYTES_PER_S / 1e9:.0f} GB/s; vision encoder not "
+        "counted. Bootstrap times include the first pass.", highlight=False)
+    for r in rows:
+        if r.path is None:
+            console.print(f"{r.label}: " + tp.no_path_sentence(job, f"a {r.label} card", r.tried), highlight=False)
 
 
 def command(
@@ -162,6 +212,15 @@ def command(
     seq_len: Annotated[int, typer.Option("--seq-len", min=16, help="awq --seq-len (with --calibrate).")] = 2048,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=16, help="awq --max-tokens (with --calibrate).")] = 65536,
     host_mem: Annotated[str, typer.Option("--host-mem", help="Host RAM the calibration may use (with --calibrate).")] = "32GB",
+    traces: Annotated[str, typer.Option(
+        "--traces", help="awq --traces (with --calibrate): none, self or bootstrap; self and bootstrap add the trace "
+        "phase (which engine and model on which devices, its memory) and every phase's predicted time.")] = "none",
+    trace_engine: Annotated[str | None, typer.Option(
+        "--trace-engine", help="awq --trace-engine: transformers or vllm (default: the first path that fits).")] = None,
+    max_trace_tokens: Annotated[int, typer.Option("--max-trace-tokens", min=1, help="awq --max-trace-tokens.")] = 1024,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Cards of each size vLLM may spread the full-precision "
+                                      "trace model over (tensor parallel).")] = 1,
+    grid: Annotated[int, typer.Option("--grid", min=2, help="awq --grid (with --calibrate, for the time).")] = 20,
 ) -> None:
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
     check_report_path(json_out, "--json")
@@ -178,13 +237,21 @@ def command(
         console = Console()
         console.print(f"[bold]{source}[/]")
         render_calibration(rows, tokens, host, console)
+        trace_rows = _trace_rows(cfg, traces, trace_engine, gpus, samples, seq_len, max_trace_tokens, tokens,
+                                 group_size, grid, parse_gpu_mems(gpu_mem), console)
         if json_out is not None:
-            write_text_report(json_out, json.dumps([{"card": r.label, "fits": r.fits, "tokens": tokens,
-                                             "device_peak": r.prediction.device_peak, "host_peak": r.prediction.host_peak,
-                                             "disk": r.prediction.disk, "chunk_tokens": r.prediction.plan.chunk_tokens,
-                                             "max_tokens_on_device": r.max_tokens_on_device,
-                                             "max_tokens_host": r.max_tokens_host} for r in rows], indent=2) + "\n",
-                          "--json")
+            out = [{"card": r.label, "fits": r.fits, "tokens": tokens,
+                    "device_peak": r.prediction.device_peak, "host_peak": r.prediction.host_peak,
+                    "disk": r.prediction.disk, "chunk_tokens": r.prediction.plan.chunk_tokens,
+                    "max_tokens_on_device": r.max_tokens_on_device,
+                    "max_tokens_host": r.max_tokens_host} for r in rows]
+            for entry, t in zip(out, trace_rows or []):
+                entry["trace"] = None if t.path is None else {
+                    "engine": t.path.engine, "model": t.path.model, "gpus": t.path.gpus, "levers": list(t.path.levers),
+                    "device_bytes": t.path.device_bytes, "budget": t.path.budget, "batch": t.path.batch}
+                entry["assumed_chip"] = t.spec.name
+                entry["seconds"] = {p.phase: p.seconds for p in t.times}
+            write_text_report(json_out, json.dumps(out, indent=2) + "\n", "--json")
         return
     # vLLM's spellings: auto is the model's dtype, fp8_e4m3 and fp8_e5m2 are both one byte.
     kv_dtype = {"auto": "bf16"}.get(kv_dtype.lower(), "fp8" if kv_dtype.lower().startswith("fp8") else kv_dtype)

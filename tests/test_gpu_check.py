@@ -33,6 +33,11 @@ def test_gpu_check_dry_run_on_cpu_writes_a_complete_summary(tmp_path):
         assert r["predicted_bytes"] == s["prediction"]["host_peak_bytes"] > 0
         assert 0.5 < r["peak_bytes"] / r["predicted_bytes"] < 1.5
     assert s["prediction"]["plan"]["chunk_tokens"] > 0
+    # the time model beside the measurement, and the 38B prediction for a card of this size (24 GiB on CPU)
+    t = s["time_prediction"]
+    assert t["assumed_chip"] == "RTX 4090" and t["layer_seconds_predicted"] > 0 and t["layer_seconds_measured"] > 0
+    assert "4-bit" in t["r1v_38b_traces_self"]["path"] and t["r1v_38b_traces_self"]["seconds"]["trace generation"] > 0
+    assert "time model, assuming a RTX 4090" in proc.stdout
     rows = s["matmul"]["results"]
     assert len(rows) == 6 and all(r["bf16_ms"] > 0 and r["int4_ms"] > 0 and r["rel_err"] < 0.2 for r in rows)
     assert s["chat"]["tokens"] > 0 and s["chat"]["image_tiles"] >= 1

@@ -213,3 +213,22 @@ def release_engine(holder: dict) -> None:
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - no CUDA runtime: nothing to empty
         pass
+
+
+def with_card_recipe(settings: EngineSettings, cfg, n_images: int, parallel: Parallel | None = None,
+                     gpu_bytes: int | None = None) -> EngineSettings:
+    """A 4-bit export on one GPU gets that card's best serving recipe from the plan (tower offload,
+    fp8 KV cache and so on) over `engine_kwargs`' settings; anything else is returned unchanged."""
+    from r1v_quant.deploy.plan import make_plan
+    from r1v_quant.deploy.serve import gpu_memory, recipe_settings
+
+    if not cfg.quantization or (parallel is not None and parallel.gpus > 1):
+        return settings
+    if gpu_bytes is None:
+        found = gpu_memory()
+        gpu_bytes = found[0] if found else None
+    if gpu_bytes is None:
+        return settings
+    recipe = make_plan(cfg, gpu_mems=[("GPU", gpu_bytes)]).cards[0].best
+    kwargs = {**settings.kwargs, **recipe_settings(recipe, n_images, settings.kwargs.get("max_model_len"))}
+    return EngineSettings(kwargs, f"{settings.note}; the card's recipe: {' + '.join(recipe.levers) or 'as exported'}")

@@ -104,6 +104,24 @@ def render_chat(tokenizer, messages: Sequence[Mapping[str, object]], add_generat
     return rendered
 
 
+def reply_after_prompt(prompt: str, reply: str) -> str:
+    """A written reply as it follows a rendered generation prompt, the way the model would produce it.
+
+    R1 templates open the reasoning block in the generation prompt (``...<think>\\n``), so the
+    model's own reply starts inside it. A published reply that opens the block itself would
+    open it twice: its ``<think>`` (and the newline the prompt already ends with) is dropped.
+    A reply to a prompt that does not open the block is kept as written.
+    """
+    opened = prompt.rstrip("\n").endswith(THINK_START)
+    body = reply.lstrip()
+    if not opened or not body.startswith(THINK_START):
+        return reply
+    body = body[len(THINK_START):]
+    if prompt.endswith("\n") and body.startswith("\n"):
+        body = body[1:]
+    return body
+
+
 def split_thinking(text: str) -> tuple[str, str]:
     """Split an R1 reply into (thinking, answer).
 

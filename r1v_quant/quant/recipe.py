@@ -17,7 +17,8 @@ from typing import Any
 
 from r1v_quant.errors import UserError
 
-TRACE_MODES = ("none", "self")
+TRACE_MODES = ("none", "self", "bootstrap")
+TRACE_ENGINES = ("transformers", "vllm")
 REPORT_NAME = "r1v_quant_report.json"
 # `awq --text-share`'s default, chosen by held-out KL (BENCHMARKS.md, "Text share of the calibration tokens").
 DEFAULT_TEXT_SHARE = 0.0
@@ -35,6 +36,8 @@ class CalibrationRecipe:
     max_tokens: int = 65536            # cap on calibration tokens in total
     seed: int = 0
     text_share: float = DEFAULT_TEXT_SHARE  # least share of text tokens; 0 keeps the set as encoded
+    trace_engine: str = "transformers"  # what generates the traces: our runtime's generate, or vLLM
+    trace_model: str | None = None     # a 4-bit export writing the traces instead of the source (or the bootstrap)
 
     def __post_init__(self) -> None:
         from r1v_quant.calib.sets import check_mix, split_spec
@@ -48,6 +51,12 @@ class CalibrationRecipe:
             object.__setattr__(self, "mix", tuple(float(w) for w in self.mix))
         if self.traces not in TRACE_MODES:
             raise UserError(f"--traces {self.traces} is not one of {', '.join(TRACE_MODES)}.")
+        if self.trace_engine not in TRACE_ENGINES:
+            raise UserError(f"--trace-engine {self.trace_engine} is not one of {', '.join(TRACE_ENGINES)}.")
+        if self.trace_model is not None:
+            object.__setattr__(self, "trace_model", str(self.trace_model))
+            if self.traces == "none":
+                raise UserError("--trace-model needs --traces self or bootstrap; without traces no model writes any.")
         for name, low in (("samples", 1), ("seq_len", 16), ("max_tokens", 16), ("trace_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
@@ -61,6 +70,11 @@ class CalibrationRecipe:
         out["mix"] = list(self.mix) if self.mix is not None else None
         if not self.text_share:  # a recipe without a floor is written as before the option existed
             del out["text_share"]
+        # likewise the trace options at their defaults
+        if self.trace_engine == "transformers":
+            del out["trace_engine"]
+        if self.trace_model is None:
+            del out["trace_model"]
         return out
 
     @classmethod
@@ -74,14 +88,30 @@ class CalibrationRecipe:
         out = self.to_json()
         if self.path is not None:
             out["path"] = str(Path(self.path).expanduser().resolve())
+        if self.trace_model is not None:
+            out["trace_model"] = str(Path(self.trace_model).expanduser().resolve())
         return out
+
+    def trace_writer(self) -> str | None:
+        """Which model writes the traces, and with which engine (None without traces)."""
+        if self.traces == "none":
+            return None
+        if self.trace_model is not None:
+            who = f"the 4-bit export {self.trace_model}"
+        elif self.traces == "bootstrap":
+            who = "a 4-bit bootstrap export (a first awq pass without traces)"
+        else:
+            who = "the full-precision source model"
+        return f"{who}, greedy, through {self.trace_engine}"
 
     def display(self) -> dict[str, Any]:
         """Rows of the model card's recipe table."""
-        name = self.spec + (f" + self traces (<= {self.trace_tokens} tokens)" if self.traces == "self" else "")
+        name = self.spec + (f" + {self.traces} traces (<= {self.trace_tokens} tokens)" if self.traces != "none" else "")
+        writer = self.trace_writer()
         return {"calibration set": name, "samples requested": self.samples, "mix": list(self.mix) if self.mix else None,
                 "longest sample / token cap": f"{self.seq_len} / {self.max_tokens}", "seed": self.seed,
-                **({"least text-token share": f"{self.text_share:.0%}"} if self.text_share else {})}
+                **({"least text-token share": f"{self.text_share:.0%}"} if self.text_share else {}),
+                **({"traces written by": writer} if writer else {})}
 
 
 def fingerprint(*parts: dict[str, Any]) -> str:

@@ -73,16 +73,88 @@ def calib_paths(choice: CalibrationRecipe) -> list[Path]:
 
 
 def load_samples(recipe: CalibrationRecipe, model_dir: Path, device: str | None, trace_cache: Path | None = None,
-                 progress=None):
+                 progress=None, parallel=None, before_load=None):
+    """The calibration samples, with traces from `model_dir` (the model writing them) when the recipe asks."""
     from r1v_quant.calib.sets import load_calibration
 
     samples = load_calibration(recipe.spec, n=recipe.samples, seed=recipe.seed, calib_path=recipe.path, mix=recipe.mix)
-    if recipe.traces == "self":
+    if recipe.traces != "none":
         from r1v_quant.calib.traces import add_self_traces
 
         samples = add_self_traces(samples, model_dir, recipe.trace_tokens, cache_dir=trace_cache, device=device,
-                                  progress=progress)
+                                  progress=progress, engine=recipe.trace_engine, parallel=parallel,
+                                  before_load=before_load)
     return samples
+
+
+def weight_file_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def trace_check(cfg, calib: CalibrationRecipe, trace_dir: Path | None, dev: torch.device, budget: int,
+                group_size: int, parallel=None) -> Callable[[], None]:
+    """The memory pre-check of the trace phase, run before the trace model is loaded.
+
+    `trace_dir` None: the bootstrap export not yet made (its size predicted from the config)."""
+    from r1v_quant.quant import trace_plan as tp
+
+    def check() -> None:
+        job = tp.TraceJob(calib.samples, calib.seq_len, calib.trace_tokens)
+        four_bit = trace_dir is None or bool(load_config(trace_dir).quantization)
+        if trace_dir is None:
+            weights = tp.weight_totals(cfg, group_size)["export"]
+        elif four_bit:
+            weights = weight_file_bytes(trace_dir)
+        else:
+            weights = tp.weight_totals(cfg, group_size)["source"]
+        gpu_bytes = None
+        if calib.trace_engine == "vllm" and dev.type == "cuda":
+            from r1v_quant.deploy.serve import gpu_memory
+
+            found = gpu_memory()
+            gpu_bytes = found[0] if found else None
+        gpus = parallel.gpus if parallel is not None else 1
+        path = tp.runtime_path(cfg, job, calib.trace_engine, weights, four_bit, budget, gpus=gpus, gpu_bytes=gpu_bytes,
+                               group_size=group_size)
+        from r1v_quant.deploy.units import human_bytes
+
+        where = (f"{gpus} x {human_bytes(gpu_bytes)} GPU" if gpu_bytes is not None and calib.trace_engine == "vllm"
+                 else f"the {dev.type} budget of {human_bytes(budget)}")
+        tp.check_trace_phase(path, job, where)
+
+    return check
+
+
+def bootstrap_settings(cfg, settings: AWQSettings, calib: CalibrationRecipe, dev: torch.device) -> AWQSettings:
+    """The first pass's settings: the run's, with a 4-bit lm_head when vLLM serves the bootstrap on a GPU
+    whose recipe from the plan needs one to hold a trace."""
+    from dataclasses import replace
+
+    if settings.lm_head or calib.trace_engine != "vllm" or dev.type != "cuda":
+        return settings
+    from r1v_quant.deploy.plan import make_plan
+    from r1v_quant.deploy.serve import gpu_memory
+
+    found = gpu_memory()
+    if found is None:
+        return settings
+    recipe = make_plan(cfg, group_size=settings.group_size, gpu_mems=[("GPU", found[0])]).cards[0].best
+    if "lm-head-4bit" not in recipe.levers:
+        return settings
+    try:
+        validate_group_size(cfg, settings.group_size, True)
+    except UserError:  # a vocabulary that does not pack: the bootstrap keeps its bf16 lm_head
+        return settings
+    return replace(settings, lm_head=True)
+
+
+def bootstrap_export(model: str, out: Path, settings: AWQSettings, calib: CalibrationRecipe, **kwargs) -> Path:
+    """The first pass of `--traces bootstrap`: `awq` without traces, into a folder beside the work folder."""
+    from dataclasses import replace
+
+    first = replace(calib, traces="none", trace_model=None, trace_engine="transformers")
+    result = quantize_checkpoint(model, out, settings, first, force=True, **kwargs)
+    return Path(result.out)
 
 
 def act_bytes(dtype: torch.dtype) -> int:
@@ -140,6 +212,8 @@ def quantize_checkpoint(
     trace_cache: Path | None = None,
     max_device_memory: int | None = None,
     compute_dtype: str = "auto",
+    trace_parallel=None,
+    note: Callable[[str], None] | None = None,
 ) -> AWQResult:
     from r1v_quant.calib.encode import composition, embed_encoded, image_token_share
     from r1v_quant.calib.text_share import encode_with_text_share, fill_source
@@ -163,7 +237,8 @@ def quantize_checkpoint(
     # Activations between layers spill past a share of the free RAM, by default into the work folder.
     offload_dir = offload_dir or work_folder / SPILL
     offload_above = auto_spill_above(available_host_bytes()) if offload_above is None else offload_above
-    protected = {**inputs, "offload folder": offload_dir, "work folder": work_folder}
+    protected = {**inputs, "offload folder": offload_dir, "work folder": work_folder,
+                 **({"trace model": resolve_model(calib.trace_model)} if calib.trace_model else {})}
     check_replaceable(out, protected)
     check_export_conflicts(out, [p.name for p in side_files(src)], is_export_file)
     check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, calib.max_tokens,
@@ -174,7 +249,28 @@ def quantize_checkpoint(
     check_fits(cfg, calib, settings.group_size, budget, dev, dtype, offload_above, settings.lm_head)
     tok = load_tokenizer(src)
 
-    samples = load_samples(calib, src, device, trace_cache, trace_progress)
+    trace_dir = resolve_model(calib.trace_model) if calib.trace_model else (src if calib.traces == "self" else None)
+    boot = None
+    if calib.traces == "bootstrap" and trace_dir is None:
+        # refused before the first pass, not after it: the bootstrap's size is known from the config
+        trace_check(cfg, calib, None, dev, budget, settings.group_size, trace_parallel)()
+        boot = Path(f"{work_folder}.bootstrap")
+        if note is not None:
+            note(f"bootstrap: a first awq pass without traces, into {boot}")
+        trace_dir = bootstrap_export(model, boot, bootstrap_settings(cfg, settings, calib, dev), calib, device=device,
+                                     offload_dir=None,
+                                     offload_above=offload_above, max_shard_bytes=max_shard_bytes, progress=progress,
+                                     max_device_memory=max_device_memory, compute_dtype=compute_dtype)
+    if calib.traces != "none" and note is not None:
+        note(f"traces written by {calib.trace_writer()}" + (f" ({trace_dir})" if trace_dir != src else ""))
+    try:
+        samples = load_samples(calib, trace_dir or src, device, trace_cache, trace_progress, trace_parallel,
+                               trace_check(cfg, calib, trace_dir, dev, budget, settings.group_size, trace_parallel))
+    finally:
+        if boot is not None and not keep_work:
+            import shutil
+
+            shutil.rmtree(boot, ignore_errors=True)
     fill = (fill_source(calib.spec, calib.seed, calib.samples, calib.path, {s.id for s in samples})
             if calib.text_share else None)
     encoded, stubs, share_note = encode_with_text_share(samples, fill, cfg, tok, calib.seq_len, calib.max_tokens,
@@ -208,6 +304,8 @@ def quantize_checkpoint(
     result.extra.update({f"calibration {k}": v for k, v in composition(encoded, tok, stubs).items()})
     result.extra["calibration text share"] = share_note.line()
     result.extra["compute dtype"] = f"{dtype_name(dtype)} ({dtype_why})"
+    if calib.traces != "none":
+        result.extra["traces written by"] = calib.trace_writer()
     plan = config_plan(cfg, tokens, budget, act_bytes(dtype))
     result.extra["device budget"] = (
         f"{budget / 2**30:.1f} GiB: chunks of {plan.chunk_tokens} tokens, calibration tensors "
@@ -231,6 +329,10 @@ def quantize_checkpoint(
                   for r in reports]
         report = {"source": str(model), "calibration": calib.to_json(), "awq": settings.to_json(),
                   "summary": result.summary(), "layers": layers}
+        if calib.traces != "none":
+            report["traces"] = {"written by": calib.trace_writer(), "engine": calib.trace_engine,
+                                "model": ("bootstrap" if calib.traces == "bootstrap" and not calib.trace_model
+                                          else calib.trace_model or "source")}
         if head is not None:
             report["lm_head"] = {"rel_err_awq": head.rel_err_awq, "rel_err_rtn": head.rel_err_rtn, "alphas": head.alphas}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
