@@ -17,7 +17,7 @@ from r1v_quant.calib.mmmu import (
     stratified_counts,
 )
 from r1v_quant.errors import UserError
-from r1v_quant.fixtures.mmmu_fixture import fixture_row, write_mmmu_fixture
+from helpers.mmmu_fixture import fixture_row, write_mmmu_fixture
 
 SUBJECTS = ("Accounting", "Art_Theory", "Math", "Physics", "Sociology")
 

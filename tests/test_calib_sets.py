@@ -10,7 +10,7 @@ from r1v_quant.calib.mmmu import load_mmmu
 from r1v_quant.calib.sets import load_calibration, split_counts
 from r1v_quant.calib.text import load_text, split_paragraphs
 from r1v_quant.errors import UserError
-from r1v_quant.fixtures.mmmu_fixture import write_mmmu_fixture
+from helpers.mmmu_fixture import write_mmmu_fixture
 
 SUBJECTS = ("Art", "Biology", "Chemistry")
 

@@ -16,7 +16,7 @@ from r1v_quant.deploy.units import GiB
 from r1v_quant.evals.forcing import coarse_kl, coarse_kl_topk, summarize, summary_from_topk
 from r1v_quant.evals.settings import EvalSettings
 from r1v_quant.evals.vllm_pass import measured_steps, position_arrays, reply_of, sampling_kwargs
-from r1v_quant.fixtures import mini
+from helpers import mini
 
 VOCAB, K = 300, 16
 

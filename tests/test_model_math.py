@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from r1v_quant.fixtures.tiny import TinySizes, init_tensor, tiny_config
+from r1v_quant.synthetic.checkpoint import TinySizes, init_tensor, tiny_config
 from r1v_quant.model.config import parse_config
 from r1v_quant.model.layout import checkpoint_shapes
 from r1v_quant.model.projector import pixel_shuffle
