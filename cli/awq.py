@@ -61,9 +61,9 @@ def command(
     json_out: Path | None = typer.Option(None, "--json", help="Write a JSON report here."),
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
-    from r1v_quant.deploy.units import parse_size
     from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
     from r1v_quant.quant.run import quantize_checkpoint
+    from r1v_quant.units import parse_size
 
     settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
                            lm_head=quantize_lm_head)

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from r1v_quant.deploy.units import GiB
 from r1v_quant.evals.settings import EvalSettings
+from r1v_quant.units import GiB
 
 TEMPLATE_TOKENS = 512  # the chat template's own tokens, generously
 
@@ -40,7 +40,7 @@ class EnginePlan:
 
 def prompt_bound(samples: Sequence, cfg, text_tokens: int) -> int:
     """Tokens the longest prompt can take, without a tokenizer: one per character at most."""
-    from r1v_quant.deploy.plan import max_tiles
+    from r1v_quant.model.footprint import max_tiles
 
     per_image = max_tiles(cfg) * cfg.num_image_token + 2
     if samples and samples[0].kind == "text":

@@ -29,9 +29,6 @@ for folder in (ROOT, ROOT / "tests"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from r1v_quant.calib.skills import TEXT_FAMILIES  # noqa: E402
-from r1v_quant.errors import UserError  # noqa: E402
-from r1v_quant.calib.chains import CHANCE, FAMILY, outlier_heldout  # noqa: E402
 from helpers.mini import MINI_DIR  # noqa: E402
 from helpers.outlier_stats import column_norm_ratios, meets_threshold  # noqa: E402
 from helpers.outliers import (  # noqa: E402
@@ -42,6 +39,9 @@ from helpers.outliers import (  # noqa: E402
     settings_record,
 )
 from helpers.train import accuracy_table, answer_questions, write_checkpoint  # noqa: E402
+from r1v_quant.calib.chains import CHANCE, FAMILY, outlier_heldout  # noqa: E402
+from r1v_quant.calib.skills import TEXT_FAMILIES  # noqa: E402
+from r1v_quant.errors import UserError  # noqa: E402
 from r1v_quant.output import check_out_dir, staged_dir  # noqa: E402
 
 RATIO_QUESTIONS = 16   # held-out prompts the outlier ratios are measured on

@@ -29,8 +29,6 @@ for folder in (ROOT, ROOT / "tests"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from r1v_quant.calib.skills import heldout_questions  # noqa: E402
-from r1v_quant.errors import UserError  # noqa: E402
 from helpers.mini import MINI_DIR  # noqa: E402
 from helpers.train import (  # noqa: E402
     TrainSettings,
@@ -40,6 +38,8 @@ from helpers.train import (  # noqa: E402
     train,
     write_checkpoint,
 )
+from r1v_quant.calib.skills import heldout_questions  # noqa: E402
+from r1v_quant.errors import UserError  # noqa: E402
 from r1v_quant.output import check_out_dir, staged_dir  # noqa: E402
 
 DEFAULTS = TrainSettings()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from r1v_quant.calib.skills import CHANCE, heldout_questions
-from r1v_quant.errors import UserError
 from helpers import mini
 from helpers.train import TrainSettings, accuracy_table, answer_questions, settings_record, train
+from r1v_quant.calib.skills import CHANCE, heldout_questions
+from r1v_quant.errors import UserError
 
 # Held-out picture questions the test asks (a third of each trained family), and the
 # accuracy r1v-mini scored on exactly these when it was committed.

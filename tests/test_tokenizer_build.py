@@ -8,8 +8,8 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from r1v_quant.synthetic.tokenizer import ADDED_TOKENS, build_r1_tokenizer, chat_template
 from r1v_quant.model.prompt import expand_image_placeholders, render_chat
+from r1v_quant.synthetic.tokenizer import ADDED_TOKENS, build_r1_tokenizer, chat_template
 
 FILES = ("special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"

@@ -32,18 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from r1v_quant.deploy.checks import MAX_LISTED, Check, listing
-from r1v_quant.deploy.plan import (
-    COMPONENT_LABELS,
-    COMPONENTS,
-    MARLIN_GROUP_SIZES,
-    bytes_by_component,
-    component_of,
-    export_tensor_specs,
-    model_dtype,
-)
+from r1v_quant.deploy.plan import MARLIN_GROUP_SIZES
 from r1v_quant.deploy.remote_code import check_remote_code
 from r1v_quant.deploy.tensor_files import TensorInfo, read_tensors
-from r1v_quant.deploy.units import ST_TO_TORCH, TORCH_TO_ST
 from r1v_quant.errors import UserError
 from r1v_quant.int4.format import (
     AWQ_DTYPE_NAMES,
@@ -55,8 +46,17 @@ from r1v_quant.int4.format import (
     quant_field,
 )
 from r1v_quant.model.config import R1VConfig, parse_config
+from r1v_quant.model.footprint import (
+    COMPONENT_LABELS,
+    COMPONENTS,
+    bytes_by_component,
+    component_of,
+    export_tensor_specs,
+    model_dtype,
+)
 from r1v_quant.model.layout import HEAD_MODULE, QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
 from r1v_quant.model.topology import FUSED_LINEARS
+from r1v_quant.units import ST_TO_TORCH, TORCH_TO_ST
 
 # The stored tensors' safetensors codes.
 AWQ_DTYPES = {leaf: TORCH_TO_ST[name] for leaf, name in AWQ_DTYPE_NAMES.items()}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1v_quant.deploy.checks import Check, listing
-from r1v_quant.deploy.units import ST_ITEMSIZE
 from r1v_quant.model.checkpoint import INDEX_NAME
+from r1v_quant.units import ST_ITEMSIZE
 
 
 @dataclass

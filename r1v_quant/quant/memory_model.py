@@ -101,7 +101,7 @@ def _fixed_layer_bytes(cfg: R1VConfig, seq_len: int, group_size: int, act_bytes:
 
 def front_bytes(cfg: R1VConfig, act_bytes: int) -> dict[str, int]:
     """The front phase on the device: its weights in the run's dtype and one largest image's activations."""
-    from r1v_quant.deploy.plan import estimate_reserve, params_by_component
+    from r1v_quant.model.footprint import estimate_reserve, params_by_component
 
     params = params_by_component(cfg)
     weights = sum(params.get(c, 0) for c in ("vision", "projector", "embeddings")) * act_bytes
