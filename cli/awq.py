@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.progress import steps
 from r1v_quant.quant.recipe import DEFAULT_TEXT_SHARE
 
@@ -39,7 +40,7 @@ def command(
     max_tokens: int = typer.Option(65536, min=16, help="Cap on calibration tokens in total."),
     traces: str = typer.Option("none", help="none, or self: calibrate on the full-precision model's own answers (cached)."),
     max_trace_tokens: int = typer.Option(1024, min=1, help="Longest self-generated trace."),
-    group_size: int = typer.Option(128, help="Input channels per quantisation group (128, 64 or 32)."),
+    group_size: int = typer.Option(DEFAULT_GROUP_SIZE, help="Input channels per quantisation group (128, 64 or 32)."),
     grid: int = typer.Option(20, min=2, help="Grid points for the scale and clip searches."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the clipping search."),
     propagate: str = typer.Option("quantized", help="Inputs of layer i+1: outputs of the quantized or the float layer i."),

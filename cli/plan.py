@@ -13,6 +13,7 @@ from rich.table import Table
 from r1v_quant.deploy import compromises, vllm_args
 from r1v_quant.deploy.plan import Plan, parse_gpu_mems, plan_model
 from r1v_quant.errors import UserError
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.units import GiB, human_bytes
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "short": "[yellow]short[/]", "no": "[red]no[/]"}
@@ -172,7 +173,7 @@ def command(
         tokens = calibration_tokens(samples, seq_len, max_tokens)
         host = parse_size(host_mem, "--host-mem", 2**20)
         rows = plan_calibration(cfg, parse_gpu_mems(gpu_mem), tokens, seq_len=seq_len,
-                                group_size=128 if group_size is None else group_size, host_bytes=host)
+                                group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size, host_bytes=host)
         console = Console()
         console.print(f"[bold]{source}[/]")
         render_calibration(rows, tokens, host, console)

@@ -17,7 +17,7 @@ from r1v_quant.deploy import compromises
 from r1v_quant.deploy.compromises import Basis, Recipe
 from r1v_quant.deploy.vllm_args import how
 from r1v_quant.errors import UserError
-from r1v_quant.int4.format import read_quantization_config
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE, read_quantization_config
 from r1v_quant.model.checkpoint import resolve_config
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.footprint import (
@@ -192,7 +192,7 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
                      f"{', 4-bit lm_head' if qc.lm_head else ''}): planned as that export, assuming the standard "
                      "layout (LLM decoder linears quantised, the rest unchanged).")
     if group_size is None:
-        group_size = 128
+        group_size = DEFAULT_GROUP_SIZE
     lm_head = bool(lm_head) and LM_HEAD + ".weight" in checkpoint_shapes(cfg)
     if group_size not in MARLIN_GROUP_SIZES:
         notes.append(f"group size {group_size} is not one vLLM's Marlin kernels take (-1/32/64/128): it would fall back "

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from r1v_quant.errors import UserError
-from r1v_quant.int4.format import AWQ_LEAVES, awq_shapes, check_awq_shape
+from r1v_quant.int4.format import AWQ_LEAVES, DEFAULT_GROUP_SIZE, awq_shapes, check_awq_shape
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear, llm_linear_shapes
 from r1v_quant.units import KV_DTYPE_BYTES, GiB, dtype_bytes, spec_bytes
@@ -117,7 +117,7 @@ def source_tensor_specs(cfg: R1VConfig, dtype: str | None = None) -> dict[str, t
     return {name: (tuple(shape), dtype) for name, shape in checkpoint_shapes(cfg).items()}
 
 
-def export_tensor_specs(cfg: R1VConfig, group_size: int = 128, dtype: str | None = None,
+def export_tensor_specs(cfg: R1VConfig, group_size: int = DEFAULT_GROUP_SIZE, dtype: str | None = None,
                         lm_head: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor of our AWQ GEMM export: name -> (shape, dtype name). `lm_head=True` is an export
     written with `awq --quantize-lm-head` (`"lm_head": true`): lm_head in the same AWQ layout."""
