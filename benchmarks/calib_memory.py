@@ -22,11 +22,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from r1v_quant.fixtures.slices import make_slice
 from r1v_quant.model.config import load_config
 from r1v_quant.quant.chunks import chunk_token_bytes
 from r1v_quant.quant.memory_check import RunSettings, awq_child, prediction, working_set
 from r1v_quant.quant.memory_model import layer_weight_bytes
+from r1v_quant.synthetic.slices import make_slice
 
 HERE = Path(__file__).resolve().parent
 GiB = 1024**3

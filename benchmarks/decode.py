@@ -12,7 +12,7 @@ The two models alternate repeat by repeat so that both see the same machine load
 On a CPU shared with other work, pass `--threads` at most the number of idle cores: torch's
 threads wait for each other at every op, so one descheduled thread stalls them all.
 
-`--synthetic DIR` first writes a wider random model (DIR/bf16, via `r1v_quant.fixtures.tiny.make_tiny`)
+`--synthetic DIR` first writes a wider random model (DIR/bf16, via `r1v_quant.synthetic.checkpoint.make_tiny`)
 and its export (DIR/awq, via `r1v-quant awq --samples 4 --no-kl-check`), reusing them if present,
 and benchmarks that pair: the default tiny model is too narrow for the linears to dominate.
 """
@@ -195,7 +195,7 @@ def measure(args, device: str) -> tuple[list[dict], dict]:
 
 def build_synthetic(args) -> tuple[str, str]:
     """DIR/bf16 (random, wider than the default tiny model) and DIR/awq, made once and reused."""
-    from r1v_quant.fixtures.tiny import TinySizes, make_tiny
+    from r1v_quant.synthetic.checkpoint import TinySizes, make_tiny
 
     root = Path(args.synthetic)
     ref, cand = root / "bf16", root / "awq"

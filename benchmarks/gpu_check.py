@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from r1v_quant.deploy.units import parse_size
-from r1v_quant.fixtures.slices import make_slice
 from r1v_quant.quant.chunks import available_host_bytes, default_budget, headroom_budget
 from r1v_quant.quant.memory_check import RunSettings, awq_in_process, layer_device_bytes, peak_rss_bytes, prediction
 from r1v_quant.quant.memory_model import auto_spill_above
+from r1v_quant.synthetic.slices import make_slice
+from r1v_quant.units import parse_size
 
 HERE = Path(__file__).resolve().parent
 GiB = 1024**3

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from r1v_quant.fixtures.tiny import TinySizes, make_tiny
+from r1v_quant.synthetic.checkpoint import TinySizes, make_tiny
 
 
 def quantise_peak_rss(model: Path, out: Path, samples: int) -> tuple[float, float]:

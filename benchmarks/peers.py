@@ -101,9 +101,8 @@ QUICK = {"samples": 8, "seq_len": 128, "questions": 8, "suite": "builtin", "max_
 
 def default_model() -> Path | None:
     """The trained small model, when the source tree has it."""
-    from r1v_quant.fixtures.mini import MINI_DIR
-
-    return MINI_DIR if (MINI_DIR / "config.json").is_file() else None
+    mini = ROOT / "models" / "r1v-mini"
+    return mini if (mini / "config.json").is_file() else None
 
 
 def machine() -> dict:
@@ -713,7 +712,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         if model is None and a.quick:
             model = work / "tiny"
             if not (model / "config.json").is_file():
-                from r1v_quant.fixtures.tiny import TinySizes, make_tiny
+                from r1v_quant.synthetic.checkpoint import TinySizes, make_tiny
 
                 say(f"writing a random tiny checkpoint to {model}")
                 make_tiny(model, seed=a.seed, sizes=TinySizes(llm_layers=2), force=True)

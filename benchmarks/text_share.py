@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from r1v_quant.evals.quick import heldout_prompts, prompt_kl
-from r1v_quant.fixtures.tiny import make_tiny
 from r1v_quant.model.r1v import load_model
 from r1v_quant.quant.baselines import build_rtn
 from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
 from r1v_quant.quant.run import quantize_checkpoint
+from r1v_quant.synthetic.checkpoint import make_tiny
 
 
 def main() -> None:

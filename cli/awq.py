@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.progress import steps
 from r1v_quant.quant.recipe import DEFAULT_TEXT_SHARE
 
@@ -44,7 +45,7 @@ def command(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", min=1, help="With --trace-engine vllm: GPUs each layer is split over."),
     pipeline_parallel_size: int = typer.Option(1, "--pipeline-parallel-size", "-pp", min=1, help="With --trace-engine vllm: pipeline stages."),
     distributed_executor_backend: str | None = typer.Option(None, "--distributed-executor-backend", help="With --trace-engine vllm: mp, ray or uni (default: vLLM's choice)."),
-    group_size: int = typer.Option(128, help="Input channels per quantisation group (128, 64 or 32)."),
+    group_size: int = typer.Option(DEFAULT_GROUP_SIZE, help="Input channels per quantisation group (128, 64 or 32)."),
     grid: int = typer.Option(20, min=2, help="Grid points for the scale and clip searches."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the clipping search."),
     propagate: str = typer.Option("quantized", help="Inputs of layer i+1: outputs of the quantized or the float layer i."),
@@ -66,10 +67,10 @@ def command(
     json_out: Path | None = typer.Option(None, "--json", help="Write a JSON report here."),
 ) -> None:
     """Quantise the language model to 4-bit AWQ; the vision encoder and projector stay bf16."""
-    from r1v_quant.deploy.units import parse_size
     from r1v_quant.output import check_report_path, write_text_report
     from r1v_quant.quant.recipe import AWQSettings, CalibrationRecipe
     from r1v_quant.quant.run import quantize_checkpoint
+    from r1v_quant.units import parse_size
 
     check_report_path(json_out, "--json")
 

@@ -11,8 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from r1v_quant.deploy.inspect_export import InspectReport, inspect
-from r1v_quant.deploy.units import human_bytes
+from r1v_quant.deploy.vllm_args import serve_line
+from r1v_quant.errors import UserError
 from r1v_quant.output import check_report_path, write_text_report
+from r1v_quant.units import human_bytes
 
 STATUS_STYLE = {"pass": "[green]pass[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
 
@@ -56,7 +58,7 @@ def render(report: InspectReport, console: Console) -> None:
         t.add_row(c.name, STATUS_STYLE.get(c.status, c.status), c.message)
     console.print(t)
     if report.ok:
-        console.print("[green]servable:[/] vllm serve <folder> --trust-remote-code --dtype bfloat16")
+        console.print(f"[green]servable:[/] {serve_line()}")
     else:
         console.print(f"[bold red]{len(report.failures)} check(s) failed[/]: vLLM would not load this export correctly.")
 

@@ -15,8 +15,8 @@ def command(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty folder."),
 ) -> None:
     """Write a small random Skywork-R1V checkpoint (real config schema, weight names, tokenizer conventions)."""
-    from r1v_quant.fixtures.tiny import TinySizes, make_tiny
     from r1v_quant.output import check_out_dir
+    from r1v_quant.synthetic.checkpoint import TinySizes, make_tiny
 
     check_out_dir(out, force)
     path = make_tiny(out, seed=seed, sizes=TinySizes(llm_layers=llm_layers), force=force)

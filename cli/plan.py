@@ -10,11 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from r1v_quant.deploy import recipes
+from r1v_quant.deploy import compromises, vllm_args
 from r1v_quant.deploy.plan import Plan, parse_gpu_mems, plan_model
-from r1v_quant.deploy.units import GiB, human_bytes
 from r1v_quant.errors import UserError
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.output import check_report_path, write_text_report
+from r1v_quant.units import GiB, human_bytes
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "short": "[yellow]short[/]", "no": "[red]no[/]"}
 
@@ -85,7 +86,7 @@ def render(plan: Plan, console: Console) -> None:
 
 
 def render_recipes(plan: Plan, console: Console) -> None:
-    """The best recipe per card (recipes.py), the text-only one beside it, and the flags of each."""
+    """The best recipe per card (compromises.py), the text-only one beside it, and the flags of each."""
     t = Table(title="Best recipe per card: the cheapest compromises reaching the longest goal (32k, else 16k, "
               "else 4k tokens); the text-only one below it", title_justify="left")
     for col, just in (("card", "left"), ("recipe", "left"), ("context", "right"), ("GPU GiB", "right"),
@@ -100,13 +101,13 @@ def render_recipes(plan: Plan, console: Console) -> None:
                       f"{r.max_model_len:,d}",
                       _gib(r.gpu_weights), _gib(r.host_pinned) if r.host_pinned else "-",
                       f"{r.encode_seconds:.2f}" if r.host_pinned else "-",
-                      recipes.vllm_needed(r).removeprefix(">= ").replace(" (assumed)", " *"))
+                      compromises.vllm_needed(r).removeprefix(">= ").replace(" (assumed)", " *"))
             if r.levers:
-                how.append(f"{card.label}, {' + '.join(r.levers)}: {recipes.how(r)}")
+                how.append(f"{card.label}, {' + '.join(r.levers)}: {vllm_args.how(r)}")
     console.print(t)
-    console.print("compromises, cheapest first: " + "; ".join(f"{n} = {recipes.TITLES[n]}" for n in recipes.COMPROMISES)
+    console.print("compromises, cheapest first: " + "; ".join(f"{n} = {compromises.TITLES[n]}" for n in compromises.COMPROMISES)
                   + f". context: --max-model-len; host GiB: pinned host RAM; s/image: at least this per image-encoding "
-                  f"step (the offloaded encoder read over PCIe at {recipes.PCIE_BYTES_PER_S / 1e9:.0f} GB/s); vLLM: the "
+                  f"step (the offloaded encoder read over PCIe at {compromises.PCIE_BYTES_PER_S / 1e9:.0f} GB/s); vLLM: the "
                   "oldest version that runs it (* assumed, not read in vLLM's source).", highlight=False)
     for line in how:
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
@@ -225,15 +226,15 @@ def command(
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
     check_report_path(json_out, "--json")
     if calibrate:
-        from r1v_quant.deploy.units import parse_size
         from r1v_quant.model.checkpoint import resolve_config
         from r1v_quant.quant.memory_model import calibration_tokens, plan_calibration
+        from r1v_quant.units import parse_size
 
         cfg, source = resolve_config(model)
         tokens = calibration_tokens(samples, seq_len, max_tokens)
         host = parse_size(host_mem, "--host-mem", 2**20)
         rows = plan_calibration(cfg, parse_gpu_mems(gpu_mem), tokens, seq_len=seq_len,
-                                group_size=128 if group_size is None else group_size, host_bytes=host)
+                                group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size, host_bytes=host)
         console = Console()
         console.print(f"[bold]{source}[/]")
         render_calibration(rows, tokens, host, console)

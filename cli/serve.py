@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from r1v_quant.deploy.serve import DEFAULT_IMAGES_PER_PROMPT, DEFAULT_UTIL
+from r1v_quant.deploy.vllm_args import DEFAULT_IMAGES_PER_PROMPT, DEFAULT_UTIL
 from r1v_quant.errors import UserError
 
 # Register with: app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
@@ -63,8 +63,8 @@ def command(
         gpu_memory,
         installed_vllm,
     )
-    from r1v_quant.deploy.units import parse_size
     from r1v_quant.model.config import load_config
+    from r1v_quant.units import parse_size
 
     err = Console(stderr=True)
     extra = list(ctx.args)

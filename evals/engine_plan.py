@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from r1v_quant.deploy.units import GiB
 from r1v_quant.evals.settings import EvalSettings
+from r1v_quant.units import GiB
 
 TEMPLATE_TOKENS = 512  # the chat template's own tokens, generously
 
@@ -40,7 +40,7 @@ class EnginePlan:
 
 def prompt_bound(samples: Sequence, cfg, text_tokens: int) -> int:
     """Tokens the longest prompt can take, without a tokenizer: one per character at most."""
-    from r1v_quant.deploy.plan import max_tiles
+    from r1v_quant.model.footprint import max_tiles
 
     per_image = max_tiles(cfg) * cfg.num_image_token + 2
     if samples and samples[0].kind == "text":
@@ -61,6 +61,7 @@ def plan_engines(reference: str, candidate: str, baselines: Sequence[str], setti
     from r1v_quant.deploy.plan import make_plan
     from r1v_quant.deploy.vllm_engine import engine_kwargs
     from r1v_quant.evals.vllm_pass import CANDIDATE_TOP_K_FACTOR, check_engine, parallel_of
+    from r1v_quant.int4.format import read_quantization_config
     from r1v_quant.model.checkpoint import resolve_config
 
     check_engine(baselines, need_vllm=False)
@@ -72,7 +73,7 @@ def plan_engines(reference: str, candidate: str, baselines: Sequence[str], setti
     models = [("reference", reference, reference, ref_cfg, ref_source, None),
               ("candidate", candidate, candidate, cand_cfg, cand_source, None)]
     if "rtn" in baselines:
-        group = int((cand_cfg.quantization or {}).get("group_size", 128))
+        group = read_quantization_config(cand_cfg.quantization or {}, cand_source).group_size
         models.append(("baseline", f"RTN w4 g{group}", "<RTN export of the reference, written before its engine>",
                        ref_cfg, ref_source, group))
     out = []

@@ -35,7 +35,7 @@ def suite_loader(spec: str, data_path: Path | None) -> tuple[str, str, Callable[
 
         return "r1v-mini", "qa", lambda n, seed: suite_samples(n or DEFAULT_LIMITS["r1v-mini"], seed=seed)
     if spec == "r1v-outliers":
-        from r1v_quant.fixtures.chains import outlier_suite
+        from r1v_quant.calib.chains import outlier_suite
 
         return "r1v-outliers", "qa", lambda n, seed: outlier_suite(n or DEFAULT_LIMITS["r1v-outliers"], seed=seed)
     if spec == "mmmu-sample":

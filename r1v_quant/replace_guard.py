@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from r1v_quant.errors import UserError
+from r1v_quant.int4.format import read_quantization_config
 
 # An export written by `awq` always holds these.
 _EXPORT_MARKERS = ("r1v_quant_report.json", "config.json")
@@ -25,7 +26,12 @@ def looks_like_export(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    return isinstance(quant, dict) and quant.get("quant_method") == "awq"
+    if not isinstance(quant, dict):
+        return False
+    try:
+        return read_quantization_config(quant).is_awq
+    except UserError:
+        return False
 
 
 def _listing(folder: Path, limit: int = 3) -> str:

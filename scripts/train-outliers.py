@@ -24,22 +24,24 @@ from dataclasses import fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The training code lives with the tests (tests/helpers), not in the installed package.
+for folder in (ROOT, ROOT / "tests"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-from r1v_quant.calib.skills import TEXT_FAMILIES  # noqa: E402
-from r1v_quant.errors import UserError  # noqa: E402
-from r1v_quant.fixtures.chains import CHANCE, FAMILY, outlier_heldout  # noqa: E402
-from r1v_quant.fixtures.mini import MINI_DIR  # noqa: E402
-from r1v_quant.fixtures.outlier_stats import column_norm_ratios, meets_threshold  # noqa: E402
-from r1v_quant.fixtures.outliers import (  # noqa: E402
+from helpers.mini import MINI_DIR  # noqa: E402
+from helpers.outlier_stats import column_norm_ratios, meets_threshold  # noqa: E402
+from helpers.outliers import (  # noqa: E402
     OUTLIERS_DIR,
     OutlierSettings,
     finetune,
     measure_ratios,
     settings_record,
 )
-from r1v_quant.fixtures.train import accuracy_table, answer_questions, write_checkpoint  # noqa: E402
+from helpers.train import accuracy_table, answer_questions, write_checkpoint  # noqa: E402
+from r1v_quant.calib.chains import CHANCE, FAMILY, outlier_heldout  # noqa: E402
+from r1v_quant.calib.skills import TEXT_FAMILIES  # noqa: E402
+from r1v_quant.errors import UserError  # noqa: E402
 from r1v_quant.output import check_out_dir, staged_dir  # noqa: E402
 
 RATIO_QUESTIONS = 16   # held-out prompts the outlier ratios are measured on

@@ -24,13 +24,13 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The training code lives with the tests (tests/helpers), not in the installed package.
+for folder in (ROOT, ROOT / "tests"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-from r1v_quant.calib.skills import heldout_questions  # noqa: E402
-from r1v_quant.errors import UserError  # noqa: E402
-from r1v_quant.fixtures.mini import MINI_DIR  # noqa: E402
-from r1v_quant.fixtures.train import (  # noqa: E402
+from helpers.mini import MINI_DIR  # noqa: E402
+from helpers.train import (  # noqa: E402
     TrainSettings,
     accuracy_table,
     answer_questions,
@@ -38,6 +38,8 @@ from r1v_quant.fixtures.train import (  # noqa: E402
     train,
     write_checkpoint,
 )
+from r1v_quant.calib.skills import heldout_questions  # noqa: E402
+from r1v_quant.errors import UserError  # noqa: E402
 from r1v_quant.output import check_out_dir, staged_dir  # noqa: E402
 
 DEFAULTS = TrainSettings()

@@ -76,7 +76,7 @@ else
 fi
 
 # The project itself, without its dependencies (vLLM pins its own torch/transformers);
-# the vLLM check imports r1v_quant.fixtures.vllm_cpu_op from it.
+# the vLLM check imports r1v_quant from it (and its CPU reference op from tests/helpers).
 # (checked from / so that the repository folder on sys.path cannot fake it)
 if (cd / && "$PY" -c "import r1v_quant, pathlib, sys; sys.exit(0 if pathlib.Path(r1v_quant.__file__).resolve().is_relative_to(pathlib.Path('$ROOT').resolve()) else 1)") 2>/dev/null; then
     say "r1v-quant already installed (editable) from $ROOT"

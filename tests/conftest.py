@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r1v_quant.fixtures.tiny import make_tiny
+from r1v_quant.synthetic.checkpoint import make_tiny
 
 
 @pytest.fixture(scope="session")

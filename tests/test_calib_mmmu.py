@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
+from helpers.mmmu_fixture import fixture_row, write_mmmu_fixture
 from r1v_quant.calib import hub
 from r1v_quant.calib.mmmu import (
     MMMU_SUBJECTS,
@@ -17,7 +18,6 @@ from r1v_quant.calib.mmmu import (
     stratified_counts,
 )
 from r1v_quant.errors import UserError
-from r1v_quant.fixtures.mmmu_fixture import fixture_row, write_mmmu_fixture
 
 SUBJECTS = ("Accounting", "Art_Theory", "Math", "Physics", "Sociology")
 

@@ -4,13 +4,13 @@ from collections import Counter
 
 import pytest
 
+from helpers.mmmu_fixture import write_mmmu_fixture
 from r1v_quant.calib import hub
 from r1v_quant.calib.builtin import builtin_samples
 from r1v_quant.calib.mmmu import load_mmmu
 from r1v_quant.calib.sets import load_calibration, split_counts
 from r1v_quant.calib.text import load_text, split_paragraphs
 from r1v_quant.errors import UserError
-from r1v_quant.fixtures.mmmu_fixture import write_mmmu_fixture
 
 SUBJECTS = ("Art", "Biology", "Chemistry")
 

@@ -27,7 +27,7 @@ def all_samples():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from r1v_quant.fixtures.tiny import make_tiny
+    from r1v_quant.synthetic.checkpoint import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "m", seed=0)
 

@@ -8,10 +8,10 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
-from r1v_quant.fixtures.tiny import make_tiny
 from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.config import load_config
 from r1v_quant.model.layout import checkpoint_shapes
+from r1v_quant.synthetic.checkpoint import make_tiny
 
 
 def test_tiny_checkpoint_has_the_real_layout(tiny_dir):

@@ -9,7 +9,7 @@ import pytest
 from r1v_quant.errors import UserError
 from r1v_quant.evals.compat import check_candidate
 from r1v_quant.evals.run import EvalSettings, evaluate
-from r1v_quant.fixtures.tiny import TinySizes, make_tiny
+from r1v_quant.synthetic.checkpoint import TinySizes, make_tiny
 
 
 def _no_generation(*args):

@@ -51,7 +51,7 @@ def call(args, capsys):
 def ref(tmp_path_factory):
     """Two decoder layers, one vision layer and one tile per picture keep each question
     well under a second on a CPU; the salient channels that make AWQ matter stay."""
-    from r1v_quant.fixtures.tiny import TinySizes, make_tiny
+    from r1v_quant.synthetic.checkpoint import TinySizes, make_tiny
 
     sizes = TinySizes(llm_layers=2, vision_layers=1, max_dynamic_patch=1)
     return make_tiny(tmp_path_factory.mktemp("ref") / "tiny", seed=0, sizes=sizes)

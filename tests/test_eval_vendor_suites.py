@@ -25,7 +25,7 @@ def _app():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from r1v_quant.fixtures.tiny import TinySizes, make_tiny
+    from r1v_quant.synthetic.checkpoint import TinySizes, make_tiny
 
     sizes = TinySizes(llm_layers=2, vision_layers=1, max_dynamic_patch=1)
     return make_tiny(tmp_path_factory.mktemp("ref") / "tiny", seed=0, sizes=sizes)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import run_cli
 
-from r1v_quant.deploy.units import GiB
+from helpers import mini
 from r1v_quant.evals.forcing import coarse_kl, coarse_kl_topk, summarize, summary_from_topk
 from r1v_quant.evals.settings import EvalSettings
 from r1v_quant.evals.vllm_pass import measured_steps, position_arrays, reply_of, sampling_kwargs
-from r1v_quant.fixtures import mini
+from r1v_quant.units import GiB
 
 VOCAB, K = 300, 16
 

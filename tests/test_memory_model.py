@@ -106,11 +106,11 @@ def test_out_of_memory_during_layers_names_what_to_lower_and_resume(tiny_dir, tm
 def test_on_cpu_the_stored_tensors_count_as_growing_host_memory():
     # On CPU the layer's stored tensors and down_proj inputs live in RAM: the working set
     # (peak less these) is what stays flat as the calibration grows, with the chunk held by the budget.
-    from r1v_quant.fixtures.slices import slice_sizes
-    from r1v_quant.fixtures.tiny import tiny_config
     from r1v_quant.model.config import parse_config
     from r1v_quant.quant.chunks import chunk_token_bytes
     from r1v_quant.quant.memory_model import layer_weight_bytes
+    from r1v_quant.synthetic.checkpoint import tiny_config
+    from r1v_quant.synthetic.slices import slice_sizes
 
     cfg = parse_config(tiny_config(1024, slice_sizes("real", 1), {"bos": 0, "eos": 1, "pad": 1}))
     budget = 2 * layer_weight_bytes(cfg, 4) + 4 * 512 * chunk_token_bytes(5120, 27648, 4)

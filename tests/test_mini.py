@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_cli
 
+from helpers import mini
+from helpers.train import TrainSettings, accuracy_table, answer_questions, settings_record, train
 from r1v_quant.calib.skills import CHANCE, heldout_questions
 from r1v_quant.errors import UserError
-from r1v_quant.fixtures import mini
-from r1v_quant.fixtures.train import TrainSettings, accuracy_table, answer_questions, settings_record, train
 
 # Held-out picture questions the test asks (a third of each trained family), and the
 # accuracy r1v-mini scored on exactly these when it was committed.
@@ -90,7 +90,7 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_trained_weights_are_written_in_the_checkpoint_layout(tmp_path):
-    from r1v_quant.fixtures.train import write_checkpoint
+    from helpers.train import write_checkpoint
     from r1v_quant.model.r1v import load_model
 
     trained = train(TrainSettings(pictures=1, steps=1, image_batch=1, text_batch=1, warmup_steps=1), tmp_path / "tok")

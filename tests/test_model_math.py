@@ -5,11 +5,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from r1v_quant.fixtures.tiny import TinySizes, init_tensor, tiny_config
 from r1v_quant.model.config import parse_config
 from r1v_quant.model.layout import checkpoint_shapes
 from r1v_quant.model.projector import pixel_shuffle
 from r1v_quant.model.r1v import R1VModel, _refresh_rotary, assign_tensor
+from r1v_quant.synthetic.checkpoint import TinySizes, init_tensor, tiny_config
 
 SPECIAL = {"bos": 1, "eos": 2, "pad": 2}
 

@@ -8,11 +8,10 @@ import re
 import pytest
 import torch
 
+from helpers.outlier_stats import channel_ratio, column_norm_ratios, decoder_input_ratios, meets_threshold
+from helpers.outliers import OUTLIERS_DIR, floor_columns, gain_schedule, measure_ratios
 from r1v_quant.calib.builtin import builtin_samples
-from r1v_quant.calib.skills import text_question
-from r1v_quant.evals.scoring import is_correct
-from r1v_quant.evals.suites import suite_loader
-from r1v_quant.fixtures.chains import (
+from r1v_quant.calib.chains import (
     FAMILY,
     MAX_VALUE,
     STEPS,
@@ -21,8 +20,9 @@ from r1v_quant.fixtures.chains import (
     chain_split,
     outlier_heldout,
 )
-from r1v_quant.fixtures.outlier_stats import channel_ratio, column_norm_ratios, decoder_input_ratios, meets_threshold
-from r1v_quant.fixtures.outliers import OUTLIERS_DIR, floor_columns, gain_schedule, measure_ratios
+from r1v_quant.calib.skills import text_question
+from r1v_quant.evals.scoring import is_correct
+from r1v_quant.evals.suites import suite_loader
 
 STEP = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
 
@@ -163,8 +163,8 @@ def test_the_committed_instrument_has_outliers_and_ordinary_weights(instrument):
 def test_round_to_nearest_costs_the_instrument_chains(instrument):
     """The instrument discriminates: w4 g128 RTN spoils held-out chains the bf16 model gets
     right, by an interval that excludes no loss. (The full 400-question figure is in the README.)"""
+    from helpers.train import answer_questions
     from r1v_quant.evals.stats import paired_difference
-    from r1v_quant.fixtures.train import answer_questions
     from r1v_quant.quant.baselines import build_rtn
 
     chains = [(s, f) for s, f in outlier_heldout(400) if f == FAMILY][:60]

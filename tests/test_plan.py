@@ -15,13 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from r1v_quant.deploy.plan import component_of, estimate_reserve, kv_bytes_per_token, make_plan, parse_gpu_mems, plan_model
-from r1v_quant.deploy.units import GiB, parse_size
+from r1v_quant.deploy.plan import make_plan, parse_gpu_mems, plan_model
 from r1v_quant.errors import UserError
 from r1v_quant.int4.format import awq_shapes, to_awq
 from r1v_quant.model.checkpoint import resolve_config
 from r1v_quant.model.config import parse_config
+from r1v_quant.model.footprint import component_of, estimate_reserve, kv_bytes_per_token
 from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear
+from r1v_quant.units import GiB, parse_size
 
 # ---------------------------------------------------------------------------------------------
 # A hand-built export: written from layout.py and awq_shapes only, independent of plan.py.

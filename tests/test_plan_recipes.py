@@ -9,11 +9,11 @@ import pytest
 from test_plan import component_of, file_tensor_bytes, small_config, write_export
 from typer.testing import CliRunner
 
-from r1v_quant.deploy import recipes
+from r1v_quant.deploy import compromises
 from r1v_quant.deploy.plan import make_plan, plan_model
-from r1v_quant.deploy.units import GiB
 from r1v_quant.errors import UserError
 from r1v_quant.model.config import parse_config
+from r1v_quant.units import GiB
 
 # R1V-38B: Qwen2 hidden 5120, 64 layers, 8 KV heads of 128, intermediate 27648, vocab 152064;
 # InternViT-6B 3200 wide, 45 layers, MLP 12800, 448-pixel tiles of 14-pixel patches (32 x 32).
@@ -112,7 +112,7 @@ def test_38b_best_recipe_per_card(plan38, card, levers, context, goal):
         assert best.gpu_weights == EXPORT - TOWER - (LM_HEAD_SAVING if "lm-head-4bit" in levers else 0)
         assert best.min_vllm == "0.32"
     else:
-        assert best.host_pinned == 0 and best.min_vllm == recipes.BASELINE_VLLM
+        assert best.host_pinned == 0 and best.min_vllm == compromises.BASELINE_VLLM
 
 
 def test_38b_on_32gb_keeps_the_vision_encoder_bf16_with_16k_or_more(plan38):
@@ -131,20 +131,20 @@ def test_38b_text_only_rows(plan38):
 
 
 def test_cost_order_puts_one_costly_compromise_above_many_cheap_ones():
-    assert recipes.COMPROMISES == ("util-95", "fp8-kv", "lm-head-4bit", "tower-offload", "tiles-6", "text-only")
-    assert recipes.lever_cost(("util-95", "fp8-kv", "lm-head-4bit")) < recipes.lever_cost(("tower-offload",))
-    assert recipes.lever_cost(("util-95", "fp8-kv", "lm-head-4bit", "tower-offload", "tiles-6")) < \
-        recipes.lever_cost(("text-only",))
+    assert compromises.COMPROMISES == ("util-95", "fp8-kv", "lm-head-4bit", "tower-offload", "tiles-6", "text-only")
+    assert compromises.lever_cost(("util-95", "fp8-kv", "lm-head-4bit")) < compromises.lever_cost(("tower-offload",))
+    assert compromises.lever_cost(("util-95", "fp8-kv", "lm-head-4bit", "tower-offload", "tiles-6")) < \
+        compromises.lever_cost(("text-only",))
 
 
 def test_old_vllm_has_no_tower_offload_and_builds_the_tower(plan38):
-    old = recipes.parse_version("0.31.0")
-    keep_images = frozenset(recipes.COMPROMISES) - {"text-only"}
-    r = recipes.best_recipe(plan38.basis, 32 * GiB, keep_images, version=old)
+    old = compromises.parse_version("0.31.0")
+    keep_images = frozenset(compromises.COMPROMISES) - {"text-only"}
+    r = compromises.best_recipe(plan38.basis, 32 * GiB, keep_images, version=old)
     assert "tower-offload" not in r.levers and r.max_context == 0
     # the best it can do: every other compromise, 0.4 GiB short of any KV cache
     assert r.kv_room == int(32 * GiB * 0.95) - (EXPORT - LM_HEAD_SAVING) - RESERVE_6 < 0
-    text = recipes.evaluate(plan38.basis, 48 * GiB, frozenset({"text-only"}), old)
+    text = compromises.evaluate(plan38.basis, 48 * GiB, frozenset({"text-only"}), old)
     assert text.gpu_weights == EXPORT and text.notes      # the tower is counted, and the note says so
     assert text.max_context == tokens(int(48 * GiB * 0.9) - EXPORT - RESERVE_TEXT, KV_BF16)
 

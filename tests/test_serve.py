@@ -18,12 +18,13 @@ from typer.testing import CliRunner
 
 from r1v_quant.deploy import serve as serve_mod
 from r1v_quant.deploy.plan import make_plan
-from r1v_quant.deploy.serve import VLLM_MISSING, build_serve, find_vllm, flag_name, images_from_limit, user_flags
-from r1v_quant.deploy.units import GiB, human_int
+from r1v_quant.deploy.serve import build_serve, find_vllm
+from r1v_quant.deploy.vllm_args import VLLM_MISSING, flag_name, images_from_limit, user_flags
 from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import DATA_DIR, resolve_config
 from r1v_quant.model.config import parse_config
 from r1v_quant.model.generate import Sampling
+from r1v_quant.units import GiB, human_int
 
 
 def plan_len(cfg, gpu_bytes, **kw) -> int:

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from r1v_quant.deploy import serve as serve_mod
 from r1v_quant.deploy.serve import build_serve
-from r1v_quant.deploy.units import GiB
 from r1v_quant.errors import UserError
+from r1v_quant.units import GiB
 
 BASE = ["--trust-remote-code", "--dtype", "bfloat16"]
 OFFLOAD = ["--offload-backend", "uva", "--cpu-offload-gb", "11", "--cpu-offload-params", "vision_model", "mlp1"]

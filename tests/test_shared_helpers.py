@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from r1v_quant.deploy.serve import build_serve, serve_flags, vllm_settings
+from r1v_quant.deploy.serve import build_serve
+from r1v_quant.deploy.vllm_args import serve_flags, vllm_settings
 from r1v_quant.deploy.vllm_engine import engine_kwargs, with_placeholders
 from r1v_quant.model.generate import user_turn
 from r1v_quant.model.prompt import with_image_placeholders

@@ -8,8 +8,8 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from r1v_quant.fixtures.tokenizer_build import ADDED_TOKENS, build_r1_tokenizer, chat_template
 from r1v_quant.model.prompt import expand_image_placeholders, render_chat
+from r1v_quant.synthetic.tokenizer import ADDED_TOKENS, build_r1_tokenizer, chat_template
 
 FILES = ("special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -90,7 +90,7 @@ def test_template_is_the_packaged_one(tok_dir, tok):
 
 def test_same_inputs_give_identical_files(tok_dir, tmp_path):
     # a separate process: BPE training must not depend on per-process hash seeds
-    script = "import sys; from r1v_quant.fixtures.tokenizer_build import build_r1_tokenizer; build_r1_tokenizer(sys.argv[1])"
+    script = "import sys; from r1v_quant.synthetic.tokenizer import build_r1_tokenizer; build_r1_tokenizer(sys.argv[1])"
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "again")], check=True)
     for name in FILES:
         assert (tmp_path / "again" / name).read_bytes() == (tok_dir / name).read_bytes(), name

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 from r1v_quant.deploy.cards import CARDS, card_for
-from r1v_quant.deploy.plan import estimate_reserve
+from r1v_quant.model.footprint import estimate_reserve
 from r1v_quant.model.checkpoint import resolve_config
 from r1v_quant.quant import trace_plan as tp
 
@@ -26,7 +26,7 @@ SOURCE_LLM = 65_527_752_704                        # of which the language model
 EXPORT, EXPORT_LLM = 30_585_369_344, 19_328_804_864
 SAMPLES, PROMPT, TRACE, TOKENS, GRID = 128, 2048, 1024, 65536, 20
 CONTEXT = PROMPT + TRACE
-# what each card's best serving recipe of the export is (deploy/recipes.py), and the KV context it leaves
+# what each card's best serving recipe of the export is (deploy/compromises.py), and the KV context it leaves
 RECIPES = {24: (("util-95", "fp8-kv", "lm-head-4bit", "tower-offload", "tiles-6"), 0.95, 20592, KV_BF16 // 2),
            32: (("util-95", "tower-offload"), 0.95, 34592, KV_BF16),
            48: ((), 0.9, 44080, KV_BF16),

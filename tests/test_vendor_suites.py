@@ -311,7 +311,7 @@ def test_mmmu_in_the_converted_layout_reads_validation_and_hidden_answers_are_re
     from r1v_quant.calib.mmmu import load_mmmu
     from r1v_quant.evals.settings import EvalSettings
     from r1v_quant.evals.suites import load_suite
-    from r1v_quant.fixtures.mmmu_fixture import fixture_row, mmmu_schema
+    from helpers.mmmu_fixture import fixture_row, mmmu_schema
 
     for split in ("validation", "dev", "test"):
         rows = [{**fixture_row("Art", k), "id": f"{split}_Art_{k}"} for k in (1, 2)]

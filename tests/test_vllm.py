@@ -111,13 +111,13 @@ def test_text_only_engine_builds_no_vision_tower(reference, full_engine):
 
 
 def test_vllm_avx2_build_with_reference_op(reference):
-    """vLLM's AVX2 library, which lacks cpu_gemm_wna16, with r1v_quant.fixtures.vllm_cpu_op standing in for it."""
+    """vLLM's AVX2 library, which lacks cpu_gemm_wna16, with tests/helpers/vllm_cpu_op.py standing in for it."""
     summary = _run_vllm(reference, "--emulate-avx2")
     assert summary["setup"]["gemm_op"].startswith("reference")
 
 
 def test_reference_op_matches_vllm_layout(tmp_path):
-    """r1v_quant.fixtures.vllm_cpu_op inverts vLLM's own AWQ weight conversion exactly (and matches its kernel where present)."""
+    """tests/helpers/vllm_cpu_op.py inverts vLLM's own AWQ weight conversion exactly (and matches its kernel where present)."""
     out = tmp_path / "op.json"
     proc = subprocess.run([str(VLLM_PYTHON), str(CHECK), "op", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)

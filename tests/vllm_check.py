@@ -28,7 +28,7 @@ Steps of the default `all`:
 
 The two halves can also be run apart (`prepare` with the project Python, `vllm` with this one);
 `--model EXPORT` checks an existing export instead of making a tiny one. A third step, `op`,
-checks `r1v_quant.fixtures.vllm_cpu_op` alone: vLLM's own AWQ weight conversion, inverted exactly, and
+checks `tests/helpers/vllm_cpu_op.py` alone: vLLM's own AWQ weight conversion, inverted exactly, and
 its output against vLLM's native kernel where this machine's vLLM library has one.
 
 What this process changes, and why (all of it test-only):
@@ -36,7 +36,7 @@ What this process changes, and why (all of it test-only):
   activations (W4A8), a different computation from our bf16-activation runtime and from
   vLLM's GPU kernels; the check uses vLLM's W4A16 CPU kernel.
 - The `_C::cpu_gemm_wna16` op: used as vLLM provides it when present. Where vLLM's library
-  lacks it (the AVX2 build: CPUs without AVX-512), `r1v_quant.fixtures.vllm_cpu_op` registers a
+  lacks it (the AVX2 build: CPUs without AVX-512), `tests/helpers/vllm_cpu_op.py` registers a
   PyTorch reference of it first. `--emulate-avx2` makes vLLM load its AVX2 library on any
   x86 CPU (by hiding AVX-512/AMX from the probes vLLM asks), to exercise that path here.
 - AMX: on CPUs that advertise AMX, vLLM's native 4-bit kernel uses AMX tiles without asking
@@ -193,11 +193,11 @@ def setup_vllm_process(emulate_avx2: bool) -> dict:
         sys.path.remove(str(TESTS))
     scoped_torchvision.install()
 
-    from r1v_quant.fixtures import vllm_cpu_op
+    from helpers import vllm_cpu_op
 
     done = {"emulate_avx2": emulate_avx2, "w4a8": os.environ["VLLM_CPU_INT4_W4A8"] != "0"}
     if vllm_cpu_op.register():
-        done["gemm_op"] = "reference (r1v_quant.fixtures.vllm_cpu_op: vLLM's library here lacks _C.cpu_gemm_wna16)"
+        done["gemm_op"] = "reference (tests/helpers/vllm_cpu_op.py: vLLM's library here lacks _C.cpu_gemm_wna16)"
     else:
         done["gemm_op"] = "vLLM native _C.cpu_gemm_wna16"
     amx = bool(torch.cpu._is_amx_tile_supported())
@@ -372,7 +372,7 @@ OP_SHAPES = ((256, 512, 128, 5), (768, 256, 128, 1), (128, 96, 32, 3), (512, 153
 
 
 def check_op() -> dict:
-    """r1v_quant.fixtures.vllm_cpu_op against vLLM's own weight conversion, AWQ dequantisation and (if present) its kernel.
+    """tests/helpers/vllm_cpu_op.py against vLLM's own weight conversion, AWQ dequantisation and (if present) its kernel.
 
     Each AWQ layer goes through vLLM's real `AutoAWQMarlinLinearMethod.process_weights_after_loading`
     (AWQ -> GPTQ-like -> CPU blocked layout); the reference op's output must equal, bit for bit,
@@ -387,7 +387,7 @@ def check_op() -> dict:
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig, AutoAWQMarlinLinearMethod
 
-    from r1v_quant.fixtures import vllm_cpu_op
+    from helpers import vllm_cpu_op
     from r1v_quant.quant.primitives import awq_dequantize, awq_tensors
 
     native = vllm_cpu_op.native_op_present()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1v_quant.deploy.units import GiB
+from r1v_quant.units import GiB
 
 
 @dataclass(frozen=True)

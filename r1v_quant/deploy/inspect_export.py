@@ -32,34 +32,35 @@ from pathlib import Path
 from typing import Any
 
 from r1v_quant.deploy.checks import MAX_LISTED, Check, listing
-from r1v_quant.deploy.plan import (
-    COMPONENT_LABELS,
-    COMPONENTS,
-    MARLIN_GROUP_SIZES,
-    bytes_by_component,
-    component_of,
-    export_tensor_specs,
-    model_dtype,
-)
+from r1v_quant.deploy.plan import MARLIN_GROUP_SIZES
 from r1v_quant.deploy.remote_code import check_remote_code
 from r1v_quant.deploy.tensor_files import TensorInfo, read_tensors
-from r1v_quant.deploy.units import ST_TO_TORCH, TORCH_TO_ST
 from r1v_quant.errors import UserError
 from r1v_quant.int4.format import (
     AWQ_DTYPE_NAMES,
     AWQ_LEAVES,
     PACK,
     VLLM_VOCAB_PADDING,
+    AWQConfig,
     awq_shapes,
     group_width,
-    quant_field,
+    head_is_tied,
+    head_rows_fit_vllm,
+    read_quantization_config,
 )
 from r1v_quant.model.config import R1VConfig, parse_config
+from r1v_quant.model.footprint import (
+    COMPONENT_LABELS,
+    COMPONENTS,
+    bytes_by_component,
+    component_of,
+    export_tensor_specs,
+    model_dtype,
+)
 from r1v_quant.model.layout import HEAD_MODULE, QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
-from r1v_quant.model.topology import FUSED_LINEARS
+from r1v_quant.model.topology import DECODER_LAYERS, FUSED_LINEARS
+from r1v_quant.units import ST_TO_TORCH, TORCH_TO_ST
 
-# The stored tensors' safetensors codes.
-AWQ_DTYPES = {leaf: TORCH_TO_ST[name] for leaf, name in AWQ_DTYPE_NAMES.items()}
 _FUSED = {leaf: fused for fused, leaves in FUSED_LINEARS.items() for leaf in leaves}
 
 
@@ -106,14 +107,14 @@ class InspectReport:
 
 def vllm_prefix(module: str) -> str:
     """The prefix vLLM gives a module: q/k/v become `qkv_proj`, gate/up become `gate_up_proj` in the LLM."""
-    if module.startswith("language_model.model.layers."):
+    if module.startswith(DECODER_LAYERS):
         head, _, leaf = module.rpartition(".")
         return f"{head}.{_FUSED.get(leaf, leaf)}"
     return module
 
 
 def _area(module: str) -> str:
-    if module.startswith("language_model.model.layers."):
+    if module.startswith(DECODER_LAYERS):
         return "language_model decoder"
     return module.split(".", 1)[0] if not module.startswith("language_model.lm_head") else "lm_head"
 
@@ -122,7 +123,8 @@ def _area(module: str) -> str:
 # The checks
 
 
-def _check_quant_config(raw: dict[str, Any]) -> tuple[Check, dict[str, Any] | None, int | None]:
+def _check_quant_config(raw: dict[str, Any]) -> tuple[Check, AWQConfig | None, int | None]:
+    """The top-level quantization_config, read by the format's one reader, against what vLLM loads."""
     top = raw.get("quantization_config")
     inner = (raw.get("llm_config") or {}).get("quantization_config")
     name = "quantization_config"
@@ -132,37 +134,25 @@ def _check_quant_config(raw: dict[str, Any]) -> tuple[Check, dict[str, Any] | No
                                        "config.json, where vLLM and transformers look first."), None, None
         return Check(name, "fail", "config.json has no quantization_config, so vLLM would load this as an unquantised "
                                    "model."), None, None
-    if not isinstance(top, dict):
-        return Check(name, "fail", "quantization_config is not a JSON object."), None, None
-    problems = []
-    method = str(top.get("quant_method", "")).lower()
-    if method != "awq":
-        problems.append(f"quant_method is {top.get('quant_method')!r}, not 'awq'")
-    bits = quant_field(top, "bits")
-    if bits != 4:
-        problems.append(f"bits is {bits!r}, not 4")
-    group = quant_field(top, "group_size")
-    if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
-        problems.append(f"group_size is {group!r}, not a positive integer or -1")
-        group = None
-    if top.get("zero_point") is not True:
-        problems.append(f"zero_point is {top.get('zero_point')!r}, not true (AWQ GEMM tensors carry zero points)")
-    if str(top.get("version", "")).lower() != "gemm":
-        problems.append(f"version is {top.get('version')!r}, not 'gemm'")
+    try:
+        qc = read_quantization_config(top, "config.json")
+    except UserError as e:
+        return Check(name, "fail", str(e)), None, None
+    problems = qc.problems()
+    group = qc.stated("group_size")
+    group = group if group is not None and (group > 0 or group == -1) else None
     if problems:
-        return Check(name, "fail", "quantization_config: " + "; ".join(problems) + "."), top, group
+        return Check(name, "fail", "quantization_config: " + "; ".join(problems) + "."), qc, group
     if inner is not None and inner != top:
         return Check(name, "warn", "llm_config carries a different quantization_config from the top level; vLLM uses "
-                                   "the top-level one, other tools may not."), top, group
-    return Check(name, "pass", f"top level: awq, 4 bits, group size {group}, zero point, gemm."), top, group
+                                   "the top-level one, other tools may not."), qc, group
+    return Check(name, "pass", f"top level: {qc.quant_method}, 4 bits, group size {group}, zero point, gemm."), qc, group
 
 
-def _check_not_convert(qc: dict[str, Any], unquantised: list[str], quantised: list[str]) -> Check:
+def _check_not_convert(qc: AWQConfig, unquantised: list[str], quantised: list[str]) -> Check:
     name = "modules_to_not_convert"
-    entries = qc.get("modules_to_not_convert")
-    if entries is not None and (not isinstance(entries, list) or not all(isinstance(e, str) for e in entries)):
-        return Check(name, "fail", "modules_to_not_convert is not a list of module names.")
-    entries = entries or []
+    # The reader gives None for a value that is not a list of module names: as good as missing.
+    entries = qc.modules_to_not_convert or []
     # With an empty list vLLM adds vision_model by itself for this model family (and nothing else).
     effective = entries or ["vision_model"]
     uncovered = [m for m in unquantised if not any(e in vllm_prefix(m) for e in effective)]
@@ -209,27 +199,26 @@ def _check_quantised_where(quantised: list[str], head_declared: bool) -> Check:
                                "--quantize-lm-head, lm_head) in bf16.")
 
 
-def _check_head(qc: dict[str, Any], modules: dict[str, dict[str, TensorInfo]], cfg: R1VConfig | None) -> Check | None:
+def _check_head(qc: AWQConfig | None, modules: dict[str, dict[str, TensorInfo]], cfg: R1VConfig | None) -> Check | None:
     """A 4-bit lm_head against vLLM's ParallelLMHead contract; None when neither the tensors nor the config quantise it."""
     name = "lm_head"
-    declared = quant_field(qc, "lm_head", False)
+    declared = qc is not None and qc.lm_head
     leaves = modules.get(HEAD_MODULE, {})
     packed = any(leaf in leaves for leaf in AWQ_LEAVES)
-    if declared is not True and not packed:
+    if not declared and not packed:
         return None
     problems = []
-    if declared is not True:
+    if not declared:
         problems.append(f"lm_head carries 4-bit tensors but quantization_config has lm_head {declared!r}, not true, "
                         "so vLLM would build a bf16 lm_head and find no language_model.lm_head.weight")
     elif not packed:
         problems.append('quantization_config says "lm_head": true but lm_head has no qweight/qzeros/scales'
                         + (" (it has a bf16 weight)" if "weight" in leaves else "")
                         + ", so vLLM would find none of the 4-bit tensors it builds lm_head from")
-    tied = cfg is not None and bool(cfg.llm.get("tie_word_embeddings", False))
-    if tied:
+    if cfg is not None and head_is_tied(cfg.llm):
         problems.append("tie_word_embeddings is true: a tied lm_head is embed_tokens, which vLLM never quantises")
     vocab = int(cfg.llm["vocab_size"]) if cfg is not None else None
-    if vocab is not None and vocab % VLLM_VOCAB_PADDING:
+    if vocab is not None and not head_rows_fit_vllm(vocab):
         problems.append(f"vocab_size {vocab} is not a multiple of {VLLM_VOCAB_PADDING}: vLLM pads lm_head to "
                         f"{-(-vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING} rows and its loader cannot place the "
                         "4-bit tensors in the padded head")
@@ -254,7 +243,7 @@ def _check_awq_tensors(modules: dict[str, dict[str, TensorInfo]], quantised: lis
         if "weight" in leaves:
             problems.append(f"{m} has both qweight and an unquantised weight")
         bad_dtype = [f"{leaf} is {ST_TO_TORCH.get(leaves[leaf].dtype, leaves[leaf].dtype)}"
-                     for leaf in AWQ_LEAVES if leaves[leaf].dtype != AWQ_DTYPES[leaf]]
+                     for leaf in AWQ_LEAVES if ST_TO_TORCH.get(leaves[leaf].dtype) != AWQ_DTYPE_NAMES[leaf]]
         if bad_dtype:
             problems.append(f"{m}: {', '.join(bad_dtype)} (expected int32/int32/float16)")
             continue
@@ -426,8 +415,8 @@ def inspect(folder: str | Path) -> InspectReport:
     checks.append(qc_check)
     if qc is not None:
         checks.append(_check_not_convert(qc, unquantised_linears, quantised))
-    checks.append(_check_quantised_where(quantised, quant_field(qc or {}, "lm_head", False) is True))
-    head_check = _check_head(qc or {}, modules, cfg)
+    checks.append(_check_quantised_where(quantised, qc is not None and qc.lm_head))
+    head_check = _check_head(qc, modules, cfg)
     if head_check is not None:
         checks.append(head_check)
     awq_check, inferred_group = _check_awq_tensors(modules, quantised, group, cfg)
@@ -476,9 +465,9 @@ def inspect(folder: str | Path) -> InspectReport:
     layers = sorted({int(m.split(".")[3]) for m in quantised if is_quant_linear(m)})
     quant_summary = {
         "format": "AutoAWQ GEMM (qweight/qzeros int32, scales float16)" if quantised else None,
-        "bits": quant_field(qc or {}, "bits"),
+        "bits": None if qc is None else qc.bits,
         "group_size": group_used,
-        "zero_point": (qc or {}).get("zero_point"),
+        "zero_point": None if qc is None else qc.stated("zero_point"),
         "modules": len(quantised),
         "by_kind": dict(sorted(by_suffix.items())),
         "decoder_layers": len(layers),
@@ -495,4 +484,5 @@ def inspect(folder: str | Path) -> InspectReport:
             "vision": {"hidden_size": cfg.vision.hidden_size, "num_hidden_layers": cfg.vision.num_hidden_layers,
                        "intermediate_size": cfg.vision.intermediate_size},
         })
-    return InspectReport(str(folder), summary, qc, quant_summary, components, dict(all_dtypes), total, planned_total, checks)
+    raw_qc = raw.get("quantization_config") if isinstance(raw.get("quantization_config"), dict) else None
+    return InspectReport(str(folder), summary, raw_qc, quant_summary, components, dict(all_dtypes), total, planned_total, checks)

@@ -1,48 +1,8 @@
-"""Memory planning from a config alone: what the bf16 model and the AWQ export weigh, and what fits a GPU.
+"""`plan`: what the bf16 model and its AWQ export weigh, and what fits each GPU, from a config alone.
 
-Everything here is arithmetic on the tensor shapes that `layout.py` derives from `config.json`;
-no weights are read.
-
-Bytes
------
-The export is the source checkpoint with every Qwen2 decoder linear (q, k, v, o, gate, up, down)
-replaced by its AutoAWQ GEMM tensors (`layout.awq_shapes`: qweight/qzeros int32, scales float16)
-and every other tensor copied unchanged in the model dtype. `export_tensor_specs` lists those
-tensors name by name, so the predicted export size equals the sum of the tensor bytes in the
-export's safetensors files exactly (headers, tokenizer and config files are not counted). An
-export written with `awq --quantize-lm-head` (`"lm_head": true`) stores lm_head the same way.
-
-Components: `vision` (vision_model.*), `projector` (mlp1.*), `llm_linears` (the seven decoder
-linears: `.weight` in the source, qweight+qzeros+scales in the export), `llm_other` (RMSNorm
-weights and the q/k/v biases, kept in the model dtype), `embeddings` (embed_tokens), `lm_head`.
-
-GPU memory (vLLM's accounting, approximated)
---------------------------------------------
-vLLM gives itself `util x total GPU memory`, loads the weights, profiles one forward pass at
-the largest batch it will run, and turns what is left into KV cache. We predict that as
-
-    KV room = util x card - export weights - reserve
-    longest context = KV room // KV bytes per token, rounded down to vLLM's 16-token blocks
-
-KV bytes per token = 2 (K and V) x layers x KV heads x head_dim x bytes of the KV dtype.
-
-The reserve is deliberately conservative (measured vLLM peaks are usually below it):
-  * runtime      2 GiB: CUDA context and allocator slack, cuBLAS/Marlin workspaces, the CUDA-graph
-                 pool for the default capture sizes, the sampler's buffers.
-  * llm          one prefill chunk of `max_batched_tokens` (vLLM's --max-num-batched-tokens)
-                 through the widest decoder layer: tokens x dtype x (3 x hidden + 3 x intermediate)
-                 (residual, normed input, fused gate/up output, activation, output), plus fp32
-                 logits and probabilities for 256 sequences.
-  * vision       the vision encoder's activation for the images vLLM profiles at the most tiles
-                 (max_dynamic_patch, plus the thumbnail): per tile, (1 + grid^2) tokens x dtype x
-                 (5 x width + 2 x MLP width) (qkv, residual, norm, fc1 output and its GELU), plus the
-                 pixel-shuffled tokens through mlp1 and the encoder cache of their embeddings. vLLM
-                 V1 profiles as many max-size images as fit its encoder budget,
-                 max(max_batched_tokens, tokens of one image), so a large chunk can mean two images.
-
-Weights that are not resident (the vision encoder in host memory, or not built for text only)
-and the other compromises that lengthen the context are `recipes.py`'s; each card gets the best
-recipe there.
+The bytes, the KV cache per token and vLLM's reserve are `model/footprint.py`'s arithmetic; the
+compromises that lengthen the context, and the best recipe per card, are `compromises.py`'s.
+For a card that falls short, the plan also lists each compromise alone and what it would give.
 
 Card sizes are taken as GiB (what `nvidia-smi` reports for a "24 GB" card is about 24 GiB; an
 "80 GB" H100 reports about 79.6 GiB). Pass `gpu_mems` (e.g. "81559MiB") to plan for an exact card.
@@ -50,202 +10,42 @@ Card sizes are taken as GiB (what `nvidia-smi` reports for a "24 GB" card is abo
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from r1v_quant.deploy import recipes
-from r1v_quant.deploy.units import KV_DTYPE_BYTES, GiB, dtype_bytes, parse_size, spec_bytes
+from r1v_quant.deploy import compromises
+from r1v_quant.deploy.compromises import Basis, Recipe
+from r1v_quant.deploy.vllm_args import how
 from r1v_quant.errors import UserError
-from r1v_quant.int4.format import AWQ_LEAVES, awq_shapes, check_awq_shape, read_quantization_config
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE, read_quantization_config
 from r1v_quant.model.checkpoint import resolve_config
 from r1v_quant.model.config import R1VConfig
-from r1v_quant.model.layout import checkpoint_shapes, is_quant_linear, llm_linear_shapes
+from r1v_quant.model.footprint import (
+    COMPONENT_LABELS,
+    COMPONENTS,
+    DEFAULT_MAX_BATCHED_TOKENS,
+    LM_HEAD,
+    LONG_CONTEXT,
+    MIN_USEFUL_CONTEXT,
+    Reserve,
+    bytes_by_component,
+    context_tokens,
+    estimate_reserve,
+    export_tensor_specs,
+    fit_status,
+    kv_bytes_per_token,
+    model_dtype,
+    params_by_component,
+    source_tensor_specs,
+    vision_int8_saving,
+)
+from r1v_quant.model.layout import checkpoint_shapes
+from r1v_quant.units import GiB, parse_size
 
 DEFAULT_CARDS_GIB = (24, 32, 40, 48, 80)
 DEFAULT_SERVE_CARD_GIB = 48            # what serve plans for when it finds no GPU and is given no --gpu-mem
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
-BLOCK_TOKENS = 16                      # vLLM's KV block size
-RUNTIME_RESERVE = 2 * GiB              # see the module docstring
-SAMPLER_SEQS = 256                     # vLLM's default max_num_seqs
-DEFAULT_MAX_BATCHED_TOKENS = 2048
-MIN_USEFUL_CONTEXT = 4096              # one max-tile image (13 x 256 tokens) and a short answer
-LONG_CONTEXT = 32768                   # room for an R1 chain of thought (the vendor allows 64k new tokens)
 
-LM_HEAD = "language_model.lm_head"
-
-COMPONENTS = ("vision", "projector", "llm_linears", "llm_other", "embeddings", "lm_head")
-COMPONENT_LABELS = {
-    "vision": "vision encoder (vision_model)",
-    "projector": "projector (mlp1)",
-    "llm_linears": "LLM decoder linears",
-    "llm_other": "LLM norms and q/k/v biases",
-    "embeddings": "embed_tokens",
-    "lm_head": "lm_head",
-    "other": "other tensors",
-}
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensors and bytes
-
-
-def model_dtype(cfg: R1VConfig) -> str:
-    """The dtype untouched tensors are stored in: the config's torch_dtype, bfloat16 if unstated."""
-    for src in (cfg.raw, cfg.llm):
-        value = src.get("torch_dtype") or src.get("dtype")
-        if value:
-            name = str(value).removeprefix("torch.")
-            if name in ("bfloat16", "float16", "float32"):
-                return name
-    return "bfloat16"
-
-
-def component_of(name: str) -> str:
-    """Which plan component a tensor (by checkpoint name) belongs to."""
-    if name.startswith("vision_model."):
-        return "vision"
-    if name.startswith("mlp1."):
-        return "projector"
-    if name.startswith("language_model.model.embed_tokens."):
-        return "embeddings"
-    if name.startswith("language_model.lm_head."):
-        return "lm_head"
-    if name.startswith("language_model."):
-        module, _, leaf = name.rpartition(".")
-        if (leaf == "weight" or leaf in AWQ_LEAVES) and is_quant_linear(module):
-            return "llm_linears"
-        return "llm_other"
-    return "other"
-
-
-def check_linears_fit(cfg: R1VConfig, group_size: int) -> None:
-    """Raise UserError unless every quantised linear can be packed with this group size."""
-    for name, (out_f, in_f) in llm_linear_shapes(cfg, 0).items():
-        check_awq_shape(out_f, in_f, group_size, name.split(".", 4)[-1])
-
-
-def source_tensor_specs(cfg: R1VConfig, dtype: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every tensor of the full-precision checkpoint: name -> (shape, dtype name)."""
-    dtype = dtype or model_dtype(cfg)
-    return {name: (tuple(shape), dtype) for name, shape in checkpoint_shapes(cfg).items()}
-
-
-def export_tensor_specs(cfg: R1VConfig, group_size: int = 128, dtype: str | None = None,
-                        lm_head: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every tensor of our AWQ GEMM export: name -> (shape, dtype name). `lm_head=True` is an export
-    written with `awq --quantize-lm-head` (`"lm_head": true`): lm_head in the same AWQ layout."""
-    dtype = dtype or model_dtype(cfg)
-    check_linears_fit(cfg, group_size)
-    specs: dict[str, tuple[tuple[int, ...], str]] = {}
-    for name, shape in checkpoint_shapes(cfg).items():
-        module, _, leaf = name.rpartition(".")
-        if leaf == "weight" and (is_quant_linear(module) or (lm_head and module == LM_HEAD)):
-            out_f, in_f = shape
-            for suffix, (qshape, qdtype) in awq_shapes(out_f, in_f, group_size).items():
-                specs[f"{module}.{suffix}"] = (tuple(qshape), qdtype)
-        else:
-            specs[name] = (tuple(shape), dtype)
-    return specs
-
-
-def bytes_by_component(specs: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, int]:
-    out = {c: 0 for c in COMPONENTS}
-    for name, (shape, dtype) in specs.items():
-        comp = component_of(name)
-        out[comp] = out.get(comp, 0) + spec_bytes(shape, dtype)
-    return out
-
-
-def params_by_component(cfg: R1VConfig) -> dict[str, int]:
-    out = {c: 0 for c in COMPONENTS}
-    for name, shape in checkpoint_shapes(cfg).items():
-        comp = component_of(name)
-        out[comp] = out.get(comp, 0) + math.prod(shape)
-    return out
-
-
-def kv_bytes_per_token(cfg: R1VConfig, kv_dtype: str = "bf16") -> int:
-    """2 (K and V) x layers x KV heads x head_dim x bytes of the KV dtype."""
-    key = kv_dtype.lower()
-    if key not in KV_DTYPE_BYTES:
-        raise UserError(f"KV cache dtype {kv_dtype!r} is not one of bf16, fp16, fp8.")
-    kv_width = next(out for name, (out, _) in llm_linear_shapes(cfg, 0).items() if name.endswith("k_proj"))
-    return 2 * cfg.num_layers * kv_width * KV_DTYPE_BYTES[key]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reserve and context
-
-
-def max_tiles(cfg: R1VConfig, max_dynamic_patch: int | None = None) -> int:
-    """Tiles of the largest image: max_dynamic_patch, plus the thumbnail when tiling adds one."""
-    if not cfg.dynamic_image_size:
-        return 1
-    most = cfg.max_dynamic_patch if max_dynamic_patch is None else max_dynamic_patch
-    if most < 1:
-        raise UserError(f"max_dynamic_patch {most} is below 1.")
-    return most + (1 if cfg.use_thumbnail and most > 1 else 0)
-
-
-@dataclass
-class Reserve:
-    runtime: int
-    llm_activations: int
-    vision_activations: int
-    images_profiled: int
-    tiles_per_image: int
-    max_batched_tokens: int
-
-    @property
-    def total(self) -> int:
-        return self.runtime + self.llm_activations + self.vision_activations
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total}
-
-
-def estimate_reserve(cfg: R1VConfig, max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS,
-                     max_dynamic_patch: int | None = None, dtype: str | None = None,
-                     images: bool = True) -> Reserve:
-    """The activation/runtime reserve described in the module docstring."""
-    if max_batched_tokens < 1:
-        raise UserError(f"--max-num-batched-tokens {max_batched_tokens} is below 1.")
-    b = dtype_bytes(dtype or model_dtype(cfg))
-    d = cfg.hidden_size
-    f = int(cfg.llm["intermediate_size"])
-    vocab = int(cfg.llm["vocab_size"])
-    llm = max_batched_tokens * b * (3 * d + 3 * f) + SAMPLER_SEQS * vocab * 4 * 2
-    tiles = max_tiles(cfg, max_dynamic_patch)
-    vision = 0
-    n_images = 0
-    if images:
-        v = cfg.vision
-        tokens_per_tile = 1 + v.grid * v.grid
-        image_tokens = tiles * cfg.num_image_token
-        n_images = max(1, max(max_batched_tokens, image_tokens) // image_tokens)
-        shuffled_width = int(v.hidden_size / cfg.downsample_ratio**2)
-        per_tile = (tokens_per_tile * b * (5 * v.hidden_size + 2 * v.intermediate_size)
-                    + cfg.num_image_token * b * (2 * shuffled_width + 2 * d))
-        encoder_cache = image_tokens * d * b
-        vision = n_images * (tiles * per_tile + encoder_cache)
-    return Reserve(RUNTIME_RESERVE, llm, vision, n_images, tiles, max_batched_tokens)
-
-
-def context_tokens(room: int, per_token: int) -> int:
-    """Whole KV blocks that fit in `room` bytes, in tokens (0 when nothing fits)."""
-    if room <= 0:
-        return 0
-    return (room // per_token) // BLOCK_TOKENS * BLOCK_TOKENS
-
-
-def fit_status(tokens: int) -> str:
-    if tokens < MIN_USEFUL_CONTEXT:
-        return "no"
-    if tokens < LONG_CONTEXT:
-        return "short"
-    return "ok"
 
 
 def parse_gpu_mems(text: str | None) -> list[tuple[str, int]]:
@@ -299,8 +99,8 @@ class CardFit:
     status: str               # "ok", "short" (< 32k tokens) or "no" (< 4k tokens)
     reason: str = ""
     suggestions: list[Suggestion] = field(default_factory=list)
-    best: recipes.Recipe | None = None    # the cheapest recipe reaching the longest goal, images kept (recipes.py)
-    best_text_only: recipes.Recipe | None = None
+    best: Recipe | None = None    # the cheapest recipe reaching the longest goal, images kept (compromises.py)
+    best_text_only: Recipe | None = None
 
 
 @dataclass
@@ -322,7 +122,7 @@ class Plan:
     cards: list[CardFit]
     notes: list[str]
     lm_head_4bit: bool = False
-    basis: recipes.Basis | None = None    # what `recipes` starts from, for other cards or vLLM versions
+    basis: Basis | None = None    # what `compromises` starts from, for other cards or vLLM versions
 
     def component(self, name: str) -> ComponentSize:
         return next(c for c in self.components if c.name == name)
@@ -339,7 +139,7 @@ class Plan:
             for key in ("best", "best_text_only"):
                 recipe = getattr(card, key)
                 if recipe is not None:
-                    out[key].update(title=recipe.title, vllm=recipes.vllm_needed(recipe), how=recipes.how(recipe))
+                    out[key].update(title=recipe.title, vllm=compromises.vllm_needed(recipe), how=how(recipe))
         return d
 
 
@@ -364,7 +164,7 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
               max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS, max_dynamic_patch: int | None = None,
               images: bool = True, lm_head: bool | None = None) -> Plan:
     """Plan bytes and context lengths for the AWQ export of `cfg` (or for `cfg` itself when already quantised),
-    and the best recipe per card (`recipes.py`).
+    and the best recipe per card (`compromises.py`).
 
     `images=False` plans a text-only server (vLLM `--limit-mm-per-prompt '{"image": 0}'`), which
     builds no vision encoder and profiles no vision activations. `lm_head=True` plans an export
@@ -396,7 +196,7 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
                      f"{', 4-bit lm_head' if qc.lm_head else ''}): planned as that export, assuming the standard "
                      "layout (LLM decoder linears quantised, the rest unchanged).")
     if group_size is None:
-        group_size = 128
+        group_size = DEFAULT_GROUP_SIZE
     lm_head = bool(lm_head) and LM_HEAD + ".weight" in checkpoint_shapes(cfg)
     if group_size not in MARLIN_GROUP_SIZES:
         notes.append(f"group size {group_size} is not one vLLM's Marlin kernels take (-1/32/64/128): it would fall back "
@@ -422,21 +222,21 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
         except UserError as e:        # e.g. R1V3's vocabulary of 151,674 does not pack 8 to an int32
             notes.append(f"no 4-bit lm_head for this model: {e}")
     tower = exp_b.get("vision", 0) + exp_b.get("projector", 0)
-    # Text only: the tower is not built (the newest vLLM's behaviour; `recipes` checks the version).
-    basis = recipes.Basis(cfg, util, kv_dtype, weights if images else weights - tower, tower if images else 0,
+    # Text only: the tower is not built (the newest vLLM's behaviour; `compromises` checks the version).
+    basis = Basis(cfg, util, kv_dtype, weights if images else weights - tower, tower if images else 0,
                           lm_head_saving, max_batched_tokens, max_dynamic_patch, images, max_pos)
     if not images:
         notes.append(f"text only: the vision encoder and mlp1 ({tower / GiB:.2f} GiB) are not built (vLLM "
-                     f">= {recipes.FEATURES['text-only'].min_version}).")
+                     f">= {compromises.FEATURES['text-only'].min_version}).")
     cards = []
     for label, gpu in (gpu_mems or parse_gpu_mems(None)):
         card = _fit(label, gpu, util, basis.weights, reserve.total, per_token, max_pos)
         # The best recipe keeps images; the text-only one is shown beside it.
-        card.best = recipes.best_recipe(basis, gpu, frozenset(recipes.COMPROMISES) - {"text-only"})
+        card.best = compromises.best_recipe(basis, gpu, frozenset(compromises.COMPROMISES) - {"text-only"})
         if images:
-            card.best_text_only = recipes.best_recipe(basis, gpu, required=frozenset({"text-only"}))
+            card.best_text_only = compromises.best_recipe(basis, gpu, required=frozenset({"text-only"}))
         if card.max_context < LONG_CONTEXT:
-            card.suggestions = recipes.suggestions(basis, card)
+            card.suggestions = suggestions(basis, card)
         cards.append(card)
     if already:
         notes.append("sizes are predicted from the config; `r1v-quant inspect` reads the real tensor bytes.")
@@ -453,3 +253,44 @@ def plan_model(spec: str, **kwargs: Any) -> Plan:
     """`make_plan` for a --model spec (folder, config file, Hugging Face id or alias)."""
     cfg, source = resolve_config(spec)
     return make_plan(cfg, source=source, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# What plan lists for a card that falls short
+
+
+def suggestions(basis: Basis, card: CardFit) -> list[Suggestion]:
+    """Each compromise alone on a card that falls short, with the context it would give (or how much
+    memory would still be missing), then the image-keeping ones together, then the 8-bit vision
+    encoder that r1v-quant does not write (for scale)."""
+    out: list[Suggestion] = []
+
+    def add(title: str, levers: frozenset[str], note: str) -> None:
+        r = compromises.evaluate(basis, card.gpu_bytes, levers)
+        per_token = kv_bytes_per_token(basis.cfg, r.kv_dtype)
+        if r.host_pinned:
+            note = f"{note}; {r.host_pinned / GiB:.1f} GiB pinned host RAM, >= {r.encode_seconds:.2f} s per image step"
+        out.append(Suggestion(title, how(r), r.max_context, r.status,
+                              max(0, MIN_USEFUL_CONTEXT * per_token - r.kv_room), note, compromises.vllm_needed(r)))
+
+    pool = compromises.candidates(basis, frozenset(compromises.COMPROMISES), frozenset(), None)
+    singles = [next(iter(s)) for s in pool if len(s) == 1]
+    for name in singles:
+        add(compromises.TITLES[name], frozenset({name}), compromises.NOTES[name])
+    keeping = frozenset(n for n in singles if n != "text-only")
+    if len(keeping) > 1:
+        add("all but text only together", keeping, "images kept")
+    if "text-only" in singles and len(singles) > 1:
+        add("text only with the cheaper ones", frozenset(n for n in singles if n in ("util-95", "fp8-kv", "lm-head-4bit",
+                                                                                   "text-only")), "no image inputs")
+    if not basis.images:
+        return out
+    saving = vision_int8_saving(basis.cfg)
+    room = int(card.gpu_bytes * basis.util) - (card.weights_bytes - saving) - card.reserve_bytes
+    per_token = kv_bytes_per_token(basis.cfg, basis.kv_dtype)
+    tokens = context_tokens(room, per_token)
+    out.append(Suggestion("8-bit vision encoder", "int8 weight-only vision linears", tokens, fit_status(tokens),
+                          max(0, MIN_USEFUL_CONTEXT * per_token - room),
+                          f"saves {saving / GiB:.1f} GiB; a format r1v-quant does not write and vLLM's AWQ config "
+                          "cannot express", "-"))
+    return out

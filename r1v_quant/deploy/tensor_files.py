@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1v_quant.deploy.checks import Check, listing
-from r1v_quant.deploy.units import ST_ITEMSIZE
 from r1v_quant.errors import UserError
 from r1v_quant.model.checkpoint import INDEX_NAME, read_weight_map
+from r1v_quant.units import ST_ITEMSIZE
 
 
 @dataclass

@@ -7,7 +7,7 @@ vLLM's Skywork-R1V processor (the InternVL one) replaces each `<image>` with `<i
 image goes in front of it, as in the vendor's chat.
 
 The engine is built with what this model needs: `trust_remote_code`, bfloat16 activations (the
-fp16 AWQ kernels overflow on Qwen2), a `max_model_len` that `r1v_quant.deploy.plan` predicts for the GPU
+fp16 AWQ kernels overflow on Qwen2), a `max_model_len` by `vllm_args`' context-length policy for the GPU
 found, and `limit_mm_per_prompt` set to the number of images (0 for text only, so that no vision
 activations are profiled, and recent vLLM does not even load the vision tower).
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r1v_quant.deploy.serve import VLLM_MISSING
+from r1v_quant.deploy.vllm_args import VLLM_MISSING, planned_max_model_len, vllm_settings
 from r1v_quant.errors import UserError
 from r1v_quant.model.prompt import IMAGE_PLACEHOLDER, with_image_placeholders
 
@@ -129,7 +129,7 @@ def engine_kwargs(model: str, n_images: int, gpu_bytes: int | None = None, max_m
                   ) -> EngineSettings:
     """`vllm.LLM` arguments for this model (chat and eval alike); max_model_len from the plan
     when a GPU is known and the engine has one GPU."""
-    from r1v_quant.deploy.serve import gpu_memory, vllm_settings
+    from r1v_quant.deploy.serve import gpu_memory
 
     kwargs: dict[str, Any] = {"model": str(model), **vllm_settings(n_images, util, max_model_len)}
     if parallel is not None:
@@ -145,16 +145,19 @@ def engine_kwargs(model: str, n_images: int, gpu_bytes: int | None = None, max_m
         gpu_bytes = found[0] if found else None
     if gpu_bytes is None:
         return EngineSettings(kwargs, "no CUDA GPU found: max_model_len left to vLLM")
+    from r1v_quant.deploy.compromises import evaluate
     from r1v_quant.deploy.plan import make_plan
     from r1v_quant.model.checkpoint import resolve_config
 
     cfg, source = resolve_config(str(model))
-    card = make_plan(cfg, source=source, util=util, gpu_mems=[("GPU", gpu_bytes)], images=n_images > 0).cards[0]
-    if card.max_model_len <= 0:
-        raise UserError(f"{model} does not fit this {gpu_bytes / 1024**3:.1f} GiB GPU ({card.reason}); "
+    plan = make_plan(cfg, source=source, util=util, gpu_mems=[("GPU", gpu_bytes)], images=n_images > 0)
+    # The engine is given no compromise's settings, so its recipe is the export as it is.
+    length = planned_max_model_len(evaluate(plan.basis, gpu_bytes, frozenset()))
+    if length <= 0:
+        raise UserError(f"{model} does not fit this {gpu_bytes / 1024**3:.1f} GiB GPU ({plan.cards[0].reason}); "
                         "`r1v-quant plan` shows what would fit.")
-    kwargs["max_model_len"] = card.max_model_len
-    return EngineSettings(kwargs, f"max_model_len {card.max_model_len} from the plan")
+    kwargs["max_model_len"] = length
+    return EngineSettings(kwargs, f"max_model_len {length} from the plan")
 
 
 def drop_leading_bos(tokenizer, text: str) -> str:

@@ -50,6 +50,23 @@ _ALIASES = {
 
 
 # ---------------------------------------------------------------------------------------------
+# The 4-bit lm_head
+#
+# A 4-bit lm_head needs both: a head of its own (a tied one is embed_tokens, which neither AWQ's scale
+# folding nor vLLM's AWQ configs quantise), and a vocabulary that is a multiple of VLLM_VOCAB_PADDING.
+
+
+def head_is_tied(llm_config: dict) -> bool:
+    """Whether the language model's lm_head is embed_tokens (`tie_word_embeddings`)."""
+    return bool(llm_config.get("tie_word_embeddings", False))
+
+
+def head_rows_fit_vllm(vocab_size: int) -> bool:
+    """Whether vLLM can place a 4-bit lm_head of this many rows in its padded ParallelLMHead."""
+    return vocab_size % VLLM_VOCAB_PADDING == 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Groups and shapes
 
 
@@ -214,10 +231,33 @@ class AWQConfig:
     version: str
     lm_head: bool
     modules_to_not_convert: list[str] | None
+    given: frozenset[str] = frozenset()   # the fields the config states (canonical names); the rest are defaults
 
     @property
     def is_awq(self) -> bool:
         return self.quant_method in AWQ_METHODS
+
+    def stated(self, key: str) -> Any:
+        """A field as the config states it, None when the config leaves it to the default."""
+        return getattr(self, key) if key in self.given else None
+
+    def problems(self) -> list[str]:
+        """What keeps this config from describing the 4-bit, zero-point GEMM AWQ that r1v-quant writes and
+        vLLM's AWQ configs load (empty when nothing does). vLLM reads bits, group size, zero point and
+        version from the config itself, so a field left to AutoAWQ's default counts as missing here."""
+        out = []
+        if not self.is_awq:
+            out.append(f"quant_method is {self.stated('quant_method')!r}, not one of {', '.join(map(repr, AWQ_METHODS))}")
+        if self.bits != BITS:
+            out.append(f"bits is {self.bits!r}, not {BITS}")
+        group = self.stated("group_size")
+        if group is None or (group <= 0 and group != -1):
+            out.append(f"group_size is {group!r}, not a positive integer or -1")
+        if self.stated("zero_point") is not True:
+            out.append(f"zero_point is {self.stated('zero_point')!r}, not true (AWQ GEMM tensors carry zero points)")
+        if str(self.stated("version")).lower() != "gemm":
+            out.append(f"version is {self.stated('version')!r}, not 'gemm'")
+        return out
 
     def check_loadable(self, where: str) -> None:
         """UserError unless this is the 4-bit, zero-point, GEMM-layout AWQ that r1v-quant runs."""
@@ -239,6 +279,10 @@ def _integer(qc: dict, key: str, where: str, default: int | None) -> int | None:
     return value
 
 
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(e, str) for e in value)
+
+
 def read_quantization_config(qc: Any, where: str = "config.json") -> AWQConfig:
     """The one reader of a quantization_config; UserError when it is not a JSON object or its
     bits or group size are not integers."""
@@ -252,5 +296,6 @@ def read_quantization_config(qc: Any, where: str = "config.json") -> AWQConfig:
         zero_point=bool(quant_field(qc, "zero_point", True)),
         version=str(quant_field(qc, "version", "gemm")),
         lm_head=bool(quant_field(qc, "lm_head", False)),
-        modules_to_not_convert=list(not_convert) if isinstance(not_convert, list) else None,
+        modules_to_not_convert=list(not_convert) if _is_name_list(not_convert) else None,
+        given=frozenset(key for key, aliases in _ALIASES.items() if any(a in qc for a in aliases)),
     )

@@ -89,8 +89,6 @@ class AWQLinear(nn.Module):
         for leaf, (shape, _) in awq_shapes(out_features, in_features, group_size).items():
             self.register_buffer(leaf, torch.empty(shape, dtype=AWQ_DTYPES[leaf], device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
-        # Turned off to force the dequantise path (tests compare the two).
-        self.use_int4_kernel = True
         # The codes in the int4 kernel's layout, on the buffers' device; while set, the qweight
         # buffer is None (this is the only copy of the codes).
         self._packed: torch.Tensor | None = None
@@ -172,7 +170,7 @@ class AWQLinear(nn.Module):
     def _kernel_tiles(self, device: torch.device, dtype: torch.dtype) -> int | None:
         """None when no int4 kernel runs for activations of this dtype on this device; else the
         inner_k_tiles to pack with (unused on CPU)."""
-        if not (self.use_int4_kernel and _HAS_INT4_OPS) or dtype != torch.bfloat16:
+        if not _HAS_INT4_OPS or dtype != torch.bfloat16:
             return None
         if self.group_size not in _KERNEL_GROUP_SIZES or device != self.qzeros.device:
             return None
@@ -232,7 +230,7 @@ class AWQLinear(nn.Module):
 
     def unprepare(self) -> None:
         """Rebuild the qweight buffer and drop the packed codes and table (until the next forward
-        that uses the kernel; set `use_int4_kernel = False` to keep it so)."""
+        that uses the kernel)."""
         self._restore_qweight()
         self._table = None
 

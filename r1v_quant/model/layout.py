@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from r1v_quant.model.config import R1VConfig
-from r1v_quant.model.topology import BIASED_LINEARS, FINAL_GROUP, LANGUAGE_MODEL, QUANT_LINEARS
+from r1v_quant.model.topology import BIASED_LINEARS, DECODER_LAYERS, FINAL_GROUP, LANGUAGE_MODEL, QUANT_LINEARS
 
 # The Qwen2 linears that AWQ quantises; everything else stays in the source dtype.
 QUANT_LINEAR_SUFFIXES = QUANT_LINEARS
@@ -83,7 +83,7 @@ def llm_linear_shapes(cfg: R1VConfig, layer: int) -> dict[str, tuple[int, int]]:
     kv = int(llm.get("num_key_value_heads", heads))
     hd = int(llm.get("head_dim") or d // heads)
     f = int(llm["intermediate_size"])
-    p = f"language_model.model.layers.{layer}."
+    p = f"{DECODER_LAYERS}{layer}."
     by_leaf = {"q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d), "o_proj": (d, heads * hd),
                "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
     return {p + name: by_leaf[name.rpartition(".")[2]] for name in QUANT_LINEARS}
@@ -95,7 +95,7 @@ def llm_shapes(cfg: R1VConfig) -> dict[str, tuple[int, ...]]:
     vocab = int(llm["vocab_size"])
     out: dict[str, tuple[int, ...]] = {"language_model.model.embed_tokens.weight": (vocab, d)}
     for i in range(cfg.num_layers):
-        p = f"language_model.model.layers.{i}."
+        p = f"{DECODER_LAYERS}{i}."
         for name, shape in llm_linear_shapes(cfg, i).items():
             out[name + ".weight"] = shape
             if name.endswith(BIASED_LINEARS):
@@ -151,7 +151,7 @@ def check_checkpoint_shapes(cfg: R1VConfig, ckpt) -> None:
     from r1v_quant.errors import UserError
 
     names = set(ckpt.names())
-    for prefix, section, count in (("language_model.model.layers.", "llm_config", cfg.num_layers),
+    for prefix, section, count in ((DECODER_LAYERS, "llm_config", cfg.num_layers),
                                    ("vision_model.encoder.layers.", "vision_config", cfg.vision.num_hidden_layers)):
         found = _layer_count(names, prefix)
         if found != count:

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 
 from r1v_quant.errors import UserError
-from r1v_quant.int4.format import read_quantization_config
+from r1v_quant.int4.format import head_is_tied, read_quantization_config
 from r1v_quant.int4.linear import swap_to_empty_awq
 from r1v_quant.model.checkpoint import Checkpoint, resolve_model
 from r1v_quant.model.config import R1VConfig, load_config
@@ -98,7 +98,7 @@ def swap_quantized(model: R1VModel, cfg: R1VConfig) -> None:
     qc.check_loadable("config.json")
     names = [n for i in range(cfg.num_layers) for n in llm_linear_shapes(cfg, i)]
     if qc.lm_head:
-        if cfg.llm.get("tie_word_embeddings", False):
+        if head_is_tied(cfg.llm):
             raise UserError("config.json says lm_head is quantised but also ties it to embed_tokens "
                             "(tie_word_embeddings), which a 4-bit lm_head cannot be.")
         names.append(HEAD_MODULE)
@@ -135,7 +135,7 @@ def _target_dtype(tensor: torch.Tensor, name: str, dtype: torch.dtype) -> torch.
 
 def load_weights(model: R1VModel, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    tied = bool(model.cfg.llm.get("tie_word_embeddings", False))
+    tied = head_is_tied(model.cfg.llm)
     if tied:
         expected.pop("language_model.lm_head.weight", None)
     unexpected = [n for n in ckpt.names() if n not in expected]

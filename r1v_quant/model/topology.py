@@ -52,4 +52,6 @@ NORMS: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
 # itself (the logits), so its objective needs no stored float target (see quant/head.py).
 FINAL_GROUP = ScaleGroup("lm_head", "model.norm", ("lm_head",), "lm_head", False, ("lm_head",))
 LANGUAGE_MODEL = "language_model."
+# Where the decoder layers' tensors sit in the checkpoint: DECODER_LAYERS + "<index>.<module>".
+DECODER_LAYERS = LANGUAGE_MODEL + "model.layers."
 

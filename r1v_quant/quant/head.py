@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1v_quant.errors import UserError
-from r1v_quant.int4.format import AWQ_LEAVES, VLLM_VOCAB_PADDING
+from r1v_quant.int4.format import AWQ_LEAVES, VLLM_VOCAB_PADDING, head_is_tied, head_rows_fit_vllm
 from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import FINAL_NORM, HEAD_MODULE
@@ -49,11 +49,11 @@ from r1v_quant.quant.workdir import LayerReport
 
 def check_head(cfg: R1VConfig, group_size: int) -> None:
     """UserError, before any work, when lm_head cannot be quantised in this checkpoint."""
-    if cfg.llm.get("tie_word_embeddings", False):
+    if head_is_tied(cfg.llm):
         raise UserError("--quantize-lm-head needs a separate lm_head, but this checkpoint ties it to embed_tokens "
                         "(tie_word_embeddings), so folding its scales would change the input embeddings too.")
     vocab = int(cfg.llm["vocab_size"])
-    if vocab % VLLM_VOCAB_PADDING:
+    if not head_rows_fit_vllm(vocab):
         raise UserError(f"--quantize-lm-head needs a vocabulary that is a multiple of {VLLM_VOCAB_PADDING}, which vLLM "
                         f"pads lm_head to, but this checkpoint's vocab_size is {vocab}.")
     check_awq_shape(vocab, cfg.hidden_size, group_size, "lm_head")

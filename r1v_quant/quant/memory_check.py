@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.quant.memory_model import Prediction, predict
 
 GiB = 1024**3
@@ -35,7 +36,7 @@ class RunSettings:
     seq_len: int = 2048
     max_tokens: int = 65536
     grid: int = 20
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     budget: int = 0                   # --max-device-memory in bytes
     spill_above: int = 8 * GiB        # --offload-above in bytes
     compute_dtype: str = "float32"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import llm_linear_shapes
 from r1v_quant.quant.chunks import (
@@ -101,7 +102,7 @@ def _fixed_layer_bytes(cfg: R1VConfig, seq_len: int, group_size: int, act_bytes:
 
 def front_bytes(cfg: R1VConfig, act_bytes: int) -> dict[str, int]:
     """The front phase on the device: its weights in the run's dtype and one largest image's activations."""
-    from r1v_quant.deploy.plan import estimate_reserve, params_by_component
+    from r1v_quant.model.footprint import estimate_reserve, params_by_component
 
     params = params_by_component(cfg)
     weights = sum(params.get(c, 0) for c in ("vision", "projector", "embeddings")) * act_bytes
@@ -126,7 +127,7 @@ def head_bytes(cfg: R1VConfig, tokens: int, budget: int, group_size: int, act_by
 
 
 def predict(cfg: R1VConfig, tokens: int, budget: int, *, device: str = "cuda", act_bytes: int = 2,
-            seq_len: int = 2048, group_size: int = 128, spill_above: int | None = None,
+            seq_len: int = 2048, group_size: int = DEFAULT_GROUP_SIZE, spill_above: int | None = None,
             offload: bool = True, lm_head: bool = False) -> Prediction:
     """Peaks of an `awq` run over `tokens` calibration tokens within a device budget of `budget` bytes.
 
@@ -214,7 +215,7 @@ class CardCalibration:
 
 
 def plan_calibration(cfg: R1VConfig, cards: list[tuple[str, int]], tokens: int, *, seq_len: int = 2048,
-                     group_size: int = 128, host_bytes: int = 32 * 10**9,
+                     group_size: int = DEFAULT_GROUP_SIZE, host_bytes: int = 32 * 10**9,
                      spill_above: int | None = None, lm_head: bool = False) -> list[CardCalibration]:
     """`awq` on CUDA (bf16) for each card of (label, bytes): the default budget of a free card, the peaks, the limits."""
     from r1v_quant.quant.chunks import headroom_budget

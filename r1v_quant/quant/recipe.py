@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from r1v_quant.errors import UserError
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 
 TRACE_MODES = ("none", "self", "bootstrap")
 TRACE_ENGINES = ("transformers", "vllm")
@@ -151,7 +152,7 @@ PROPAGATE_MODES = ("quantized", "float")
 class AWQSettings:
     """How each decoder layer (and, with `lm_head`, the output head) is searched and quantised, checked when built."""
 
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     grid: int = 20
     clip: bool = True
     duo: bool = True

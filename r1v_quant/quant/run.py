@@ -116,7 +116,7 @@ def trace_check(cfg, calib: CalibrationRecipe, trace_dir: Path | None, dev: torc
         gpus = parallel.gpus if parallel is not None else 1
         path = tp.runtime_path(cfg, job, calib.trace_engine, weights, four_bit, budget, gpus=gpus, gpu_bytes=gpu_bytes,
                                group_size=group_size)
-        from r1v_quant.deploy.units import human_bytes
+        from r1v_quant.units import human_bytes
 
         where = (f"{gpus} x {human_bytes(gpu_bytes)} GPU" if gpu_bytes is not None and calib.trace_engine == "vllm"
                  else f"the {dev.type} budget of {human_bytes(budget)}")

@@ -40,12 +40,13 @@ def folder_bytes(folder: Path) -> int:
 def run_needs(cfg, group_size: int, out: Path, work: Path, offload_dir: Path | None, offload_above: int,
               max_tokens: int, resume: bool) -> list[Need]:
     """What each folder of the run receives, with calibration tokens bounded by `max_tokens`."""
-    from r1v_quant.deploy.plan import export_tensor_specs
-    from r1v_quant.deploy.units import spec_bytes
+    from r1v_quant.model.footprint import export_tensor_specs
+    from r1v_quant.model.topology import DECODER_LAYERS
+    from r1v_quant.units import spec_bytes
 
     specs = export_tensor_specs(cfg, group_size)
     export = sum(spec_bytes(s, d) for s, d in specs.values())
-    layers = sum(spec_bytes(s, d) for n, (s, d) in specs.items() if n.startswith("language_model.model.layers."))
+    layers = sum(spec_bytes(s, d) for n, (s, d) in specs.items() if n.startswith(DECODER_LAYERS))
     from r1v_quant.quant.chunks import ACT_BETWEEN_LAYERS
 
     acts = max_tokens * cfg.hidden_size * ACT_BETWEEN_LAYERS

@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 
 from r1v_quant.deploy.cards import CardSpec, card_for
-from r1v_quant.deploy.units import human_bytes
+from r1v_quant.units import human_bytes
 from r1v_quant.errors import UserError
 from r1v_quant.model.config import R1VConfig
 
@@ -98,7 +98,7 @@ class TracePath:
 
 def weight_totals(cfg: R1VConfig, group_size: int = 128) -> dict[str, int]:
     """Bytes of the whole bf16 model, of its language model, and of the export's whole and language model."""
-    from r1v_quant.deploy.plan import bytes_by_component, export_tensor_specs, source_tensor_specs
+    from r1v_quant.model.footprint import bytes_by_component, export_tensor_specs, source_tensor_specs
 
     tower = ("vision", "projector")
     src = bytes_by_component(source_tensor_specs(cfg, "bfloat16"))
@@ -108,7 +108,7 @@ def weight_totals(cfg: R1VConfig, group_size: int = 128) -> dict[str, int]:
 
 
 def llm_params(cfg: R1VConfig) -> int:
-    from r1v_quant.deploy.plan import params_by_component
+    from r1v_quant.model.footprint import params_by_component
 
     return sum(v for k, v in params_by_component(cfg).items() if k not in ("vision", "projector"))
 
@@ -116,7 +116,7 @@ def llm_params(cfg: R1VConfig) -> int:
 def transformers_path(cfg: R1VConfig, job: TraceJob, budget: int, weights: int, llm_weights: int,
                       model: str = FULL) -> TracePath:
     """Our runtime's generate on one device, one prompt at a time."""
-    from r1v_quant.deploy.plan import estimate_reserve, kv_bytes_per_token
+    from r1v_quant.model.footprint import estimate_reserve, kv_bytes_per_token
 
     inter = int(cfg.llm["intermediate_size"])
     parts = {"weights": weights, "KV cache (one sequence)": kv_bytes_per_token(cfg, "bf16") * job.context,
@@ -129,7 +129,7 @@ def transformers_path(cfg: R1VConfig, job: TraceJob, budget: int, weights: int, 
 def vllm_full_path(cfg: R1VConfig, job: TraceJob, card_bytes: int, gpus: int, weights: int, llm_weights: int,
                    util: float = VLLM_UTIL, model: str = FULL) -> TracePath:
     """vLLM serving the bf16 weights over `gpus` cards (tensor parallel)."""
-    from r1v_quant.deploy.plan import estimate_reserve, kv_bytes_per_token
+    from r1v_quant.model.footprint import estimate_reserve, kv_bytes_per_token
 
     budget = int(card_bytes * util)
     reserve = estimate_reserve(cfg, dtype="bfloat16").total
@@ -143,7 +143,8 @@ def vllm_full_path(cfg: R1VConfig, job: TraceJob, card_bytes: int, gpus: int, we
 
 def vllm_4bit_path(cfg: R1VConfig, job: TraceJob, card_bytes: int, group_size: int, llm_weights: int) -> TracePath:
     """vLLM serving a 4-bit export of this config on one card with that card's best recipe."""
-    from r1v_quant.deploy.plan import kv_bytes_per_token, make_plan
+    from r1v_quant.deploy.plan import make_plan
+    from r1v_quant.model.footprint import kv_bytes_per_token
 
     card = make_plan(cfg, group_size=group_size, gpu_mems=[("card", card_bytes)]).cards[0]
     recipe = card.best

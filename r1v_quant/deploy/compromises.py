@@ -1,5 +1,5 @@
-"""Recipes for fitting one card: the compromises vLLM offers, what each costs the user, the vLLM
-version each needs, and the best combination for a card.
+"""The compromises vLLM offers for fitting one card: what each costs the user, the vLLM version each
+needs, and the best combination of them (a recipe) for a card.
 
 Compromises, cheapest first. This order is the ranking:
   1. util-95        `--gpu-memory-utilization 0.95`: costs nothing if nothing else uses the GPU.
@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING
 
 from packaging.version import InvalidVersion, Version
 
-from r1v_quant.deploy.units import GiB, dtype_bytes
 from r1v_quant.errors import UserError
-from r1v_quant.model.layout import checkpoint_shapes
+from r1v_quant.model.footprint import context_tokens, estimate_reserve, fit_status, kv_bytes_per_token
+from r1v_quant.units import GiB
 
 if TYPE_CHECKING:
-    from r1v_quant.deploy.plan import CardFit, Suggestion
     from r1v_quant.model.config import R1VConfig
 
 UTIL_HIGH = 0.95
@@ -174,8 +173,6 @@ def lever_cost(levers) -> int:
 
 def evaluate(basis: Basis, gpu: int, levers: frozenset[str], version: Version | None = None) -> Recipe:
     """The context one recipe leaves on a card of `gpu` bytes, under vLLM `version` (None: the newest)."""
-    from r1v_quant.deploy.plan import context_tokens, estimate_reserve, fit_status, kv_bytes_per_token
-
     util = max(basis.util, UTIL_HIGH) if "util-95" in levers else basis.util
     kv = "fp8" if "fp8-kv" in levers else basis.kv_dtype
     text_only = "text-only" in levers or not basis.images
@@ -257,70 +254,3 @@ def vllm_needed(recipe: Recipe) -> str:
     return f">= {recipe.min_vllm}" + ("" if verified else " (assumed)")
 
 
-# ---------------------------------------------------------------------------------------------
-# What plan lists for a card that falls short
-
-
-def suggestions(basis: Basis, card: CardFit) -> list[Suggestion]:
-    """Each compromise alone on a card that falls short, with the context it would give (or how much
-    memory would still be missing), then the image-keeping ones together, then the 8-bit vision
-    encoder that r1v-quant does not write (for scale)."""
-    from r1v_quant.deploy.plan import MIN_USEFUL_CONTEXT, Suggestion, context_tokens, fit_status, kv_bytes_per_token  # noqa: F811
-
-    out: list[Suggestion] = []
-
-    def add(title: str, levers: frozenset[str], note: str) -> None:
-        r = evaluate(basis, card.gpu_bytes, levers)
-        per_token = kv_bytes_per_token(basis.cfg, r.kv_dtype)
-        if r.host_pinned:
-            note = f"{note}; {r.host_pinned / GiB:.1f} GiB pinned host RAM, >= {r.encode_seconds:.2f} s per image step"
-        out.append(Suggestion(title, how(r), r.max_context, r.status,
-                              max(0, MIN_USEFUL_CONTEXT * per_token - r.kv_room), note, vllm_needed(r)))
-
-    pool = candidates(basis, frozenset(COMPROMISES), frozenset(), None)
-    singles = [next(iter(s)) for s in pool if len(s) == 1]
-    for name in singles:
-        add(TITLES[name], frozenset({name}), NOTES[name])
-    keeping = frozenset(n for n in singles if n != "text-only")
-    if len(keeping) > 1:
-        add("all but text only together", keeping, "images kept")
-    if "text-only" in singles and len(singles) > 1:
-        add("text only with the cheaper ones", frozenset(n for n in singles if n in ("util-95", "fp8-kv", "lm-head-4bit",
-                                                                                   "text-only")), "no image inputs")
-    if not basis.images:
-        return out
-    saving = vision_int8_saving(basis.cfg)
-    room = int(card.gpu_bytes * basis.util) - (card.weights_bytes - saving) - card.reserve_bytes
-    per_token = kv_bytes_per_token(basis.cfg, basis.kv_dtype)
-    tokens = context_tokens(room, per_token)
-    out.append(Suggestion("8-bit vision encoder", "int8 weight-only vision linears", tokens, fit_status(tokens),
-                          max(0, MIN_USEFUL_CONTEXT * per_token - room),
-                          f"saves {saving / GiB:.1f} GiB; a format r1v-quant does not write and vLLM's AWQ config "
-                          "cannot express", "-"))
-    return out
-
-
-def vision_int8_saving(cfg: R1VConfig) -> int:
-    """Bytes saved by storing the vision encoder's linear weights as int8 with one fp16 scale per output row."""
-    from r1v_quant.deploy.plan import model_dtype
-
-    b = dtype_bytes(model_dtype(cfg))
-    saved = 0
-    for name, shape in checkpoint_shapes(cfg).items():
-        if name.startswith("vision_model.encoder.") and name.endswith(".weight") and len(shape) == 2:
-            out_f, in_f = shape
-            saved += out_f * in_f * (b - 1) - out_f * 2
-    return saved
-
-
-def how(recipe: Recipe) -> str:
-    """What to do for a recipe: the vLLM flags it adds (spelled by `serve.vllm_settings`), and the re-export."""
-    import shlex
-
-    from r1v_quant.deploy.serve import recipe_flags
-
-    parts = ["awq --quantize-lm-head"] if "lm-head-4bit" in recipe.levers else []
-    flags = recipe_flags(recipe)
-    if flags:
-        parts.append(shlex.join(flags))
-    return "; ".join(parts) or "-"
