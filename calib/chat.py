@@ -21,8 +21,7 @@ from typing import Any
 
 from r1v_quant.errors import UserError
 
-from .sample import Sample
-from .text import choose_indices, read_utf8
+from .sample import Sample, choose_indices, read_utf8
 
 CHAT_KIND = "chat"
 ROLES = ("system", "user", "assistant")

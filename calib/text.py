@@ -8,7 +8,6 @@ same list, and a file with no more than ``n`` entries is used whole.
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,32 +15,14 @@ from pathlib import Path
 from r1v_quant.errors import UserError
 
 from . import hub
-from .sample import Sample
+from .sample import Sample, choose_indices, read_utf8  # noqa: F401  (read here by the text and chat readers)
 
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
-
-
-def choose_indices(count: int, n: int, seed: int) -> list[int]:
-    """A seeded choice of ``n`` of ``count`` positions, ascending."""
-    if n < 0:
-        raise UserError(f"the number of text samples must not be negative (got {n}).")
-    if n >= count:
-        return list(range(count))
-    return sorted(random.Random(f"text/{seed}").sample(range(count), n))
 
 
 def split_paragraphs(text: str) -> list[str]:
     """Paragraphs are separated by blank lines; empty ones are dropped."""
     return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
-
-
-def read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise UserError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); "
-                        "save it as UTF-8 and try again.") from None
 
 
 def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:

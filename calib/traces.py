@@ -38,7 +38,7 @@ from r1v_quant.errors import UserError
 from r1v_quant.model.identity import model_identity
 from r1v_quant.output import write_text_atomic
 
-from .sample import Sample
+from .sample import Sample, sample_key  # noqa: F401  (the traces' cache key, read as traces.sample_key)
 
 # 2: keyed on the weight files' headers and modification times; each reply carries its digest
 CACHE_FORMAT = 2
@@ -62,16 +62,6 @@ def default_cache_dir() -> Path:
 
 def trace_settings(max_trace_tokens: int) -> dict:
     return {"max_trace_tokens": int(max_trace_tokens), "decoding": "greedy", "dtype": DTYPE}
-
-
-def sample_key(sample: Sample) -> str:
-    """A hash of what the model is shown: the sample's id, prompt text and picture pixels."""
-    h = hashlib.sha256()
-    h.update(sample.id.encode("utf-8") + b"\0" + sample.prompt.encode("utf-8") + b"\0")
-    for image in sample.images:
-        h.update(f"{image.mode}:{image.size[0]}x{image.size[1]}\0".encode())
-        h.update(hashlib.sha256(image.tobytes()).digest())
-    return h.hexdigest()
 
 
 def cache_file(cache_dir: Path, identity: dict, settings: dict, keys: Sequence[str]) -> Path:

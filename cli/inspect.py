@@ -12,7 +12,6 @@ from rich.table import Table
 
 from r1v_quant.deploy.inspect_export import InspectReport, inspect
 from r1v_quant.deploy.vllm_args import serve_line
-from r1v_quant.errors import UserError
 from r1v_quant.output import check_report_path, write_text_report
 from r1v_quant.units import human_bytes
 

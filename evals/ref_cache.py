@@ -31,7 +31,7 @@ def _sha(data: str) -> str:
 
 
 def cache_key(identity: dict, suite: Suite, settings: EvalSettings) -> dict:
-    from r1v_quant.calib.traces import sample_key
+    from r1v_quant.calib.sample import sample_key
 
     return {
         "format": CACHE_FORMAT,

@@ -9,8 +9,8 @@ import pytest
 from conftest import run_cli
 
 from r1v_quant.deploy.cards import CARDS, card_for
-from r1v_quant.model.footprint import estimate_reserve
 from r1v_quant.model.checkpoint import resolve_config
+from r1v_quant.model.footprint import estimate_reserve
 from r1v_quant.quant import trace_plan as tp
 
 GiB = 1024**3

@@ -308,10 +308,10 @@ def test_the_hubs_converted_parquet_layout_loads_only_the_scored_split(tmp_path)
 
 
 def test_mmmu_in_the_converted_layout_reads_validation_and_hidden_answers_are_refused(tmp_path):
+    from helpers.mmmu_fixture import fixture_row, mmmu_schema
     from r1v_quant.calib.mmmu import load_mmmu
     from r1v_quant.evals.settings import EvalSettings
     from r1v_quant.evals.suites import load_suite
-    from helpers.mmmu_fixture import fixture_row, mmmu_schema
 
     for split in ("validation", "dev", "test"):
         rows = [{**fixture_row("Art", k), "id": f"{split}_Art_{k}"} for k in (1, 2)]

@@ -41,9 +41,9 @@ import math
 from dataclasses import dataclass, field
 
 from r1v_quant.deploy.cards import CardSpec, card_for
-from r1v_quant.units import human_bytes
 from r1v_quant.errors import UserError
 from r1v_quant.model.config import R1VConfig
+from r1v_quant.units import human_bytes
 
 TRACE_ENGINES = ("transformers", "vllm")
 # Shares of the published peaks that real kernels reach: large bf16 GEMMs reach about half of the
