@@ -270,10 +270,15 @@ def calibration_text(src: Path, n: int, seq_len: int, seed: int, out: Path) -> d
         texts.append(text)
         sequences.append(ids)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "text.jsonl", "w", encoding="utf-8") as f:
+    # Written whole and renamed: another run on the same work folder may be reading the same seed's set.
+    tmp = out / f"text.jsonl.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         for text in texts:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    (out / "tokens.json").write_text(json.dumps({"sequences": sequences}))
+    os.replace(tmp, out / "text.jsonl")
+    tmp = out / f"tokens.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"sequences": sequences}))
+    os.replace(tmp, out / "tokens.json")
     # The check that makes the comparison fair: what `--calib text:FILE` will read back.
     from r1v_quant.calib.sets import load_calibration
 
@@ -795,6 +800,17 @@ def pooled_seeds(ref_correct: list[bool], cand_by_seed: list[list[bool]], n_boot
             "pooled": pooled.value, "pooled_lo": pooled.lo, "pooled_hi": pooled.hi}
 
 
+def _wait_while_written(folder: Path, quiet_s: float = 120.0, poll_s: float = 20.0) -> None:
+    """Another run on the same work folder may be writing the shared reference right now: wait until
+    its cache has been still for `quiet_s`, then read what it wrote rather than compute it twice."""
+    def newest() -> float:
+        return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
+
+    while folder.is_dir() and time.time() - newest() < quiet_s:
+        say(f"the reference cache in {folder} is being written by another run; waiting")
+        time.sleep(poll_s)
+
+
 class Evaluator:
     """The reference's replies (cached on disk, shared by every variant and seed) and one candidate at a time."""
 
@@ -811,6 +827,7 @@ class Evaluator:
         cache = ev.ReferenceCache.open(self.settings.cache_dir, ev.cache_key(model_identity(s.model), self.suite,
                                                                              self.settings))
         spec = ev.ModelSpec("reference (bf16)", "reference", lambda: load_model(s.model, "cpu", "bf16"))
+        _wait_while_written(self.settings.cache_dir)
         start = time.perf_counter()
         self.ref_items, reused = ev.run_reference(spec, self.suite, self.settings, cache, self.progress)
         say(f"reference: {len(self.ref_items)} questions, {reused} from the cache, {time.perf_counter() - start:.0f} s")
@@ -880,13 +897,20 @@ def seed_study(s: Settings, a: argparse.Namespace, seeds: list[int]) -> int:
     s.work.mkdir(parents=True, exist_ok=True)
     say(f"model {s.model}, work folder {s.work}, seeds {seeds}, variants {', '.join(names)}")
     llm = extract_llm(s.model, s.work / "llm")
-    evaluator = Evaluator(s, a.eval_seed)
-    header = {"machine": machine(), "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:]),
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
-              "eval seed": a.eval_seed, "questions": len(evaluator.ref_correct),
-              "reference accuracy": 100.0 * sum(evaluator.ref_correct) / len(evaluator.ref_correct)}
     (s.work / "seeds").mkdir(parents=True, exist_ok=True)
-    (s.work / "seeds" / "reference.json").write_text(json.dumps({**header, "correct": evaluator.ref_correct}) + "\n")
+    evaluators: list[Evaluator] = []
+
+    def evaluator() -> Evaluator:
+        """Made when first needed, so that quantising starts at once (and another run can finish the reference)."""
+        if not evaluators:
+            e = Evaluator(s, a.eval_seed)
+            header = {"machine": machine(), "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:]),
+                      "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+                      "eval seed": a.eval_seed, "questions": len(e.ref_correct),
+                      "reference accuracy": 100.0 * sum(e.ref_correct) / len(e.ref_correct)}
+            (s.work / "seeds" / "reference.json").write_text(json.dumps({**header, "correct": e.ref_correct}) + "\n")
+            evaluators.append(e)
+        return evaluators[0]
     for name in names:
         for seed in ([None] if name == "rtn" else seeds):
             path = seed_record_path(s.work, name, seed)
@@ -905,7 +929,7 @@ def seed_study(s: Settings, a: argparse.Namespace, seeds: list[int]) -> int:
                                                        "quantize_s", "tokens", "extra")}}
             if run.status in ("ok", "reused"):
                 try:
-                    record["eval"] = evaluator.measure(f"{name}@{seed}", load)
+                    record["eval"] = evaluator().measure(f"{name}@{seed}", load)
                     e = record["eval"]
                     say(f"{name} seed {seed}: Δ {e['diff']:+.1f} [{e['diff_lo']:+.1f}, {e['diff_hi']:+.1f}], "
                         f"KL {e['mean_kl']:.4g}, top-1 {e['top1_agreement']:.1f}%")
@@ -913,8 +937,10 @@ def seed_study(s: Settings, a: argparse.Namespace, seeds: list[int]) -> int:
                     record["status"], record["reason"] = "failed", f"evaluation: {type(error).__name__}: {error}"
                     say(f"{name} seed {seed}: FAILED {record['reason']}")
             path.write_text(json.dumps(record, default=str, indent=1) + "\n")
-            write_seed_tables(s.work, a.json, a.markdown)
-    write_seed_tables(s.work, a.json, a.markdown, show=True)
+            if evaluators:
+                write_seed_tables(s.work, a.json, a.markdown)
+    if evaluators or (s.work / "seeds" / "reference.json").is_file():
+        write_seed_tables(s.work, a.json, a.markdown, show=True)
     return 0
 
 

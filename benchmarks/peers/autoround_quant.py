@@ -40,6 +40,18 @@ def _awq_reader():
     raise SystemExit("auto-round has no dequantize_gemm to check the export with")
 
 
+def _flatten(out: Path) -> None:
+    """auto-round saves into a subfolder named after the model and scheme; its files move up to OUT."""
+    if any(out.glob("*.safetensors")):
+        return
+    inner = [d for d in out.iterdir() if d.is_dir() and any(d.glob("*.safetensors"))]
+    if len(inner) != 1:
+        raise SystemExit(f"auto-round's export is not where expected under {out}")
+    for f in inner[0].iterdir():
+        f.rename(out / f.name)
+    inner[0].rmdir()
+
+
 def main() -> None:
     a = parse_args(__doc__)
     t0 = time.perf_counter()
@@ -58,6 +70,7 @@ def main() -> None:
     ar = AutoRound(model, tok, dataset=data, device_map="cpu", **settings)
     ar.quantize_and_save(a.out, format="auto_awq")
     t3 = time.perf_counter()
+    _flatten(Path(a.out))
 
     from safetensors.torch import load_file, save_file
 
