@@ -64,20 +64,25 @@ def static_order(h: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.diagonal(h), descending=True, stable=True)
 
 
-def inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor U of (H + damp * mean diag(H) * I)^-1 (U^T U = the inverse).
+def inverse_factor(h: torch.Tensor, damp: float, order: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor U of (H' + damp * mean diag(H') * I)^-1 (U^T U = the inverse), H' = H[order][:, order].
 
-    A factorisation that fails (H not positive definite in float32) is retried with ten times
-    the dampening; returns (U, the dampening used, the number of retries).
+    Dead channels (zero diagonal) get a diagonal of 1 in H'. A factorisation that fails (H' not
+    positive definite in float32) is retried with ten times the dampening; returns (U, the
+    dampening used, the number of retries). `h` is not modified, and at most three matrices of its
+    size are alive at once (h, and two of the factorisation's), which sets GPTQ's memory.
     """
-    mean_diag = torch.diagonal(h).mean().item()
-    if not torch.isfinite(h).all() or mean_diag <= 0:
-        raise UserError("a linear's calibration inputs contain NaN or infinite values, or are all zero.")
-    eye = torch.arange(h.shape[0], device=h.device)
+    n = h.shape[0]
+    order = torch.arange(n, device=h.device) if order is None else order
+    diag = torch.diagonal(h)[order].clone()
+    if not torch.isfinite(diag).all() or not torch.isfinite(h).all():
+        raise UserError("a linear's calibration inputs contain NaN or infinite values.")
+    diag[diag == 0] = 1.0
+    mean_diag = diag.mean().item()
     for retry in range(DAMP_RETRIES + 1):
         d = damp * 10**retry
-        hd = h.clone()
-        hd[eye, eye] += d * mean_diag
+        hd = h[order.unsqueeze(1), order.unsqueeze(0)]
+        hd.diagonal().copy_(diag + d * mean_diag)
         low, info = torch.linalg.cholesky_ex(hd)
         del hd
         if info.item() == 0:
@@ -133,23 +138,21 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float
     reordered. Dead input channels have their weights zeroed (their inputs never move the
     output) and their diagonal set to 1, so the factorisation stays defined.
     """
-    w = w.float().clone()
-    h = h.float().clone()
-    ranged = (w if range_weight is None else range_weight.float()).clone()
+    h = h.float()
     dead = dead_channels(h)
     n_dead = int(dead.sum())
+    w = w.float().clone()
+    ranged = w if range_weight is None else range_weight.float().clone()
     if n_dead:
-        h[dead, dead] = 1.0
         w[:, dead] = 0.0
         ranged[:, dead] = 0.0
     scales, zeros = minmax_params(ranged, group_size)
     del ranged
     order = static_order(h)
-    h = h[order][:, order]
-    u, used, retries = inverse_factor(h, damp)
-    del h
+    u, used, retries = inverse_factor(h, damp, order)
     col_group = order // (w.shape[1] // scales.shape[1])
     codes_perm = gptq_round(w[:, order], u, scales, zeros, col_group.tolist(), block)
+    del u, w
     codes = torch.empty_like(codes_perm)
     codes[:, order] = codes_perm
     return GPTQResult(codes, scales, zeros, used, retries, n_dead)
