@@ -112,7 +112,9 @@ def render_recipes(plan: Plan, console: Console) -> None:
 
 
 def render_calibration(rows, tokens: int, host_bytes: int, console: Console) -> None:
-    console.print(f"[bold]awq calibration[/] on CUDA (bf16) over {tokens:,d} tokens; host RAM limit "
+    gptq = any(k.startswith("gptq") for k in rows[0].prediction.device_parts)
+    console.print(f"[bold]awq calibration[/]{' with --rounding gptq' if gptq else ''} on CUDA (bf16) over {tokens:,d} "
+                  "tokens; host RAM limit "
                   f"{human_bytes(host_bytes)}")
     t = Table(title="Predicted peaks per card (default budget: the card less max(2 GiB, 10%))", title_justify="left")
     for col in ("card", "budget GiB", "chunk tokens", "calibration tensors", "device peak GiB", "host peak GB",
@@ -161,18 +163,23 @@ def command(
     seq_len: Annotated[int, typer.Option("--seq-len", min=16, help="awq --seq-len (with --calibrate).")] = 2048,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=16, help="awq --max-tokens (with --calibrate).")] = 65536,
     host_mem: Annotated[str, typer.Option("--host-mem", help="Host RAM the calibration may use (with --calibrate).")] = "32GB",
+    rounding: Annotated[str, typer.Option(
+        "--rounding", help="awq --rounding (with --calibrate): nearest, or gptq, which adds its second moments.")] = "nearest",
 ) -> None:
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
     if calibrate:
         from r1v_quant.deploy.units import parse_size
         from r1v_quant.model.checkpoint import resolve_config
         from r1v_quant.quant.memory_model import calibration_tokens, plan_calibration
+        from r1v_quant.quant.recipe import AWQSettings
 
+        AWQSettings(rounding=rounding)  # the one check of the name
         cfg, source = resolve_config(model)
         tokens = calibration_tokens(samples, seq_len, max_tokens)
         host = parse_size(host_mem, "--host-mem", 2**20)
         rows = plan_calibration(cfg, parse_gpu_mems(gpu_mem), tokens, seq_len=seq_len,
-                                group_size=128 if group_size is None else group_size, host_bytes=host)
+                                group_size=128 if group_size is None else group_size, host_bytes=host,
+                                gptq=rounding == "gptq")
         console = Console()
         console.print(f"[bold]{source}[/]")
         render_calibration(rows, tokens, host, console)
