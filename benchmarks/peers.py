@@ -800,15 +800,33 @@ def pooled_seeds(ref_correct: list[bool], cand_by_seed: list[list[bool]], n_boot
             "pooled": pooled.value, "pooled_lo": pooled.lo, "pooled_hi": pooled.hi}
 
 
-def _wait_while_written(folder: Path, quiet_s: float = 120.0, poll_s: float = 20.0) -> None:
-    """Another run on the same work folder may be writing the shared reference right now: wait until
-    its cache has been still for `quiet_s`, then read what it wrote rather than compute it twice."""
-    def newest() -> float:
-        return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    while folder.is_dir() and time.time() - newest() < quiet_s:
-        say(f"the reference cache in {folder} is being written by another run; waiting")
+
+def _wait_while_written(folder: Path, poll_s: float = 20.0) -> None:
+    """Another run on the same work folder may be computing the shared reference right now (it leaves
+    its process id in WRITER while it does): wait for it, then read what it wrote rather than compute
+    it twice."""
+    marker = folder / WRITER
+    while marker.is_file():
+        try:
+            pid = int(marker.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if not pid or pid == os.getpid() or not _alive(pid):
+            return
+        say(f"the reference is being computed by process {pid}; waiting")
         time.sleep(poll_s)
+
+
+WRITER = "reference-writer.pid"
 
 
 class Evaluator:
@@ -829,7 +847,13 @@ class Evaluator:
                                                                              self.settings))
         spec = ev.ModelSpec("reference (bf16)", "reference", lambda: load_model(s.model, "cpu", "bf16"))
         start = time.perf_counter()
-        self.ref_items, reused = ev.run_reference(spec, self.suite, self.settings, cache, self.progress)
+        marker = self.settings.cache_dir / WRITER
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        try:
+            self.ref_items, reused = ev.run_reference(spec, self.suite, self.settings, cache, self.progress)
+        finally:
+            marker.unlink(missing_ok=True)
         say(f"reference: {len(self.ref_items)} questions, {reused} from the cache, {time.perf_counter() - start:.0f} s")
         self.ref_results = ev.reference_results(self.ref_items)
         self.close_id = load_tokenizer(s.model).convert_tokens_to_ids("</think>")
