@@ -5,9 +5,13 @@
     python benchmarks/peers.py --quick              # smoke run on a random tiny checkpoint, ~5 min
     python benchmarks/peers.py --model DIR --json out.json --markdown out.md
     python benchmarks/peers.py --cost-only --samples 64 --repeats 3   # calibration cost only, medians of 3
+    python benchmarks/peers.py --model models/r1v-outliers --suite r1v-outliers --questions 400 \
+        --seeds 0,1,2 --only llmc-awq-gptq,llmc-gptq,autoround,ours-text,rtn \
+        --ours-variant gptq="--rounding gptq"   # over calibration seeds (below)
 
 Run it with the project's environment; the peers run in their own (`benchmarks/peers-env.sh`
-makes `.venv-autoawq`, `.venv-llmc` and, with --nf4, the bitsandbytes folder `.venv-nf4`).
+makes `.venv-autoawq`, `.venv-llmc`, `.venv-autoround` and, with --nf4, the bitsandbytes folder
+`.venv-nf4`).
 A peer whose environment is missing or whose run fails is reported as such, with the reason.
 
 What it does, in one process:
@@ -35,6 +39,21 @@ What it does, in one process:
    coarse-grained top-64 KL and top-1 agreement on the reference's own replies, accuracy
    with Wilson intervals, and the paired bootstrap interval of the change; plus RTN (same
    bits and groups, no scaling) and NF4 (bitsandbytes) baselines.
+
+With --seeds, every calibrated variant runs once per calibration seed instead: r1v-quant with
+`awq --seed K` on the text tokens of seed K (or on the built-in set of seed K, for variants with
+traces), each peer on the same text tokens of seed K (the seed picks which built-in questions make
+up the text). Variants: ours-text, ours-builtin, ours-traces and ours-NAME (`--ours-variant
+NAME="AWQ ARGS"`), the peers autoawq, llmc (AWQModifier), llmc-gptq (GPTQModifier alone, static
+order), llmc-awq-gptq (AWQModifier, then GPTQModifier) and autoround (auto-round, exported as
+`auto_awq`), and rtn (no calibration, measured once). Each is evaluated as soon as it is quantised,
+against one reference whose replies are cached and shared, on the same questions (`--eval-seed`,
+the same for all). Every (variant, seed) leaves a record in WORK/seeds/, from which the table is
+rebuilt after each one (so a partial run has a partial table, and --reuse resumes). Per variant the
+table gives Δ's mean and range over the seeds, and Δ pooled over the seeds with a paired bootstrap
+interval: each question's change is its mean over the seeds of (the variant's answer under that
+seed minus the reference's), and the questions are resampled, each with all its seeds, so the
+interval counts 400 questions, not 1200, and still carries the spread between seeds.
 """
 
 from __future__ import annotations
@@ -57,6 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVERS = Path(__file__).resolve().parent / "peers"
 AUTOAWQ_PY = ROOT / ".venv-autoawq" / "bin" / "python"
 LLMC_PY = ROOT / ".venv-llmc" / "bin" / "python"
+AUTOROUND_PY = ROOT / ".venv-autoround" / "bin" / "python"
 NF4_DIR = ROOT / ".venv-nf4"
 GROUP = 128
 LLM = "language_model."
@@ -66,6 +86,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 # ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Peer:
+    tool: str                # as the tables name it
+    python: Path             # the peer's own interpreter
+    driver: str              # in benchmarks/peers/
+    args: tuple[str, ...]    # extra driver arguments
+    layout: str              # what it writes: "gemm" (AutoAWQ's GEMM tensors) or "compressed-tensors"
+
+
+PEERS = {
+    "autoawq": Peer("AutoAWQ 0.2.9", AUTOAWQ_PY, "autoawq_quant.py", (), "gemm"),
+    "llmc": Peer("llm-compressor 0.14.0.1 AWQModifier", LLMC_PY, "llmc_quant.py", ("--recipe", "awq"),
+                 "compressed-tensors"),
+    "llmc-gptq": Peer("llm-compressor 0.14.0.1 GPTQModifier (static order)", LLMC_PY, "llmc_quant.py",
+                      ("--recipe", "gptq"), "compressed-tensors"),
+    "llmc-awq-gptq": Peer("llm-compressor 0.14.0.1 AWQModifier, then GPTQModifier", LLMC_PY, "llmc_quant.py",
+                          ("--recipe", "awq+gptq"), "compressed-tensors"),
+    "autoround": Peer("auto-round 0.16.1 (auto_awq export)", AUTOROUND_PY, "autoround_quant.py", (), "gemm"),
+}
 
 
 @dataclass
@@ -228,10 +269,15 @@ def calibration_text(src: Path, n: int, seq_len: int, seed: int, out: Path) -> d
         texts.append(text)
         sequences.append(ids)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "text.jsonl", "w", encoding="utf-8") as f:
+    # Written whole and renamed: another run on the same work folder may be reading the same seed's set.
+    tmp = out / f"text.jsonl.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         for text in texts:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    (out / "tokens.json").write_text(json.dumps({"sequences": sequences}))
+    os.replace(tmp, out / "text.jsonl")
+    tmp = out / f"tokens.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"sequences": sequences}))
+    os.replace(tmp, out / "tokens.json")
     # The check that makes the comparison fair: what `--calib text:FILE` will read back.
     from r1v_quant.calib.sets import load_calibration
 
@@ -336,16 +382,17 @@ def ours(s: Settings, name: str, calib: str, label: str, extra_args: list[str], 
     return run
 
 
-def peer(s: Settings, name: str, tool: str, python: Path, driver: str, llm: Path, tokens: Path) -> Run:
+def peer(s: Settings, name: str, llm: Path, tokens: Path) -> Run:
+    spec = PEERS[name]
     raw = s.work / f"{name}-raw"
-    run = Run(name, tool, "text (same token ids)", s.work / name,
-              [python, DRIVERS / driver, "--model", llm, "--tokens", tokens, "--out", raw, "--group-size", GROUP,
-               "--threads", s.threads, "--dtype", s.peer_dtype])
+    run = Run(name, spec.tool, "text (same token ids)", s.work / name,
+              [spec.python, DRIVERS / spec.driver, "--model", llm, "--tokens", tokens, "--out", raw, "--group-size", GROUP,
+               "--threads", s.threads, "--dtype", s.peer_dtype, *spec.args])
     if name in s.skip:
         run.status, run.reason = "skipped", "--skip"
         return run
-    if not python.is_file():
-        run.status, run.reason = "skipped", f"{python.relative_to(ROOT)} missing: run benchmarks/peers-env.sh"
+    if not spec.python.is_file():
+        run.status, run.reason = "skipped", f"{spec.python.relative_to(ROOT)} missing: run benchmarks/peers-env.sh"
         return run
     if s.reuse and (run.out / "config.json").is_file():
         return execute(run, s, "config.json")
@@ -356,10 +403,10 @@ def peer(s: Settings, name: str, tool: str, python: Path, driver: str, llm: Path
     run.quantize_s, run.tokens = info.get("quantize_s"), s.calib_tokens
     run.extra = info
     try:
-        if name == "autoawq":
-            run.extra["conversion"] = convert_autoawq(raw, s.model, run.out, tool)
+        if spec.layout == "gemm":
+            run.extra["conversion"] = convert_gemm(raw, s.model, run.out, spec.tool)
         else:
-            run.extra["conversion"] = convert_llmc(raw, s.model, run.out, tool)
+            run.extra["conversion"] = convert_llmc(raw, s.model, run.out, spec.tool)
     except Exception as error:  # noqa: BLE001 - any conversion failure is reported, not hidden
         run.status, run.reason = "failed", f"conversion to the R1V layout: {type(error).__name__}: {error}"
         say(f"{name}: FAILED {run.reason}")
@@ -375,8 +422,8 @@ def text_runs(s: Settings, llm: Path, calib: dict) -> list[Run]:
     makers = {
         "ours-text": lambda: ours(s, "ours-text", f"text:{calib['text']}", "text, same token ids as the peers",
                                   ["--seq-len", s.seq_len]),
-        "autoawq": lambda: peer(s, "autoawq", "AutoAWQ 0.2.9", AUTOAWQ_PY, "autoawq_quant.py", llm, tokens),
-        "llmc": lambda: peer(s, "llmc", "llm-compressor 0.14.0.1", LLMC_PY, "llmc_quant.py", llm, tokens),
+        "autoawq": lambda: peer(s, "autoawq", llm, tokens),
+        "llmc": lambda: peer(s, "llmc", llm, tokens),
     }
     names = list(makers)
     last: dict[str, Run] = {}
@@ -455,28 +502,55 @@ def write_r1v(src: Path, dst: Path, llm: dict[str, torch.Tensor], recipe: dict) 
     return {"linears": taken, "untouched tensors max |peer - source|": worst_copy}
 
 
-def _check_dense(dst_dir: Path, check: Path, module: str) -> float:
-    """Max |our reading of the converted tensors - the peer's own dequantised weight| for one linear."""
-    from safetensors.torch import load_file
+def codes_to_gemm(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Unsigned 4-bit codes [out, in], zero points and scales [out, in/g] (w = (q - z) * s) as AWQ GEMM
+    qweight/qzeros/scales, with no requantisation: the codes and zero points are packed as they are and
+    the scales become float16. Also returns the largest relative change a scale took to float16 (0 when
+    every scale was float16-exact, so that the conversion is lossless)."""
+    from r1v_quant.int4.format import to_awq
 
-    from r1v_quant.model.checkpoint import Checkpoint
+    if codes.dtype != torch.uint8 or zeros.dtype != torch.uint8 or int(codes.max()) > 15 or int(zeros.max()) > 15:
+        raise ValueError("codes and zero points must be unsigned 4-bit values (uint8 in 0..15)")
+    s32 = scales.float()
+    change = float(((s32.to(torch.float16).float() - s32).abs() / s32.abs().clamp_min(1e-30)).max())
+    gemm = to_awq(codes.contiguous(), zeros.contiguous(), s32)
+    return gemm["qweight"], gemm["qzeros"], gemm["scales"], change
+
+
+def dense_mismatch(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, theirs: torch.Tensor,
+                   module: str) -> float:
+    """Raises unless r1v-quant's dequantisation of GEMM tensors equals a tool's own dense weight [out, in]
+    exactly; returns the (zero) largest difference."""
     from r1v_quant.quant.primitives import awq_dequantize
 
-    ck = Checkpoint(dst_dir)
-    name = f"{LLM}{module}"
-    mine = awq_dequantize(ck.get(f"{name}.qweight"), ck.get(f"{name}.qzeros"), ck.get(f"{name}.scales"), GROUP)
-    theirs = load_file(str(check))["weight"].float()
-    worst = float((mine - theirs).abs().max())
+    mine = awq_dequantize(qweight, qzeros, scales, GROUP)
+    if mine.shape != theirs.shape:
+        raise ValueError(f"{module}: the converted weight is {tuple(mine.shape)}, the tool's {tuple(theirs.shape)}")
+    worst = float((mine.float() - theirs.float()).abs().max())
     if worst > 0:
         raise ValueError(f"{module}: the converted tensors differ from the tool's own dequantisation by up to {worst:g}")
     return worst
 
 
-def convert_autoawq(raw: Path, src: Path, dst: Path, tool: str) -> dict:
-    """AutoAWQ writes GEMM qweight/qzeros/scales already: names get the `language_model.` prefix back."""
+def _check_dense(dst_dir: Path, check: Path, module: str) -> float:
+    """Max |our reading of the converted tensors - the peer's own dequantised weight| for one linear."""
+    from safetensors.torch import load_file
+
+    from r1v_quant.model.checkpoint import Checkpoint
+
+    ck = Checkpoint(dst_dir)
+    name = f"{LLM}{module}"
+    return dense_mismatch(ck.get(f"{name}.qweight"), ck.get(f"{name}.qzeros"), ck.get(f"{name}.scales"),
+                          load_file(str(check))["weight"].float(), module)
+
+
+def convert_gemm(raw: Path, src: Path, dst: Path, tool: str) -> dict:
+    """AutoAWQ, and auto-round's `auto_awq` export, write GEMM qweight/qzeros/scales already: names get the
+    `language_model.` prefix back. The driver's check.safetensors holds the tool's own dequantisation."""
     llm = _read_folder(raw)
     info = write_r1v(src, dst, llm, {"calibration set": "text (peers' token ids)", "tool": tool, "group size": GROUP})
-    info["max |dequantised - AutoAWQ's dequantize_gemm| (layer 0 q_proj)"] = _check_dense(
+    info["max |dequantised - the tool's own dequantisation| (layer 0 q_proj)"] = _check_dense(
         dst, raw / "check.safetensors", "model.layers.0.self_attn.q_proj")
     return info
 
@@ -484,25 +558,20 @@ def convert_autoawq(raw: Path, src: Path, dst: Path, tool: str) -> dict:
 def convert_llmc(raw: Path, src: Path, dst: Path, tool: str) -> dict:
     """llm-compressor writes compressed-tensors (pack-quantized int4). Its driver also writes, with
     compressed-tensors' own unpacking, the unsigned codes [out, in], zero points [out, in/g] and
-    scales [out, in/g] of every quantised linear (codes-GROUPS.safetensors); w = (q - z) * s in both
+    scales [out, in/g] of every quantised linear (codes.safetensors); w = (q - z) * s in both
     formats, so they become AWQ GEMM tensors exactly: only the nibble order and transposition differ,
     and the scales become float16 (they are checked to be float16-exact)."""
     from safetensors.torch import load_file
 
-    from r1v_quant.int4.format import pack_awq
-
     llm = {k: v for k, v in _read_folder(raw).items()
-           if not k.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"))}
+           if not k.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"))}
     codes = load_file(str(raw / "codes.safetensors"))
     modules = sorted({k.rsplit(".", 1)[0] for k in codes})
     worst_scale = 0.0
     for m in modules:
-        q, z, s = codes[f"{m}.codes"], codes[f"{m}.zeros"], codes[f"{m}.scales"].float()
-        s16 = s.to(torch.float16)
-        worst_scale = max(worst_scale, float(((s16.float() - s).abs() / s.abs().clamp_min(1e-30)).max()))
-        llm[f"{m}.qweight"] = pack_awq(q.t().contiguous())
-        llm[f"{m}.qzeros"] = pack_awq(z.t().contiguous())
-        llm[f"{m}.scales"] = s16.t().contiguous()
+        qweight, qzeros, scales, change = codes_to_gemm(codes[f"{m}.codes"], codes[f"{m}.zeros"], codes[f"{m}.scales"])
+        llm[f"{m}.qweight"], llm[f"{m}.qzeros"], llm[f"{m}.scales"] = qweight, qzeros, scales
+        worst_scale = max(worst_scale, change)
     info = write_r1v(src, dst, llm, {"calibration set": "text (peers' token ids)", "tool": tool, "group size": GROUP})
     info["linears from compressed-tensors codes"] = len(modules)
     info["max relative change of a scale to float16"] = worst_scale
@@ -675,6 +744,290 @@ def print_table(title: str, head: list[str], rows: list[list[str]]) -> None:
     Console(width=200).print(table)
 
 
+# ---------------------------------------------------------------- seeds: every calibrated variant over calibration seeds
+
+
+SEED_ORDER = ("ours-text", "ours-builtin", "ours-traces", "llmc-awq-gptq", "llmc-gptq", "llmc", "autoround", "autoawq",
+              "rtn")
+BUILTIN_OURS = {"ours-text": [], "ours-builtin": ["--calib", "builtin"], "ours-traces": ["--traces", "self"]}
+
+
+def parse_ours_variant(text: str) -> tuple[str, list[str]]:
+    """`NAME=ARGS` (ARGS: extra `awq` arguments, shell-quoted) as ("ours-NAME", [args])."""
+    import shlex
+
+    name, sep, args = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise SystemExit(f"--ours-variant {text!r}: expected NAME=\"AWQ ARGUMENTS\", NAME of letters, digits, - and _")
+    return f"ours-{name}", shlex.split(args)
+
+
+def ours_calibration(args: list[str]) -> tuple[str, list[str]]:
+    """Which calibration set an r1v-quant variant uses, and its remaining arguments: `--calib X` as given;
+    with `--traces`, the built-in multimodal set (traces are the model's replies to its questions);
+    otherwise the peers' text tokens of the seed."""
+    args = list(args)
+    if "--calib" in args:
+        i = args.index("--calib")
+        if i + 1 >= len(args):
+            raise SystemExit("--ours-variant: --calib needs a value")
+        calib = args[i + 1]
+        del args[i:i + 2]
+        return calib, args
+    return ("builtin" if "--traces" in args else "text"), args
+
+
+def pooled_seeds(ref_correct: list[bool], cand_by_seed: list[list[bool]], n_boot: int = 2000, seed: int = 0,
+                 conf: float = 0.95) -> dict:
+    """Δ (points, candidate minus reference) of a variant calibrated with several seeds.
+
+    Per seed: the paired difference on the same questions. Pooled: each question's difference is
+    averaged over the seeds (its answers under every seed against the reference's one answer),
+    and the questions are resampled with all their seeds together (a cluster bootstrap, as for
+    pass@1 over k replies), so the interval counts the questions once and the seeds' spread with
+    them. The pooled value equals the mean of the per-seed values."""
+    from r1v_quant.evals.pass_at_k import paired_pass_at_1
+
+    n = len(ref_correct)
+    if not cand_by_seed or any(len(c) != n for c in cand_by_seed):
+        raise ValueError("every seed must answer the reference's questions")
+    per_seed = [100.0 * (sum(map(bool, c)) - sum(map(bool, ref_correct))) / n for c in cand_by_seed]
+    pooled = paired_pass_at_1(list(ref_correct) * len(cand_by_seed), [bool(x) for c in cand_by_seed for x in c],
+                              list(range(n)) * len(cand_by_seed), n_boot=n_boot, seed=seed, conf=conf)
+    return {"per_seed": per_seed, "mean": statistics.fmean(per_seed), "min": min(per_seed), "max": max(per_seed),
+            "pooled": pooled.value, "pooled_lo": pooled.lo, "pooled_hi": pooled.hi}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_while_written(folder: Path, poll_s: float = 20.0) -> None:
+    """Another run on the same work folder may be computing the shared reference right now (it leaves
+    its process id in WRITER while it does): wait for it, then read what it wrote rather than compute
+    it twice."""
+    marker = folder / WRITER
+    while marker.is_file():
+        try:
+            pid = int(marker.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if not pid or pid == os.getpid() or not _alive(pid):
+            return
+        say(f"the reference is being computed by process {pid}; waiting")
+        time.sleep(poll_s)
+
+
+WRITER = "reference-writer.pid"
+
+
+class Evaluator:
+    """The reference's replies (cached on disk, shared by every variant and seed) and one candidate at a time."""
+
+    def __init__(self, s: Settings, eval_seed: int):
+        from r1v_quant.calib.traces import model_identity
+        from r1v_quant.evals import run as ev
+        from r1v_quant.model.r1v import load_model, load_tokenizer
+
+        self.ev, self.s = ev, s
+        self.settings = ev.EvalSettings(suite=s.suite, limit=s.questions, seed=eval_seed,
+                                        max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, device="cpu",
+                                        dtype="bf16", cache_dir=s.work / "eval-cache")
+        self.suite = ev.load_suite(self.settings)
+        _wait_while_written(self.settings.cache_dir)
+        cache = ev.ReferenceCache.open(self.settings.cache_dir, ev.cache_key(model_identity(s.model), self.suite,
+                                                                             self.settings))
+        spec = ev.ModelSpec("reference (bf16)", "reference", lambda: load_model(s.model, "cpu", "bf16"))
+        start = time.perf_counter()
+        marker = self.settings.cache_dir / WRITER
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        try:
+            self.ref_items, reused = ev.run_reference(spec, self.suite, self.settings, cache, self.progress)
+        finally:
+            marker.unlink(missing_ok=True)
+        say(f"reference: {len(self.ref_items)} questions, {reused} from the cache, {time.perf_counter() - start:.0f} s")
+        self.ref_results = ev.reference_results(self.ref_items)
+        self.close_id = load_tokenizer(s.model).convert_tokens_to_ids("</think>")
+        self.ref_correct = [bool(c) for c in ev.score(self.suite, self.ref_results, self.close_id).correct]
+
+    @staticmethod
+    def progress(label, done, total):
+        if done in (0, total) or done % max(1, total // 4) == 0:
+            say(f"eval {label}: {done}/{total}")
+
+    def measure(self, label: str, load) -> dict:
+        ev = self.ev
+        start = time.perf_counter()
+        items = ev.run_model(ev.ModelSpec(label, "candidate", load), self.suite, self.settings, self.ref_items,
+                             self.progress)
+        models, comps = ev.qa_results(self.suite, {"reference (bf16)": ("reference", self.ref_results),
+                                                   label: ("candidate", items)}, self.close_id)
+        model, comp = next(m for m in models if m.name == label), comps[0]
+        return {"correct": [bool(c) for c in ev.score(self.suite, items, self.close_id).correct],
+                "accuracy": model.accuracy, "diff": comp.diff, "diff_lo": comp.diff_lo, "diff_hi": comp.diff_hi,
+                "mean_kl": comp.mean_kl, "top1_agreement": comp.top1_agreement,
+                "seconds": time.perf_counter() - start}
+
+
+def seed_record_path(work: Path, name: str, seed: int | None) -> Path:
+    return work / "seeds" / f"{name}@{'-' if seed is None else seed}.json"
+
+
+def seed_run(s: Settings, name: str, seed: int, llm: Path, ours_args: dict[str, list[str]]) -> Run:
+    """Quantise variant `name` with calibration seed `seed`, in that seed's own work folder."""
+    sd = Settings(**{**asdict(s), "seed": seed, "work": s.work / f"seed-{seed}", "skip": ()})
+    (sd.work / "logs").mkdir(parents=True, exist_ok=True)
+    calib = calibration_text(s.model, s.samples, s.seq_len, seed, sd.work / "calib")
+    if name in PEERS:
+        return peer(sd, name, llm, Path(calib["token_ids"]))
+    calib_set, args = ours_calibration(ours_args[name])
+    if calib_set == "text":
+        return ours(sd, name, f"text:{calib['text']}", "text, same token ids as the peers", ["--seq-len", s.seq_len, *args])
+    if "--traces" in args and "--max-trace-tokens" not in args:
+        args += ["--max-trace-tokens", s.trace_tokens]
+    # The built-in set: more questions than the text set has sequences (a picture question is a few
+    # hundred tokens), the same cap on tokens.
+    label = "built-in multimodal" if calib_set == "builtin" else calib_set
+    return ours(sd, name, calib_set, label + (" + own reasoning traces" if "--traces" in args else ""), args,
+                samples=-(-s.calib_tokens // 128))
+
+
+def seed_study(s: Settings, a: argparse.Namespace, seeds: list[int]) -> int:
+    """Each selected variant over the calibration seeds, evaluated as soon as it is quantised; the
+    records (one JSON per variant and seed under WORK/seeds) make the tables and let --reuse resume."""
+    from r1v_quant.model.r1v import load_model
+    from r1v_quant.quant import baselines as quant_baselines
+
+    ours_args = dict(BUILTIN_OURS)
+    for text in a.ours_variant or []:
+        name, args = parse_ours_variant(text)
+        ours_args[name] = args
+    names = [x.strip() for x in a.only.split(",") if x.strip()] if a.only else [
+        n for n in (*SEED_ORDER, *ours_args) if n not in s.skip]
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in PEERS and n not in ours_args and n != "rtn"]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from "
+                         f"{', '.join([*ours_args, *PEERS, 'rtn'])} (more with --ours-variant NAME=ARGS)")
+    s.work.mkdir(parents=True, exist_ok=True)
+    say(f"model {s.model}, work folder {s.work}, seeds {seeds}, variants {', '.join(names)}")
+    llm = extract_llm(s.model, s.work / "llm")
+    (s.work / "seeds").mkdir(parents=True, exist_ok=True)
+    evaluators: list[Evaluator] = []
+
+    def evaluator() -> Evaluator:
+        """Made when first needed, so that quantising starts at once (and another run can finish the reference)."""
+        if not evaluators:
+            e = Evaluator(s, a.eval_seed)
+            header = {"machine": machine(), "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:]),
+                      "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+                      "eval seed": a.eval_seed, "questions": len(e.ref_correct),
+                      "reference accuracy": 100.0 * sum(e.ref_correct) / len(e.ref_correct)}
+            (s.work / "seeds" / "reference.json").write_text(json.dumps({**header, "correct": e.ref_correct}) + "\n")
+            evaluators.append(e)
+        return evaluators[0]
+    for name in names:
+        for seed in ([None] if name == "rtn" else seeds):
+            path = seed_record_path(s.work, name, seed)
+            if a.reuse and path.is_file() and json.loads(path.read_text()).get("status") == "ok":
+                say(f"{name} seed {seed}: reusing {path.relative_to(s.work)}")
+                continue
+            if name == "rtn":
+                run = Run("rtn", "round-to-nearest", "none", s.work / "rtn", status="ok")
+                load = lambda: quant_baselines.build_rtn(s.model, GROUP, "cpu", "bf16")  # noqa: E731
+            else:
+                run = seed_run(s, name, seed, llm, ours_args)
+                load = lambda p=run.out: load_model(p, "cpu", "bf16")  # noqa: E731
+            record = {"variant": name, "seed": seed, "tool": run.tool, "calibration": run.calibration,
+                      "command": " ".join(map(str, run.command)), "args": ours_args.get(name),
+                      **{k: getattr(run, k) for k in ("status", "reason", "wall_s", "cpu_s", "peak_rss_mb",
+                                                       "quantize_s", "tokens", "extra")}}
+            if run.status == "reused":  # the export (and its measured cost) from an earlier run, evaluated now
+                record["status"], record["export reused"] = "ok", True
+            if run.status in ("ok", "reused"):
+                try:
+                    record["eval"] = evaluator().measure(f"{name}@{seed}", load)
+                    e = record["eval"]
+                    say(f"{name} seed {seed}: Δ {e['diff']:+.1f} [{e['diff_lo']:+.1f}, {e['diff_hi']:+.1f}], "
+                        f"KL {e['mean_kl']:.4g}, top-1 {e['top1_agreement']:.1f}%")
+                except Exception as error:  # noqa: BLE001 - one model failing must not lose the others
+                    record["status"], record["reason"] = "failed", f"evaluation: {type(error).__name__}: {error}"
+                    say(f"{name} seed {seed}: FAILED {record['reason']}")
+            path.write_text(json.dumps(record, default=str, indent=1) + "\n")
+            if evaluators:
+                write_seed_tables(s.work, a.json, a.markdown)
+    if evaluators or (s.work / "seeds" / "reference.json").is_file():
+        write_seed_tables(s.work, a.json, a.markdown, show=True)
+    return 0
+
+
+def seed_table(work: Path) -> tuple[dict, list[list[str]]]:
+    """The table of every variant with records under WORK/seeds (whichever runs made them)."""
+    ref = json.loads((work / "seeds" / "reference.json").read_text())
+    records: dict[str, list[dict]] = {}
+    for f in sorted((work / "seeds").glob("*@*.json")):
+        r = json.loads(f.read_text())
+        records.setdefault(r["variant"], []).append(r)
+    order = [n for n in SEED_ORDER if n in records] + sorted(n for n in records if n not in SEED_ORDER)
+    rows, summary = [], {}
+    for name in order:
+        done = sorted((r for r in records[name] if r.get("status") == "ok" and "eval" in r),
+                      key=lambda r: -1 if r["seed"] is None else r["seed"])
+        failed = [r for r in records[name] if r not in done]
+        tool = LABELS.get(name, (None,))[0] or (PEERS[name].tool if name in PEERS else "r1v-quant AWQ")
+        calib = (done or failed)[0]["calibration"]
+        if name.startswith("ours-") and (done or failed)[0].get("args"):
+            calib += f"; `awq {' '.join(map(str, (done or failed)[0]['args']))}`"
+        note = "; ".join(f"seed {r['seed']}: {r.get('status')} {r.get('reason', '')[:160]}" for r in failed)
+        if not done:
+            rows.append([tool, calib, "-", "-", "-", "-", "-", "-", "-", note or "not measured"])
+            continue
+        d = pooled_seeds(ref["correct"], [r["eval"]["correct"] for r in done])
+        kls = [r["eval"]["mean_kl"] for r in done]
+        top1 = statistics.fmean(r["eval"]["top1_agreement"] for r in done)
+        walls = [r["wall_s"] for r in done if r.get("wall_s") is not None]
+        cpus = [r["cpu_s"] for r in done if r.get("cpu_s") is not None]
+        seeds = ",".join("-" if r["seed"] is None else str(r["seed"]) for r in done)
+        spread = (f"{d['mean']:+.1f} ({d['min']:+.1f} to {d['max']:+.1f})" if len(done) > 1 else f"{d['mean']:+.1f}")
+        kl = f"{statistics.fmean(kls):.4f}" + (f" ({min(kls):.4f} to {max(kls):.4f})" if len(kls) > 1 else "")
+        summary[name] = {**d, "seeds": seeds, "kl": kls, "top1": top1, "wall_s": walls, "cpu_s": cpus,
+                         "accuracy": [r["eval"]["accuracy"] for r in done]}
+        rows.append([tool, calib, seeds, spread, f"{d['pooled']:+.1f} [{d['pooled_lo']:+.1f}, {d['pooled_hi']:+.1f}]",
+                     kl, f"{top1:.1f}", _f(statistics.fmean(walls) if walls else None, ".0f"),
+                     _f(statistics.fmean(cpus) if cpus else None, ".0f"), note])
+    return {"reference": {k: v for k, v in ref.items() if k != "correct"}, "variants": summary}, rows
+
+
+SEED_HEAD = ["variant", "calibration", "seeds", "Δ points, mean (range) over seeds", "Δ pooled over seeds [95% CI]",
+             "KL, mean (range)", "top-1 agree %", "calib wall s", "calib CPU s", "note"]
+
+
+def write_seed_tables(work: Path, json_path: Path | None, md_path: Path | None, show: bool = False) -> None:
+    summary, rows = seed_table(work)
+    ref = summary["reference"]
+    if show:
+        print_table(f"{ref['questions']} questions, reference accuracy {ref['reference accuracy']:.1f}%",
+                    SEED_HEAD, rows)
+    if json_path:
+        json_path.write_text(json.dumps({**summary, "table": [dict(zip(SEED_HEAD, r)) for r in rows]}, indent=1,
+                                        default=str) + "\n")
+    if md_path:
+        m = ref["machine"]
+        md_path.write_text(
+            f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; "
+            f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}.\n\n"
+            f"Command: `{ref['command']}`\n\n{ref['questions']} questions, reference accuracy "
+            f"{ref['reference accuracy']:.1f}%.\n\n" + markdown_table(SEED_HEAD, rows) + "\n")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -692,8 +1045,11 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--max-new-tokens", type=int, help="longest reply in the evaluation (default 128; quick 48)")
     p.add_argument("--trace-tokens", type=int, help="longest self-generated reasoning trace (default 128; quick 48)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every tool (default 2)")
+    p.add_argument("--batch-size", type=int, help="questions answered at once in the evaluation (default 8; part of "
+                                                  "the reference cache's key, so every variant of a table uses one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma list of: ours-builtin, ours-traces, autoawq, llmc, rtn, nf4")
+    p.add_argument("--skip", default="", help="comma list of: ours-builtin, ours-traces, autoawq, llmc, rtn, nf4 "
+                                              "(with --seeds also llmc-gptq, llmc-awq-gptq, autoround)")
     p.add_argument("--reuse", action="store_true", help="reuse quantised outputs (and their measurements) in the work folder")
     p.add_argument("--peer-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype AutoAWQ and llm-compressor load the model in (default bfloat16, the checkpoint's)")
@@ -701,6 +1057,16 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
                    help="run the three text-calibrated tools this many times, order rotated, and report medians")
     p.add_argument("--cost-only", action="store_true",
                    help="only the calibration cost: r1v-quant, AutoAWQ and llm-compressor on the text set, no evaluation")
+    p.add_argument("--seeds", help="comma list of calibration seeds (e.g. 0,1,2): every calibrated variant runs once per "
+                                   "seed (r1v-quant with `awq --seed`, everyone on that seed's sample of text tokens) and "
+                                   "the table gives Δ's mean and range over the seeds and a paired interval pooled over them")
+    p.add_argument("--only", help="with --seeds: the variants to run, in this order (default: all), from ours-text, "
+                                  "ours-builtin, ours-traces, " + ", ".join(PEERS) + ", rtn and the --ours-variant names")
+    p.add_argument("--ours-variant", action="append", metavar='NAME="AWQ ARGS"',
+                   help='with --seeds: also r1v-quant with extra `awq` arguments, as variant ours-NAME (repeatable), '
+                        'e.g. gptq="--rounding gptq"; on the seed\'s text tokens, or the built-in set with --traces')
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="with --seeds: the seed of the evaluation questions, the same for every variant (default 0)")
     p.add_argument("--json", type=Path, help="write all results as JSON here")
     p.add_argument("--markdown", type=Path, help="write the two tables and the machine as Markdown here")
     a = p.parse_args(argv)
@@ -730,6 +1096,10 @@ def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
             setattr(s, key, preset[key])
     if a.quick:
         s.batch_size = QUICK["batch_size"]
+    if a.batch_size is not None:
+        if a.batch_size < 1:
+            raise SystemExit(f"--batch-size {a.batch_size}: must be at least 1")
+        s.batch_size = a.batch_size
     return s, a
 
 
@@ -738,6 +1108,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(s.threads)
     s.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("R1V_QUANT_CACHE", str(s.work / "cache"))  # traces cached per work folder
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise SystemExit(f"--seeds {a.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
+        return seed_study(s, a, seeds)
+    if a.only or a.ours_variant:
+        raise SystemExit("--only and --ours-variant go with --seeds")
     t_all = time.perf_counter()
     say(f"model {s.model}, work folder {s.work}")
     llm = extract_llm(s.model, s.work / "llm")

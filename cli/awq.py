@@ -12,7 +12,7 @@ from rich.table import Table
 
 from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.progress import steps
-from r1v_quant.quant.recipe import DEFAULT_TEXT_SHARE
+from r1v_quant.quant.recipe import DEFAULT_GPTQ_DAMP, DEFAULT_TEXT_SHARE
 
 
 def _mix(text: str | None) -> list[float] | None:
@@ -49,6 +49,8 @@ def command(
     grid: int = typer.Option(20, min=2, help="Grid points for the scale and clip searches."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Skip the clipping search."),
     propagate: str = typer.Option("quantized", help="Inputs of layer i+1: outputs of the quantized or the float layer i."),
+    rounding: str = typer.Option("nearest", help="How the 4-bit codes are chosen after the scale and clip searches: nearest (round-to-nearest), or gptq (error feedback over each linear's calibration inputs, in the same AutoAWQ layout; lm_head stays round-to-nearest)."),
+    gptq_damp: float = typer.Option(DEFAULT_GPTQ_DAMP, help="--rounding gptq: dampening added to the inputs' second moment, as a fraction of its mean diagonal (raised tenfold, and reported, when the factorisation fails)."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Weigh image and text tokens equally in the searches."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantise lm_head to 4 bit (AWQ, its scales folded into the final norm; vLLM reads \"lm_head\": true). Not for tied embeddings."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration set."),
@@ -75,7 +77,7 @@ def command(
     check_report_path(json_out, "--json")
 
     settings = AWQSettings(group_size=group_size, grid=grid, clip=not no_clip, propagate=propagate, balance=balance,
-                           lm_head=quantize_lm_head)
+                           lm_head=quantize_lm_head, rounding=rounding, gptq_damp=gptq_damp)
     from r1v_quant.deploy.vllm_engine import Parallel
 
     choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed,
@@ -125,6 +127,9 @@ def command(
         table.add_row("lm_head" if r is result.head else str(r.index), f"{r.rel_err_awq:.4f}", f"{r.rel_err_rtn:.4f}",
                       f"{r.rel_err_awq / max(r.rel_err_rtn, 1e-12):.2f}", f"{r.seconds:.1f}", f"{r.peak_mem_mb:.0f}")
     console.print(table)
+    for r in result.layers:
+        for name, damp in r.gptq_damp.items():
+            console.print(f"[yellow]layer {r.index} {name}: GPTQ's factorisation needed dampening {damp:g}[/]")
     for k, v in result.summary().items():
         console.print(f"{k}: [bold]{v}[/]")
     for k, v in result.extra.items():

@@ -123,13 +123,15 @@ def _trace_rows(cfg, traces, engine, gpus, samples, seq_len, trace_tokens, token
         return None
     job = tp.TraceJob(samples, seq_len, trace_tokens)
     rows = [tp.plan_card(cfg, label, size, job, tokens, gpus=gpus, engine=engine, traces=traces,
-                         group_size=128 if group_size is None else group_size, grid=grid) for label, size in cards]
+                         group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size, grid=grid) for label, size in cards]
     render_traces(rows, job, traces, console)
     return rows
 
 
 def render_calibration(rows, tokens: int, host_bytes: int, console: Console) -> None:
-    console.print(f"[bold]awq calibration[/] on CUDA (bf16) over {tokens:,d} tokens; host RAM limit "
+    gptq = any(k.startswith("gptq") for k in rows[0].prediction.device_parts)
+    console.print(f"[bold]awq calibration[/]{' with --rounding gptq' if gptq else ''} on CUDA (bf16) over {tokens:,d} "
+                  "tokens; host RAM limit "
                   f"{human_bytes(host_bytes)}")
     t = Table(title="Predicted peaks per card (default budget: the card less max(2 GiB, 10%))", title_justify="left")
     for col in ("card", "budget GiB", "chunk tokens", "calibration tensors", "device peak GiB", "host peak GB",
@@ -222,19 +224,24 @@ def command(
     gpus: Annotated[int, typer.Option("--gpus", min=1, help="Cards of each size vLLM may spread the full-precision "
                                       "trace model over (tensor parallel).")] = 1,
     grid: Annotated[int, typer.Option("--grid", min=2, help="awq --grid (with --calibrate, for the time).")] = 20,
+    rounding: Annotated[str, typer.Option(
+        "--rounding", help="awq --rounding (with --calibrate): nearest, or gptq, which adds its second moments.")] = "nearest",
 ) -> None:
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
     check_report_path(json_out, "--json")
     if calibrate:
         from r1v_quant.model.checkpoint import resolve_config
         from r1v_quant.quant.memory_model import calibration_tokens, plan_calibration
+        from r1v_quant.quant.recipe import AWQSettings
         from r1v_quant.units import parse_size
 
+        AWQSettings(rounding=rounding)  # the one check of the name
         cfg, source = resolve_config(model)
         tokens = calibration_tokens(samples, seq_len, max_tokens)
         host = parse_size(host_mem, "--host-mem", 2**20)
         rows = plan_calibration(cfg, parse_gpu_mems(gpu_mem), tokens, seq_len=seq_len,
-                                group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size, host_bytes=host)
+                                group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size, host_bytes=host,
+                                gptq=rounding == "gptq")
         console = Console()
         console.print(f"[bold]{source}[/]")
         render_calibration(rows, tokens, host, console)

@@ -1,6 +1,6 @@
-"""What both peer drivers share: their command line, the calibration tokens, the result line.
+"""What the peer drivers share: their command line, the calibration tokens, the result line.
 
-Imported by `autoawq_quant.py` and `llmc_quant.py` from their own folder, under the peer's
+Imported by `autoawq_quant.py`, `llmc_quant.py` and `autoround_quant.py` from their own folder, under the peer's
 interpreter (it needs nothing beyond the standard library and torch).
 """
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 
-def parse_args(doc: str) -> argparse.Namespace:
+def parse_args(doc: str, recipes: tuple[str, ...] = ()) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if recipes:
+        p.add_argument("--recipe", default=recipes[0], choices=recipes)
     p.add_argument("--model", required=True)
     p.add_argument("--tokens", required=True)
     p.add_argument("--out", required=True)

@@ -1,5 +1,10 @@
-"""llm-compressor's AWQ (AWQModifier + QuantizationModifier W4A16_ASYM) on a standalone Qwen2
-folder, calibrated on given token sequences.
+"""llm-compressor on a standalone Qwen2 folder, calibrated on given token sequences, with one of
+three recipes (`--recipe`), all W4A16 asymmetric, groups of 128, lm_head left alone:
+
+    awq        AWQModifier (duo scaling, grid 20), then QuantizationModifier W4A16_ASYM (round to nearest)
+    gptq       GPTQModifier W4A16_ASYM alone: static activation order, dampening 0.01 of mean diag(H)
+    awq+gptq   AWQModifier's smoothing, then GPTQModifier as above: the composition of
+               llm-compressor's W4A16 examples (the smoothed weights are what GPTQ rounds)
 
 Run with the `.venv-llmc` interpreter (benchmarks/peers-env.sh makes it); benchmarks/peers.py
 calls it and measures the process. Uses llm-compressor's public API (`oneshot`, the modifiers,
@@ -27,16 +32,18 @@ from pathlib import Path
 import torch
 from driver import parse_args, print_result, read_sequences
 
+DAMPENING = 0.01  # llm-compressor's default, as a fraction of the mean of diag(H)
+
 
 def main() -> None:
-    a = parse_args(__doc__)
+    a = parse_args(__doc__, recipes=("awq", "gptq", "awq+gptq"))
     if a.group_size != 128:
         raise SystemExit("the W4A16_ASYM preset uses groups of 128")
 
     t0 = time.perf_counter()
     from datasets import Dataset
     from llmcompressor import __version__, oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.pipelines.cache import IntermediatesCache
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,8 +57,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(a.model)
     dataset = Dataset.from_dict({"input_ids": sequences, "attention_mask": [[1] * len(s) for s in sequences]})
     t2 = time.perf_counter()
-    recipe = [AWQModifier(duo_scaling=True, n_grid=20),
-              QuantizationModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"])]
+    awq = AWQModifier(duo_scaling=True, n_grid=20)
+    gptq = GPTQModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"], actorder="static",
+                        dampening_frac=DAMPENING)
+    recipe = {"awq": [awq, QuantizationModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"])],
+              "gptq": [gptq], "awq+gptq": [awq, gptq]}[a.recipe]
     oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=seq_len, num_calibration_samples=len(sequences),
             shuffle_calibration_samples=False)
     t3 = time.perf_counter()
@@ -82,6 +92,10 @@ def main() -> None:
         if zp.dtype == torch.int32:  # packed, along the output dimension
             zp = unpack_from_int32(zp, 4, torch.Size(groups), packed_dim=0)
         zp = zp.to(torch.int8).reshape(groups)
+        if f"{m}.weight_g_idx" in saved:  # static order keeps groups contiguous; anything else has no AWQ layout
+            g_idx = saved[f"{m}.weight_g_idx"].to(torch.int64)
+            if not torch.equal(g_idx, torch.arange(shape[1]) // a.group_size):
+                raise SystemExit(f"{m}: the saved group index is not contiguous groups of {a.group_size}")
         codes[f"{m}.codes"] = (q.to(torch.int16) + 8).to(torch.uint8).contiguous()
         codes[f"{m}.zeros"] = (zp.to(torch.int16) + 8).to(torch.uint8).contiguous()
         codes[f"{m}.scales"] = scale.float().reshape(groups).contiguous()
@@ -97,8 +111,10 @@ def main() -> None:
         "import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2, "save_s": t4 - t3,
         "samples": len(sequences), "seq_len": seq_len, "dtype": a.dtype,
         "linears": len(codes) // 3, "weight_args": weight_args.model_dump(mode="json"),
-        "settings": {"scheme": "W4A16_ASYM", "group_size": 128, "duo_scaling": True, "n_grid": 20,
-                     "clip search": "none (llm-compressor's AWQ has none)"},
+        "settings": {"recipe": a.recipe, "scheme": "W4A16_ASYM", "group_size": 128,
+                     **({"duo_scaling": True, "n_grid": 20, "clip search": "none (llm-compressor's AWQ has none)"}
+                        if "awq" in a.recipe else {}),
+                     **({"actorder": "static", "dampening_frac": DAMPENING} if "gptq" in a.recipe else {})},
     })
 
 

@@ -103,6 +103,23 @@ def device_bytes(plan: ChunkPlan, tokens: int, hidden: int, intermediate: int, l
             "down inputs": down if plan.keep_down_inputs else 0}
 
 
+def gptq_bytes(plan: ChunkPlan, tokens: int, hidden: int, intermediate: int, layer_weight_bytes: int, act_bytes: int,
+               widest_in: int, widest_rows: int) -> dict[str, int]:
+    """What `--rounding gptq` keeps on the device after the searches, by part, at its largest (down_proj's turn).
+
+    The layer's weights once (the searches' copies are gone) and the float outputs when the plan
+    stores them there; then the larger of two moments: accumulating the second moment H, float32
+    [in, in] of the widest-input linear, beside one chunk's MLP forward and a float32 weighted copy
+    of its inputs; or factorising it, three matrices of H's size (H and two of the factorisation's)
+    beside two float32 copies of the weight (`gptq.gptq_quantize`).
+    """
+    h = widest_in * widest_in * 4
+    accumulate = h + plan.chunk_tokens * (chunk_token_bytes(hidden, intermediate, act_bytes) + 8 * widest_in)
+    factor = 3 * h + 2 * widest_rows * widest_in * 4
+    return {"weights": layer_weight_bytes, "float outputs": tokens * hidden * act_bytes if plan.stored_on_device else 0,
+            "second moments": max(accumulate, factor)}
+
+
 def headroom_budget(free_bytes: int) -> int:
     """A GPU's free memory less max(2 GiB, 10%): what `awq` may use there by default."""
     return max(int(free_bytes - max(CUDA_HEADROOM, CUDA_HEADROOM_SHARE * free_bytes)), 0)

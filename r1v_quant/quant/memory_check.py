@@ -65,8 +65,10 @@ def prediction(model: Path, tokens: int, s: RunSettings) -> Prediction:
 
 
 def layer_device_bytes(p: Prediction) -> int:
-    """The predicted device peak of one decoder layer's pass (the front phase left out)."""
-    return sum(v for k, v in p.device_parts.items() if not k.startswith("front"))
+    """The predicted device peak of one decoder layer's pass (the front phase left out): the
+    searches', or GPTQ's rounding after them when larger."""
+    search = sum(v for k, v in p.device_parts.items() if not k.startswith(("front", "gptq")))
+    return max(search, sum(v for k, v in p.device_parts.items() if k.startswith("gptq")))
 
 
 def working_set(peak: int, p: Prediction) -> int:

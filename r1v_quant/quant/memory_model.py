@@ -25,6 +25,7 @@ from r1v_quant.quant.chunks import (
     ChunkPlan,
     chunk_token_bytes,
     device_bytes,
+    gptq_bytes,
     plan_chunks,
 )
 
@@ -128,12 +129,14 @@ def head_bytes(cfg: R1VConfig, tokens: int, budget: int, group_size: int, act_by
 
 def predict(cfg: R1VConfig, tokens: int, budget: int, *, device: str = "cuda", act_bytes: int = 2,
             seq_len: int = 2048, group_size: int = DEFAULT_GROUP_SIZE, spill_above: int | None = None,
-            offload: bool = True, lm_head: bool = False) -> Prediction:
+            offload: bool = True, lm_head: bool = False, gptq: bool = False) -> Prediction:
     """Peaks of an `awq` run over `tokens` calibration tokens within a device budget of `budget` bytes.
 
     `device` is "cuda" or "cpu" (on CPU the device is the host, so the host peak includes the
     device's). `spill_above`: RAM kept for the activations between layers before they go to the
-    offload folder (None: never spilled). `lm_head`: the run quantises lm_head too.
+    offload folder (None: never spilled). `lm_head`: the run quantises lm_head too. `gptq`: the
+    codes come from `--rounding gptq`, whose phase after the searches (`chunks.gptq_bytes`) is a
+    phase of its own: the device peak is the larger of the two, and the smallest budget holds both.
     """
     from pathlib import Path
 
@@ -147,6 +150,13 @@ def predict(cfg: R1VConfig, tokens: int, budget: int, *, device: str = "cuda", a
     front = front_bytes(cfg, act_bytes)
     # The floor `awq` refuses below: the plan's smallest chunk beside the weights, and one sample's attention.
     min_budget = 2 * weights + MIN_CHUNK * chunk_token_bytes(hidden, inter, act_bytes) + fixed["attention sample"]
+    rounding: dict[str, int] = {}
+    if gptq:
+        rows, widest = max(((o, i) for o, i in llm_linear_shapes(cfg, 0).values()), key=lambda s: (s[1], s[0]))
+        rounding = {f"gptq: {k}": v for k, v in
+                    gptq_bytes(plan, tokens, hidden, inter, weights, act_bytes, widest, rows).items()}
+        smallest = gptq_bytes(ChunkPlan(MIN_CHUNK, False, False), tokens, hidden, inter, weights, act_bytes, widest, rows)
+        min_budget = max(min_budget, sum(smallest.values()))
     head, head_min = head_bytes(cfg, tokens, budget, group_size, act_bytes) if lm_head else ({}, 0)
     phase = "lm_head" if head_min > min_budget else "layer"
     min_budget = max(min_budget, head_min)
@@ -162,7 +172,7 @@ def predict(cfg: R1VConfig, tokens: int, budget: int, *, device: str = "cuda", a
         host_layer["stored tensors (host)"] = stored["stored"]
     base = HOST_BASE["cuda" if device.startswith("cuda") else "cpu"]
     if device.startswith("cuda"):
-        device_peak = max(sum(layer.values()), sum(front.values()), sum(head.values()))
+        device_peak = max(sum(layer.values()), sum(rounding.values()), sum(front.values()), sum(head.values()))
         host_parts = {"process": base, **host_layer}
     else:
         device_peak = 0
@@ -171,11 +181,13 @@ def predict(cfg: R1VConfig, tokens: int, budget: int, *, device: str = "cuda", a
                   ({**front, "activations in RAM": in_ram}, sum(front.values()) + in_ram)]
         if head:
             phases.append(({**head, "activations in RAM": in_ram}, sum(head.values()) + in_ram))
+        if rounding:
+            phases.append(({**rounding, **host_layer}, sum(rounding.values()) + sum(host_layer.values())))
         host_parts = {"process": base, **max(phases, key=lambda p: p[1])[0]}
     needs = run_needs(cfg, group_size, Path("out"), Path("work"), Path("offload") if offload else None,
                       spill_above if spill_above is not None else acts, tokens, False)
     return Prediction(tokens, budget, plan, device_peak, sum(host_parts.values()), sum(n.bytes for n in needs),
-                      spilled, min_budget, {**layer, **{f"front: {k}": v for k, v in front.items()}, **head},
+                      spilled, min_budget, {**layer, **rounding, **{f"front: {k}": v for k, v in front.items()}, **head},
                       host_parts, phase)
 
 
@@ -216,12 +228,13 @@ class CardCalibration:
 
 def plan_calibration(cfg: R1VConfig, cards: list[tuple[str, int]], tokens: int, *, seq_len: int = 2048,
                      group_size: int = DEFAULT_GROUP_SIZE, host_bytes: int = 32 * 10**9,
-                     spill_above: int | None = None, lm_head: bool = False) -> list[CardCalibration]:
+                     spill_above: int | None = None, lm_head: bool = False, gptq: bool = False) -> list[CardCalibration]:
     """`awq` on CUDA (bf16) for each card of (label, bytes): the default budget of a free card, the peaks, the limits."""
     from r1v_quant.quant.chunks import headroom_budget
 
     spill = auto_spill_above(host_bytes) if spill_above is None else spill_above
-    kw = dict(device="cuda", act_bytes=2, seq_len=seq_len, group_size=group_size, spill_above=spill, lm_head=lm_head)
+    kw = dict(device="cuda", act_bytes=2, seq_len=seq_len, group_size=group_size, spill_above=spill, lm_head=lm_head,
+              gptq=gptq)
     out = []
     for label, size in cards:
         budget = headroom_budget(size)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from r1v_quant.errors import UserError
+from r1v_quant.int4.format import to_awq
 from r1v_quant.model.checkpoint import Checkpoint
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.model.layout import llm_linear_shapes
@@ -43,9 +44,10 @@ from r1v_quant.quant.chunks import (
     sample_bounds,
     token_bounds,
 )
+from r1v_quant.quant.gptq import accumulate_hessian, gptq_quantize
 from r1v_quant.quant.head import check_head, quantize_head
 from r1v_quant.quant.host_memory import release_freed_host_memory
-from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, fake_quantize
+from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, dequantize, fake_quantize
 from r1v_quant.quant.recipe import AWQSettings
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
 
@@ -320,20 +322,113 @@ def rtn_error(runner: LayerRunner, layer: nn.Module, store: ActivationStore, cap
     return err
 
 
-def pack_layer(layer: nn.Module, group_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The layer's export tensors (by name inside the layer); the layer then computes with exactly those weights."""
+def pack_layer(layer: nn.Module, group_size: int, device: torch.device, dtype: torch.dtype,
+               packed: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """The layer's export tensors (by name inside the layer); the layer then computes with exactly those weights.
+
+    A linear found in `packed` (its AutoAWQ tensors, from GPTQ) is stored as given; the others are
+    rounded to nearest here.
+    """
     tensors: dict[str, torch.Tensor] = {}
     for name, m in linears_of(layer).items():
-        packed = awq_tensors(m.weight.data.float().cpu(), group_size)
-        for suffix, t in packed.items():
+        leaves = (packed or {}).get(name) or awq_tensors(m.weight.data.float().cpu(), group_size)
+        for suffix, t in leaves.items():
             tensors[f"{name}.{suffix}"] = t
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.data.to(torch.bfloat16).cpu()
-        m.weight.data = awq_dequantize(packed["qweight"], packed["qzeros"], packed["scales"], group_size).to(device, dtype)
+        m.weight.data = awq_dequantize(leaves["qweight"], leaves["qzeros"], leaves["scales"], group_size).to(device, dtype)
     for norm in NORMS:
         tensors[f"{norm}.weight"] = getattr(layer, norm).weight.data.to(torch.bfloat16).cpu()
         getattr(layer, norm).weight.data = tensors[f"{norm}.weight"].to(device, dtype)
     return tensors
+
+
+def round_as_stored(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Norms and biases rounded to the bf16 the export stores them in, so later inputs are the served ones."""
+    for norm in NORMS:
+        mod = getattr(layer, norm)
+        mod.weight.data = mod.weight.data.to(torch.bfloat16).to(device, dtype)
+    for m in linears_of(layer).values():
+        if m.bias is not None:
+            m.bias.data = m.bias.data.to(torch.bfloat16).to(device, dtype)
+
+
+def linear_inputs(runner: LayerRunner, layer: nn.Module, reads: str, x: torch.Tensor, chunk: int
+                  ) -> Iterable[tuple[int, torch.Tensor]]:
+    """(first token, input rows) of the linear `reads` for one sample x [1, T, D], with the layer's current weights.
+
+    Only what feeds that linear is computed: the attention for o_proj and the MLP's inputs, the
+    MLP's first half (token chunk by chunk) for down_proj.
+    """
+    h = layer.input_layernorm(x)
+    if reads == QWEN2_GROUPS[0].reads:
+        yield 0, h[0]
+        return
+    attn = layer.self_attn
+    if reads == QWEN2_GROUPS[1].reads:
+        grabbed: list[torch.Tensor] = []
+        hook = attn.o_proj.register_forward_hook(lambda _m, args, _o: grabbed.append(args[0]))
+        try:
+            runner.attention(layer, h)
+        finally:
+            hook.remove()
+        yield 0, grabbed[0].reshape(-1, attn.o_proj.in_features)
+        return
+    y = layer.post_attention_layernorm(x + runner.attention(layer, h))[0]
+    mlp = layer.mlp
+    for a, b in token_bounds(y.shape[0], chunk):
+        yield a, (y[a:b] if reads == GATE else mlp.act_fn(mlp.gate_proj(y[a:b])) * mlp.up_proj(y[a:b]))
+
+
+@dataclass
+class GPTQNotes:
+    """What the report says of a layer's GPTQ rounding: per linear, raised dampening and dead input channels."""
+
+    damp: dict[str, float] = field(default_factory=dict)   # only linears whose factorisation needed more dampening
+    dead: dict[str, int] = field(default_factory=dict)     # only linears with dead input channels
+
+
+def gptq_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore, s: AWQSettings, weights: torch.Tensor,
+               clips: dict[str, torch.Tensor], dtype: torch.dtype, chunk: int
+               ) -> tuple[dict[str, dict[str, torch.Tensor]], GPTQNotes]:
+    """GPTQ codes of every linear, group by group in the layer's order, each from its inputs as they will be served.
+
+    The scales are folded before this, and each linear's inputs are recomputed after the linears
+    before it are quantised: q/k/v read the folded norm, o_proj the attention of quantised q/k/v,
+    gate/up the residual stream after the quantised attention, down_proj the quantised gate/up.
+    A clip threshold sets its linear's group ranges; the feedback rounds the unclipped weights.
+    Each quantised linear's weight is left as its stored tensors dequantise.
+    """
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    notes = GPTQNotes()
+    dev = runner.device
+    round_as_stored(layer, dev, dtype)
+    for g in QWEN2_GROUPS:
+        width = layer.get_submodule(g.reads).in_features
+
+        def chunks(reads: str = g.reads):
+            start = 0
+            for x in store:
+                for a, rows in linear_inputs(runner, layer, reads, x.to(dev, dtype), chunk):
+                    yield rows, weights[start + a:start + a + rows.shape[0]]
+                start += x.shape[1]
+
+        hess = accumulate_hessian(chunks(), width, dev)
+        for name in g.linears:
+            m = layer.get_submodule(name)
+            w = m.weight.data
+            rng = apply_clip(w.float(), clips[name], s.group_size) if name in clips else None
+            res = gptq_quantize(w, hess, s.group_size, s.gptq_damp, range_weight=rng)
+            del rng
+            packed[name] = to_awq(res.codes.cpu(), res.zeros.cpu(), res.scales.cpu())
+            m.weight.data = dequantize(res.codes, res.scales, res.zeros, s.group_size).to(dev, dtype)
+            if res.retries:
+                notes.damp[name] = res.damp
+            if res.dead:
+                notes.dead[name] = res.dead
+            del res
+        del hess
+    return packed, notes
 
 
 def layer_plan(layer: nn.Module, tokens: int, budget: int | None, device: torch.device, dtype: torch.dtype) -> ChunkPlan:
@@ -361,14 +456,19 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
     clip_idx = clip_sample(total, CLIP_TOKENS)
     cap = capture(runner, layer, store, dtype, plan, weights, clip_idx)
     rel_rtn = rtn_error(runner, layer, store, cap, s, dtype, plan.chunk_tokens)
+    packed, notes = None, GPTQNotes()
     with torch.no_grad():
         found = search_layer_scales(runner, layer, cap, s, weights, plan)
         apply_scales(layer, cap, found, plan.chunk_tokens)
         if s.clip:
             search_layer_clips(layer, cap, s, weights, clip_idx, found)
-            apply_clips(layer, found, s.group_size)
-    cap.feats.clear()
-    tensors = pack_layer(layer, s.group_size, runner.device, dtype)
+            if s.rounding == "nearest":
+                apply_clips(layer, found, s.group_size)
+        cap.feats.clear()
+        cap.clip_rows.clear()
+        if s.rounding == "gptq":
+            packed, notes = gptq_layer(runner, layer, store, s, weights, found.clips, dtype, plan.chunk_tokens)
+    tensors = pack_layer(layer, s.group_size, runner.device, dtype, packed)
 
     q_out: list[torch.Tensor] = []
     rel_awq = layer_error(runner, layer, store, cap, dtype, plan.chunk_tokens,
@@ -385,6 +485,8 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
         seconds=time.perf_counter() - start,
         peak_mem_mb=peak_memory_mb(runner.device),
         alphas=found.alphas,
+        gptq_damp=notes.damp,
+        gptq_dead=notes.dead,
     )
     return tensors, q_out, report
 

@@ -146,6 +146,9 @@ def read_source(export: Path) -> str | None:
 
 
 PROPAGATE_MODES = ("quantized", "float")
+ROUNDING_MODES = ("nearest", "gptq")
+# `--gptq-damp`'s default, a fraction of mean diag(H), chosen by held-out KL (BENCHMARKS.md, "GPTQ rounding").
+DEFAULT_GPTQ_DAMP = 0.01
 
 
 @dataclass(frozen=True)
@@ -159,26 +162,41 @@ class AWQSettings:
     propagate: str = "quantized"  # feed layer i+1 with layer i's quantised ("quantized") or float ("float") outputs
     balance: bool = True  # image and text tokens weigh half each in the searches
     lm_head: bool = False  # also AWQ lm_head, its scales folded into the final norm (quant/head.py)
+    rounding: str = "nearest"  # codes by round-to-nearest, or by GPTQ's error feedback (quant/gptq.py)
+    gptq_damp: float = DEFAULT_GPTQ_DAMP  # GPTQ's dampening, a fraction of mean diag(H)
 
     def __post_init__(self) -> None:
         if self.propagate not in PROPAGATE_MODES:
             raise UserError(f"--propagate {self.propagate} is not one of {', '.join(PROPAGATE_MODES)}.")
+        if self.rounding not in ROUNDING_MODES:
+            raise UserError(f"--rounding {self.rounding} is not one of {', '.join(ROUNDING_MODES)}.")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) \
+                or not math.isfinite(self.gptq_damp) or not 0 < self.gptq_damp <= 1:
+            raise UserError(f"--gptq-damp {self.gptq_damp} must be a number above 0 and at most 1.")
+        object.__setattr__(self, "gptq_damp", float(self.gptq_damp))
         if not isinstance(self.group_size, int) or self.group_size <= 0:
             raise UserError(f"--group-size {self.group_size} must be positive.")
         if not isinstance(self.grid, int) or self.grid < 2:
             raise UserError(f"--grid {self.grid} must be a whole number of at least 2.")
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as the report records and the fingerprint reads them; `lm_head` only when on,
-        so that exports without it are byte for byte what they were before the option existed."""
+        """The settings as the report records and the fingerprint reads them; `lm_head` only when on, and the
+        rounding only when it is GPTQ's, so that exports without them are byte for byte what they were
+        before the options existed."""
         out = asdict(self)
         if not self.lm_head:
             out.pop("lm_head")
+        if self.rounding == "nearest":
+            out.pop("rounding")
+            out.pop("gptq_damp")
         return out
 
     def display(self) -> dict[str, Any]:
         out = {"group size": self.group_size, "grid": self.grid, "duo scaling": self.duo, "clipping": self.clip,
                "layer inputs": self.propagate, "image/text tokens balanced": self.balance}
+        if self.rounding == "gptq":
+            out["rounding"] = (f"GPTQ error feedback (static order, dampening {self.gptq_damp:g} of mean diag(H))"
+                               + ("; lm_head round-to-nearest" if self.lm_head else ""))
         if self.lm_head:
             out["lm_head"] = "4-bit AWQ, scales folded into the final norm"
         return out

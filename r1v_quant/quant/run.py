@@ -52,6 +52,9 @@ class AWQResult:
             "mean relative layer-output error, AWQ": f"{sum(awq) / len(awq):.4f}",
             "mean relative layer-output error, round-to-nearest": f"{sum(rtn) / len(rtn):.4f}",
         }
+        raised = [f"{r.index}:{name}={d:g}" for r in self.layers for name, d in r.gptq_damp.items()]
+        if raised:
+            out["GPTQ dampening raised (layer:linear=dampening)"] = ", ".join(raised)
         if self.head is not None:
             out["relative logit error of lm_head, AWQ / round-to-nearest"] = (
                 f"{self.head.rel_err_awq:.4f} / {self.head.rel_err_rtn:.4f}")
@@ -167,20 +170,22 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def check_fits(cfg, calib: CalibrationRecipe, group_size: int, budget: int, dev: torch.device, dtype: torch.dtype,
-               spill_above: int, lm_head: bool = False) -> None:
+               spill_above: int, lm_head: bool = False, gptq: bool = False) -> None:
     """Refuse, before any layer loads, settings whose predicted peaks cannot fit the device or the host."""
     from r1v_quant.quant.memory_model import largest_within_host
 
     tokens = calibration_tokens(calib.samples, calib.seq_len, calib.max_tokens)
     kw = dict(device=dev.type, act_bytes=act_bytes(dtype), seq_len=calib.seq_len, group_size=group_size,
-              spill_above=spill_above, lm_head=lm_head)
+              spill_above=spill_above, lm_head=lm_head, gptq=gptq)
     pred = predict(cfg, tokens, budget, **kw)
     if budget < pred.min_budget:
         need = -(-pred.min_budget // 2**20)
         what = ("lm_head's AWQ pass, which needs at least {}MiB (its weight twice and a 16-token chunk of logits)"
                 if pred.min_budget_phase == "lm_head" else
                 "one decoder layer's AWQ pass, which needs at least {}MiB (the layer's weights twice, a 16-token chunk "
-                "and one --seq-len sample)").format(need)
+                "and one --seq-len sample{})").format(
+                    need, "; with --rounding gptq, three float32 matrices of the widest linear's input width squared"
+                    if gptq else "")
         raise UserError(f"--max-device-memory {budget // 2**20}MiB cannot hold {what}; pass --max-device-memory "
                         f"{need}MiB or more, or use a larger device.")
     host = available_host_bytes()
@@ -246,7 +251,8 @@ def quantize_checkpoint(
     dev = pick_device(device)
     dtype, dtype_why = choose_compute_dtype(compute_dtype, dev)
     budget = default_budget(dev) if max_device_memory is None else max_device_memory
-    check_fits(cfg, calib, settings.group_size, budget, dev, dtype, offload_above, settings.lm_head)
+    check_fits(cfg, calib, settings.group_size, budget, dev, dtype, offload_above, settings.lm_head,
+               settings.rounding == "gptq")
     tok = load_tokenizer(src)
 
     trace_dir = resolve_model(calib.trace_model) if calib.trace_model else (src if calib.traces == "self" else None)
@@ -325,7 +331,8 @@ def quantize_checkpoint(
             result.kl = kl_check(src, tmp)
         (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head))
         # Only deterministic facts go into the export, so equal inputs give byte-identical folders.
-        layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas}
+        layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas,
+                   **({"gptq_damp_raised": r.gptq_damp, "dead_inputs": r.gptq_dead} if settings.rounding == "gptq" else {})}
                   for r in reports]
         report = {"source": str(model), "calibration": calib.to_json(), "awq": settings.to_json(),
                   "summary": result.summary(), "layers": layers}

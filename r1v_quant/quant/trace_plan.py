@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from r1v_quant.deploy.cards import CardSpec, card_for
 from r1v_quant.errors import UserError
+from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.model.config import R1VConfig
 from r1v_quant.units import human_bytes
 
@@ -96,7 +97,7 @@ class TracePath:
         return f"{self.engine}, {self.model}, on {self.devices(card_label)}{recipe}"
 
 
-def weight_totals(cfg: R1VConfig, group_size: int = 128) -> dict[str, int]:
+def weight_totals(cfg: R1VConfig, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:
     """Bytes of the whole bf16 model, of its language model, and of the export's whole and language model."""
     from r1v_quant.model.footprint import bytes_by_component, export_tensor_specs, source_tensor_specs
 
@@ -214,7 +215,7 @@ def choose_path(tried: list[TracePath]) -> TracePath | None:
 
 
 def plan_card(cfg: R1VConfig, label: str, card_bytes: int, job: TraceJob, tokens: int, *, gpus: int = 1,
-              engine: str | None = None, traces: str = "self", group_size: int = 128, grid: int = 20) -> CardTraces:
+              engine: str | None = None, traces: str = "self", group_size: int = DEFAULT_GROUP_SIZE, grid: int = 20) -> CardTraces:
     """The trace path one card (or `gpus` of them) takes and every phase's predicted seconds.
 
     `traces` "self" tries full precision first and falls back to a 4-bit bootstrap; "bootstrap"
@@ -257,7 +258,7 @@ def no_path_sentence(job: TraceJob, where: str, tried: list[TracePath]) -> str:
 
 
 def runtime_path(cfg: R1VConfig, job: TraceJob, engine: str, weights: int, four_bit: bool, budget: int, *,
-                 gpus: int = 1, gpu_bytes: int | None = None, group_size: int = 128) -> TracePath | None:
+                 gpus: int = 1, gpu_bytes: int | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> TracePath | None:
     """The path `awq` is about to take on this machine, or None when it cannot be predicted (vLLM without a GPU,
     whose KV cache is vLLM's own setting there). `weights`: the trace model's weight bytes as loaded."""
     model = FOUR_BIT if four_bit else FULL

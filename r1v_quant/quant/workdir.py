@@ -56,6 +56,8 @@ class LayerReport:
     seconds: float
     peak_mem_mb: float
     alphas: dict[str, float] = field(default_factory=dict)
+    gptq_damp: dict[str, float] = field(default_factory=dict)  # GPTQ: linears whose dampening had to be raised
+    gptq_dead: dict[str, int] = field(default_factory=dict)    # GPTQ: linears' input channels no token activated
 
 
 def file_digest(path: Path) -> str:
