@@ -215,7 +215,8 @@ def choose_path(tried: list[TracePath]) -> TracePath | None:
 
 
 def plan_card(cfg: R1VConfig, label: str, card_bytes: int, job: TraceJob, tokens: int, *, gpus: int = 1,
-              engine: str | None = None, traces: str = "self", group_size: int = DEFAULT_GROUP_SIZE, grid: int = 20) -> CardTraces:
+              engine: str | None = None, traces: str = "self", group_size: int = DEFAULT_GROUP_SIZE,
+              grid: int = 20) -> CardTraces:
     """The trace path one card (or `gpus` of them) takes and every phase's predicted seconds.
 
     `traces` "self" tries full precision first and falls back to a 4-bit bootstrap; "bootstrap"
