@@ -8,10 +8,11 @@ Builds a random slice checkpoint (4 decoder layers at hidden 5120 / intermediate
 it with the built-in calibration set at the default size (128 x 2048, cap 65,536 tokens) within
 the default budget of a 24 GiB card, and prints each layer's seconds and peak memory beside the
 memory model's prediction for the same settings, and the time model's seconds per layer beside the
-measured ones (with its prediction for the 38B model with --traces self on a card of this size).
-Then the int4 matmul benchmark at the 38B shapes (`benchmarks/matmul.py`) and a short greedy chat
-with a picture on the export. Nothing is downloaded. The JSON summary goes to --json, else to
-$OUT/gpu-check.json when $OUT is set.
+measured ones (with its prediction for the 38B model with --traces self on a card of this size);
+then `awq --rounding gptq` on a one-layer slice of the same widths and calibration, beside the
+first run's layer 0. Then the int4 matmul benchmark at the 38B shapes (`benchmarks/matmul.py`) and
+a short greedy chat with a picture on the export. Nothing is downloaded. The JSON summary goes to
+--json, else to $OUT/gpu-check.json when $OUT is set.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -80,6 +81,23 @@ def layer_rows(run, pred, dev: torch.device) -> list[dict]:
         say(f"{r['index']:>5} {r['seconds']:>8.1f} {peak + ' GiB':>26} {r['predicted_bytes'] / GiB:>6.2f} GiB "
             f"{r['peak_over_predicted']:>6.2f}")
     return rows
+
+
+def gptq_run(work: Path, tiny: bool, layers: int, s: RunSettings, dev: torch.device) -> dict:
+    """`awq --rounding gptq` on a slice of `layers` decoder layers: per-layer seconds and peaks against its prediction."""
+    model = make_slice(work / "slice-gptq", "tiny" if tiny else "real", layers)
+    g = replace(s, rounding="gptq")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    say(f"awq --rounding gptq on a {layers}-layer slice")
+    run = awq_in_process(model, work / "export-gptq", g,
+                         on_layer=lambda m: say(f"gptq layer {m.index} done in {m.seconds:.1f} s"))
+    pred = prediction(model, run.tokens, g)
+    say(f"memory model with gptq: device {pred.device_peak / GiB:.2f} GiB (layer {layer_device_bytes(pred) / GiB:.2f}), "
+        f"host {pred.host_peak / GiB:.2f} GiB")
+    return {"tokens": run.tokens, "seconds": round(run.seconds, 3), "layers": layer_rows(run, pred, dev),
+            "prediction": {"device_peak_bytes": pred.device_peak, "layer_device_bytes": layer_device_bytes(pred),
+                           "host_peak_bytes": pred.host_peak, "device_parts": pred.device_parts}}
 
 
 def matmul(dev: torch.device, tiny: bool, work: Path) -> dict:
@@ -150,6 +168,7 @@ def parse(argv):
     p.add_argument("--compute-dtype", default="auto", help="as awq's --compute-dtype (default auto)")
     p.add_argument("--max-device-memory", default="card",
                    help="card (a free 24 GiB card's default budget), auto (this device's), or a size such as 40GiB")
+    p.add_argument("--gptq-layers", type=int, default=1, help="decoder layers of the --rounding gptq slice (0: skip it)")
     p.add_argument("--chat-tokens", type=int, default=8, help="tokens of the greedy chat reply")
     p.add_argument("--work", type=Path, help="folder for the slice and the export (default: a temporary one)")
     p.add_argument("--json", type=Path, help="summary file (default: $OUT/gpu-check.json when $OUT is set)")
@@ -197,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "device_parts": pred.device_parts, "host_parts": pred.host_parts}
         summary["layers"] = layer_rows(run, pred, dev)
         summary["time_prediction"] = time_prediction(dev, model, run, s)
+        if a.gptq_layers:
+            summary["gptq"] = gptq_run(work, tiny, a.gptq_layers, s, dev)
         summary["matmul"] = matmul(dev, tiny, work)
         summary["chat"] = chat(run.out, dev, a.chat_tokens)
     summary["seconds"] = round(time.perf_counter() - start, 3)

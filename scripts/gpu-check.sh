@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command on a machine with one CUDA GPU (H100/H200: under 8 minutes, nothing downloaded):
-# awq on a real-width slice with per-layer time and peak memory beside the memory model, the int4
-# matmul benchmark at the 38B shapes, and a chat with the export; a JSON summary at the end
+# awq on a real-width slice with per-layer time and peak memory beside the memory model, the same with
+# --rounding gptq on a one-layer slice, the int4 matmul benchmark at the 38B shapes, and a chat with
+# the export; a JSON summary at the end
 # (--json FILE, else $OUT/gpu-check.json when $OUT is set).
 #
 #   scripts/gpu-check.sh                       # on CUDA

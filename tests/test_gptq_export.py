@@ -97,3 +97,23 @@ def test_resume_with_gptq_is_byte_identical_and_refuses_other_roundings(tiny_dir
     assert names == sorted(p.name for p in resumed.iterdir())
     for n in names:
         assert (gptq_export / n).read_bytes() == (resumed / n).read_bytes(), n
+
+
+def test_memory_model_counts_the_second_moments_and_awq_refuses_a_budget_without_room():
+    from r1v_quant.model.checkpoint import resolve_config
+    from r1v_quant.quant.memory_check import layer_device_bytes
+    from r1v_quant.quant.memory_model import predict
+    from r1v_quant.quant.run import check_fits
+
+    cfg, _ = resolve_config("r1v-38b")
+    budget = int(21.6 * 2**30)  # a free 24 GiB card's default
+    plain, gptq = predict(cfg, 65536, budget), predict(cfg, 65536, budget, gptq=True)
+    h = 27648**2 * 4
+    assert gptq.device_parts["gptq: second moments"] >= 3 * h
+    assert gptq.device_peak == plain.device_peak <= 22 * 2**30  # the searches stay the peak at the defaults
+    assert layer_device_bytes(gptq) == layer_device_bytes(plain)
+    assert plain.min_budget < 3 * h < gptq.min_budget
+    dev = torch.device("cuda")
+    check_fits(cfg, CalibrationRecipe(), 128, 8 * 2**30, dev, torch.bfloat16, 2**30)  # nearest fits in 8 GiB
+    with pytest.raises(UserError, match="--rounding gptq"):
+        check_fits(cfg, CalibrationRecipe(), 128, 8 * 2**30, dev, torch.bfloat16, 2**30, gptq=True)

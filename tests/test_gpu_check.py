@@ -38,6 +38,10 @@ def test_gpu_check_dry_run_on_cpu_writes_a_complete_summary(tmp_path):
     assert t["assumed_chip"] == "RTX 4090" and t["layer_seconds_predicted"] > 0 and t["layer_seconds_measured"] > 0
     assert "4-bit" in t["r1v_38b_traces_self"]["path"] and t["r1v_38b_traces_self"]["seconds"]["trace generation"] > 0
     assert "time model, assuming a RTX 4090" in proc.stdout
+    # The GPTQ rounding on a one-layer slice, its peak held against the prediction that counts its second moments.
+    (g,) = s["gptq"]["layers"]
+    assert g["index"] == 0 and g["seconds"] > 0 and 0.5 < g["peak_over_predicted"] < 1.5
+    assert any(k.startswith("gptq") for k in s["gptq"]["prediction"]["device_parts"])
     rows = s["matmul"]["results"]
     assert len(rows) == 6 and all(r["bf16_ms"] > 0 and r["int4_ms"] > 0 and r["rel_err"] < 0.2 for r in rows)
     assert s["chat"]["tokens"] > 0 and s["chat"]["image_tiles"] >= 1

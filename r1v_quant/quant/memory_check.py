@@ -40,6 +40,7 @@ class RunSettings:
     budget: int = 0                   # --max-device-memory in bytes
     spill_above: int = 8 * GiB        # --offload-above in bytes
     compute_dtype: str = "float32"
+    rounding: str = "nearest"         # awq --rounding
 
     def __post_init__(self):
         # The command line takes MiB: both sides of the comparison see the same rounded figures.
@@ -54,14 +55,15 @@ class RunSettings:
         return ["--device", self.device, "--samples", str(self.samples), "--seq-len", str(self.seq_len),
                 "--max-tokens", str(self.max_tokens), "--grid", str(self.grid), "--group-size", str(self.group_size),
                 "--max-device-memory", f"{self.budget // 2**20}MiB",
-                "--offload-above", f"{self.spill_above // 2**20}MiB", "--compute-dtype", self.compute_dtype]
+                "--offload-above", f"{self.spill_above // 2**20}MiB", "--compute-dtype", self.compute_dtype,
+                "--rounding", self.rounding]
 
 
 def prediction(model: Path, tokens: int, s: RunSettings) -> Prediction:
     from r1v_quant.model.config import load_config
 
     return predict(load_config(model), tokens, s.budget, device=s.device, act_bytes=s.act_bytes,
-                   seq_len=s.seq_len, group_size=s.group_size, spill_above=s.spill_above)
+                   seq_len=s.seq_len, group_size=s.group_size, spill_above=s.spill_above, gptq=s.rounding == "gptq")
 
 
 def layer_device_bytes(p: Prediction) -> int:
@@ -117,7 +119,8 @@ def awq_in_process(model: Path, out: Path, s: RunSettings, on_layer=None) -> InP
             on_layer(m)
 
     start = time.perf_counter()
-    result = quantize_checkpoint(str(model), out, AWQSettings(group_size=s.group_size, grid=s.grid),
+    result = quantize_checkpoint(str(model), out, AWQSettings(group_size=s.group_size, grid=s.grid,
+                                                                             rounding=s.rounding),
                                  CalibrationRecipe("builtin", samples=s.samples, seq_len=s.seq_len,
                                                    max_tokens=s.max_tokens),
                                  force=True, device=s.device, offload_above=s.spill_above, progress=progress,
