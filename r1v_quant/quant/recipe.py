@@ -128,6 +128,7 @@ class AWQSettings:
     propagate: str = "quantized"  # feed layer i+1 with layer i's quantised ("quantized") or float ("float") outputs
     balance: bool = True  # image and text tokens weigh half each in the searches
     lm_head: bool = False  # also AWQ lm_head, its scales folded into the final norm (quant/head.py)
+    sensitivity: bool = False  # measure each linear group's sensitivity, for --keep-bf16 (quant/keep.py)
 
     def __post_init__(self) -> None:
         if self.propagate not in PROPAGATE_MODES:
@@ -141,8 +142,9 @@ class AWQSettings:
         """The settings as the report records and the fingerprint reads them; `lm_head` only when on,
         so that exports without it are byte for byte what they were before the option existed."""
         out = asdict(self)
-        if not self.lm_head:
-            out.pop("lm_head")
+        for flag in ("lm_head", "sensitivity"):
+            if not out[flag]:
+                out.pop(flag)
         return out
 
     def display(self) -> dict[str, Any]:
@@ -150,4 +152,6 @@ class AWQSettings:
                "layer inputs": self.propagate, "image/text tokens balanced": self.balance}
         if self.lm_head:
             out["lm_head"] = "4-bit AWQ, scales folded into the final norm"
+        if self.sensitivity:
+            out["linear-group sensitivity"] = "measured per layer (layer-output error removed by keeping the group float)"
         return out

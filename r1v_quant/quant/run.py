@@ -18,7 +18,8 @@ from r1v_quant.model.layout import check_checkpoint_shapes
 from r1v_quant.output import check_out_dir, staged_dir
 from r1v_quant.quant.chunks import available_host_bytes, default_budget
 from r1v_quant.quant.compute import choose_compute_dtype, dtype_name
-from r1v_quant.quant.export import copy_side_files, export_config, model_card, side_files, write_tensors
+from r1v_quant.quant.export import copy_side_files, export_config, kept_part, model_card, side_files, write_tensors
+from r1v_quant.quant.keep import KeepRequest
 from r1v_quant.quant.memory_model import auto_spill_above, calibration_tokens, config_plan, predict
 from r1v_quant.quant.pipeline import run_awq, validate_group_size
 from r1v_quant.quant.recipe import REPORT_NAME, AWQSettings, CalibrationRecipe, fingerprint
@@ -138,6 +139,7 @@ def quantize_checkpoint(
     trace_cache: Path | None = None,
     max_device_memory: int | None = None,
     compute_dtype: str = "auto",
+    keep: KeepRequest | None = None,
 ) -> AWQResult:
     from r1v_quant.calib.encode import composition, embed_encoded, image_token_share
     from r1v_quant.calib.text_share import encode_with_text_share, fill_source
@@ -152,6 +154,14 @@ def quantize_checkpoint(
     check_checkpoint_shapes(cfg, ckpt)
     side_files(src)  # a link out of the checkpoint is refused before any work
     validate_group_size(cfg, settings.group_size, settings.lm_head)
+    if keep is not None and keep.measures and not settings.sensitivity:
+        from dataclasses import replace
+
+        settings = replace(settings, sensitivity=True)
+    if keep is not None and keep.mode == "auto":
+        from r1v_quant.quant.keep import resolve
+
+        resolve(keep, cfg, settings.group_size, {})  # a card without room even for the context is refused before work
     out = Path(out)
     check_out_dir(out, force, source=src)
     work_folder = work_path(out, work_dir)
@@ -209,22 +219,32 @@ def quantize_checkpoint(
         f"{'on the device' if plan.stored_on_device else 'in host memory'}, down_proj inputs "
         f"{'kept' if plan.keep_down_inputs else 'rebuilt per chunk'}")
 
+    kept_groups, kept_info, not_convert = choose_kept(keep, cfg, settings, reports, work)
+    if kept_info:
+        result.extra["kept in bf16"] = (f"{len(kept_groups)} groups, {kept_info['params_share']:.1%} of the decoder "
+                                        f"linears, +{kept_info['extra_bytes'] / 2**30:.2f} GiB")
     card = {"source": str(model), **calib.display(), **settings.display()}
+    if kept_info:
+        card["kept in bf16"] = kept_info["request"]
     check_replaceable(out, protected)
     with staged_dir(out, force=force) as tmp:
         write_tensors(ckpt, work.layer_file, tmp, max_shard_bytes,
-                      head=load_file(str(work.head_file)) if settings.lm_head else None)
-        (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size, settings.lm_head),
-                                                    indent=2) + "\n")
+                      head=load_file(str(work.head_file)) if settings.lm_head else None,
+                      kept=kept_modules(kept_groups))
+        (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size, settings.lm_head,
+                                                                  not_convert), indent=2) + "\n")
         copy_side_files(src, tmp)
         if kl_check is not None:
             result.kl = kl_check(src, tmp)
-        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head))
+        kept_text = kept_part(kept_info.get("groups", []), kept_info.get("params_share", 0.0), not_convert or [])
+        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head, kept_text))
         # Only deterministic facts go into the export, so equal inputs give byte-identical folders.
-        layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas}
-                  for r in reports]
+        layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas,
+                   **({"sensitivity": r.sensitivity} if r.sensitivity else {})} for r in reports]
         report = {"source": str(model), "calibration": calib.to_json(), "awq": settings.to_json(),
                   "summary": result.summary(), "layers": layers}
+        if kept_info:
+            report["kept_bf16"] = kept_info
         if head is not None:
             report["lm_head"] = {"rel_err_awq": head.rel_err_awq, "rel_err_rtn": head.rel_err_rtn, "alphas": head.alphas}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
@@ -233,3 +253,26 @@ def quantize_checkpoint(
 
         shutil.rmtree(work.path, ignore_errors=True)
     return result
+
+
+def choose_kept(keep: KeepRequest | None, cfg, settings: AWQSettings, reports: list[LayerReport], work: WorkFolder
+                ) -> tuple[list[tuple[int, str]], dict, list[str] | None]:
+    """The groups an export keeps in bf16, the report's summary of the choice, and `modules_to_not_convert`
+    (None for the default list). Checks that every kept layer's work file holds the scales it needs."""
+    from r1v_quant.model.kept import keep_entries
+    from r1v_quant.model.layout import MODULES_TO_NOT_CONVERT
+    from r1v_quant.quant.keep import check_scales_present, resolve
+
+    if keep is None:
+        return [], {}, None
+    sensitivity = {r.index: r.sensitivity for r in reports}
+    groups, info = resolve(keep, cfg, settings.group_size, sensitivity)
+    for i in sorted({i for i, _ in groups}):
+        check_scales_present(load_file(str(work.layer_file(i))), str(work.layer_file(i)))
+    return groups, info, keep_entries(list(MODULES_TO_NOT_CONVERT), groups)
+
+
+def kept_modules(groups: list[tuple[int, str]]) -> frozenset[str]:
+    from r1v_quant.model.kept import group_modules
+
+    return frozenset(m for i, g in groups for m in group_modules(i, g))

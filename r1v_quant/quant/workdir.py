@@ -42,6 +42,7 @@ class LayerReport:
     seconds: float
     peak_mem_mb: float
     alphas: dict[str, float] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # per linear group, with AWQSettings.sensitivity
 
 
 def file_digest(path: Path) -> str:
