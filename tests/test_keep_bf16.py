@@ -231,6 +231,7 @@ def mixed_export(tiny_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # an awq run on the tiny checkpoint
 def test_mixed_export_lists_and_stores_the_kept_groups(mixed_export):
     from r1v_quant.deploy.inspect_export import inspect
 
@@ -257,6 +258,7 @@ def test_mixed_export_lists_and_stores_the_kept_groups(mixed_export):
     assert saved["kept_bf16"]["groups"] == ["0.qkv", "0.o", "1.gate_up", "1.down"]
 
 
+@pytest.mark.slow  # an awq run on the tiny checkpoint
 def test_kept_linears_compute_the_source_function(tiny_dir, mixed_export):
     """Layer 0's attention and layer 1's MLP are wholly kept: the export computes them as the source does."""
     from r1v_quant.model.r1v import load_model
@@ -282,6 +284,7 @@ def test_kept_linears_compute_the_source_function(tiny_dir, mixed_export):
     assert quantised_mlp > 5 * max(attn, mlp), (quantised_mlp, attn, mlp)
 
 
+@pytest.mark.slow  # an awq run on the tiny checkpoint
 def test_runtime_logits_equal_plain_dequantisation_of_the_stored_tensors(mixed_export):
     """Our loader's logits on a mixed export equal those of a plain model given each stored tensor, dequantised."""
     from r1v_quant.int4.format import awq_dequantize
@@ -318,6 +321,7 @@ def _edit_list(src, dst, fn):
     return dst
 
 
+@pytest.mark.slow  # an awq run on the tiny checkpoint
 def test_inspect_fails_when_the_list_and_the_tensors_disagree(mixed_export, tmp_path):
     from r1v_quant.deploy.inspect_export import inspect
 
@@ -333,6 +337,7 @@ def test_inspect_fails_when_the_list_and_the_tensors_disagree(mixed_export, tmp_
         assert words in msg, (label, msg)
 
 
+@pytest.mark.slow  # an awq run on the tiny checkpoint
 def test_plan_of_a_mixed_export_counts_kept_bytes(mixed_export):
     from r1v_quant.deploy.inspect_export import inspect
     from r1v_quant.deploy.plan import plan_model
@@ -346,6 +351,7 @@ def test_plan_of_a_mixed_export_counts_kept_bytes(mixed_export):
 # Sensitivity and the auto choice
 
 
+@pytest.mark.slow  # an awq run on the tiny checkpoint
 def test_sensitivity_is_measured_without_changing_the_layer_result(tiny_dir):
     from r1v_quant.model.checkpoint import Checkpoint
     from r1v_quant.model.config import load_config
@@ -372,6 +378,7 @@ def test_sensitivity_is_measured_without_changing_the_layer_result(tiny_dir):
     assert {k for k in t1 if k.startswith("awq_scales.")} == {"awq_scales.qkv", "awq_scales.gate_up", "awq_scales.down"}
 
 
+@pytest.mark.slow  # an awq run on the tiny checkpoint
 def test_share_export_keeps_the_groups_the_report_ranks_first(tiny_dir, tmp_path):
     """--keep-bf16 30%: the export keeps what `choose` picks from the sensitivities its own report records."""
     from r1v_quant.model.config import load_config

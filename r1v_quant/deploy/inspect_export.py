@@ -9,7 +9,9 @@ The vLLM contract checked here (see design/AWQ-AND-VLLM.md):
     zero_point true, version gemm; not only inside llm_config.
   * `modules_to_not_convert` covers every unquantised linear under vLLM's rule (a layer is skipped
     when any entry occurs as a substring of its prefix; vLLM fuses q/k/v into `qkv_proj` and gate/up
-    into `gate_up_proj`), in particular the vision tower and mlp1, and covers no quantised module.
+    into `gate_up_proj`, and current releases test each part's unfused name, older ones the fused
+    prefix: model/kept.py), in particular the vision tower, mlp1 and any decoder linears kept in
+    bf16 (`awq --keep-bf16`); it covers no quantised module, and every entry names some linear.
   * every quantised linear has qweight/qzeros/scales (int32/int32/float16) of consistent shapes for
     its (in, out, group), and no leftover `.weight`; q/k/v and gate/up agree, as vLLM fuses them.
   * the group size is one Marlin takes (-1/32/64/128), else a warning.

@@ -10,7 +10,9 @@ replaced by its AutoAWQ GEMM tensors (`layout.awq_shapes`: qweight/qzeros int32,
 and every other tensor copied unchanged in the model dtype. `export_tensor_specs` lists those
 tensors name by name, so the predicted export size equals the sum of the tensor bytes in the
 export's safetensors files exactly (headers, tokenizer and config files are not counted). An
-export written with `awq --quantize-lm-head` (`"lm_head": true`) stores lm_head the same way.
+export written with `awq --quantize-lm-head` (`"lm_head": true`) stores lm_head the same way; one
+written with `awq --keep-bf16` keeps the decoder linears its `modules_to_not_convert` names in the
+model dtype (`quant/keep.py` plans how many a card has room for).
 
 Components: `vision` (vision_model.*), `projector` (mlp1.*), `llm_linears` (the seven decoder
 linears: `.weight` in the source, qweight+qzeros+scales in the export), `llm_other` (RMSNorm

@@ -182,6 +182,17 @@ def resolve(request: KeepRequest, cfg: R1VConfig, group_size: int,
     return chosen, info
 
 
+def most_extra_bytes(request: KeepRequest, cfg: R1VConfig, group_size: int) -> int:
+    """The most a request can add to the export, before any sensitivity is known (for the disk check)."""
+    costs = group_costs(cfg, group_size)
+    if request.mode == "list":
+        return sum(costs[g].extra for _, g in request.groups)
+    all_extra = cfg.num_layers * sum(c.extra for c in costs.values())
+    if request.mode == "share":
+        return int(request.share * all_extra) + max(c.extra for c in costs.values())
+    return max(0, min(all_extra, card_room(cfg, request.card_bytes, request.context, group_size)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Kept weights
 

@@ -171,8 +171,15 @@ def quantize_checkpoint(
     protected = {"source checkpoint": src, "offload folder": offload_dir, "work folder": work_folder,
                  **{f"calibration data {p}": p for p in calib_paths(calib)}}
     check_replaceable(out, protected)
-    check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, calib.max_tokens,
-                          resume))
+    needs = run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, calib.max_tokens, resume)
+    if keep is not None:
+        from dataclasses import replace as with_bytes
+
+        from r1v_quant.quant.keep import most_extra_bytes
+
+        extra = most_extra_bytes(keep, cfg, settings.group_size)
+        needs = [with_bytes(n, bytes=n.bytes + extra) if n.label == "export" else n for n in needs]
+    check_space(needs)
     dev = pick_device(device)
     dtype, dtype_why = choose_compute_dtype(compute_dtype, dev)
     budget = default_budget(dev) if max_device_memory is None else max_device_memory
