@@ -228,8 +228,10 @@ def quantize_checkpoint(
 
     kept_groups, kept_info, not_convert = choose_kept(keep, cfg, settings, reports, work)
     if kept_info:
+        from r1v_quant.deploy.units import human_bytes
+
         result.extra["kept in bf16"] = (f"{len(kept_groups)} groups, {kept_info['params_share']:.1%} of the decoder "
-                                        f"linears, +{kept_info['extra_bytes'] / 2**30:.2f} GiB")
+                                        f"linears, +{human_bytes(kept_info['extra_bytes'])}")
     card = {"source": str(model), **calib.display(), **settings.display()}
     if kept_info:
         card["kept in bf16"] = kept_info["request"]
