@@ -130,7 +130,7 @@ def test_group_costs_and_auto_room_against_the_arithmetic():
     for c in costs.values():
         assert c.kept == 2 * c.params and c.awq * 128 == c.params * (64 + 2.5)
     assert linear_params(cfg) == 64 * (d * (d + 2 * kv) + d * d + 3 * d * f)
-    assert linear_params(cfg) * 2 / 2**30 == pytest.approx(58.12, abs=0.01)          # the 58.12 GiB
+    assert linear_params(cfg) * 2 / 2**30 == pytest.approx(58.12, abs=0.01)          # plan's 58.12 GiB of bf16 linears
     card = make_plan(cfg, gpu_mems=[("48", 48 * 2**30)]).cards[0]
     assert card_room(cfg, 48 * 2**30, 32768, 128) == card.kv_room_bytes - 32768 * kv_bytes_per_token(cfg)
 
@@ -425,6 +425,6 @@ def test_plan_shows_what_auto_would_keep(capsys):
                                                    plan.kv_bytes_per_token)
         assert 32768 <= fit.context_after < 32768 + 16 + (0 if fit.auto_share < 1 else 10**7)
         assert fit.context_at[0.05] == context_tokens(card.kv_room_bytes - int(0.05 * all_extra), plan.kv_bytes_per_token)
-    # The figures: 2.76 GiB beyond 32k on a 48 GiB card keep about 6%.
+    # plan's figures: 2.76 GiB beyond 32k on a 48 GiB card keep about 6%.
     assert fits[0].room_bytes / 2**30 == pytest.approx(2.76, abs=0.01) and fits[0].auto_share == pytest.approx(0.064, abs=0.003)
     assert f"{fits[0].auto_share:.1%}" in out
