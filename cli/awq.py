@@ -53,6 +53,9 @@ def command(
     gptq_damp: float = typer.Option(DEFAULT_GPTQ_DAMP, help="--rounding gptq: dampening added to the inputs' second moment, as a fraction of its mean diagonal (raised tenfold, and reported, when the factorisation fails)."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Weigh image and text tokens equally in the searches."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantise lm_head to 4 bit (AWQ, its scales folded into the final norm; vLLM reads \"lm_head\": true). Not for tied embeddings."),
+    keep_bf16: str | None = typer.Option(None, "--keep-bf16", help="Keep decoder linear groups (q/k/v, o, gate/up, down of a layer) in bf16: auto (the most sensitive within --budget at --context), a share of the linears such as 5%, or a list such as 3.down,0.qkv or full linear names."),
+    budget: str | None = typer.Option(None, "--budget", help="With --keep-bf16 auto: the serving card's memory, e.g. 48GiB (bare numbers are GiB)."),
+    context: int | None = typer.Option(None, "--context", help="With --keep-bf16 auto: tokens of KV cache the card must still hold (default 32768)."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration set."),
     text_share: float = typer.Option(DEFAULT_TEXT_SHARE, help="Least share of text tokens in the calibration set, 0 to 1: the last image-bearing samples make room for text-only ones (the set's text parts, else the built-in questions as text). 0 keeps the set as encoded."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
@@ -80,6 +83,16 @@ def command(
                            lm_head=quantize_lm_head, rounding=rounding, gptq_damp=gptq_damp)
     from r1v_quant.deploy.vllm_engine import Parallel
 
+    keep = None
+    if keep_bf16 is not None:
+        from r1v_quant.model.checkpoint import resolve_config
+        from r1v_quant.quant.keep import parse_keep
+
+        keep = parse_keep(keep_bf16, resolve_config(model)[0], budget, context)
+    elif budget is not None or context is not None:
+        from r1v_quant.errors import UserError
+
+        raise UserError("--budget and --context go with --keep-bf16 auto.")
     choice = CalibrationRecipe(calib, calib_path, _mix(mix), traces, max_trace_tokens, samples, seq_len, max_tokens, seed,
                                text_share, trace_engine=trace_engine, trace_model=trace_model)
     parallel = Parallel(tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend)
@@ -118,7 +131,7 @@ def command(
                                      compute_dtype=compute_dtype, max_device_memory=(parse_size(max_device_memory, "--max-device-memory", 2**20)
                                                         if max_device_memory else None),
                                      progress=on_layer, kl_check=check, trace_progress=on_trace,
-                                     trace_parallel=parallel, note=lambda text: console.print(f"[dim]{text}[/]"))
+                                     trace_parallel=parallel, note=lambda text: console.print(f"[dim]{text}[/]"), keep=keep)
 
     table = Table(title="per-layer relative output error (lower is better)")
     for col in ("layer", "AWQ", "round-to-nearest", "AWQ / RTN", "seconds", "peak MB"):

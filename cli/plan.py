@@ -28,7 +28,7 @@ def _params(n: int) -> str:
     return f"{n / 1e9:,.3f} B" if n >= 10**8 else f"{n / 1e6:,.3f} M"
 
 
-def render(plan: Plan, console: Console) -> None:
+def render(plan: Plan, console: Console, context: int = 32768) -> None:
     console.print(f"[bold]{plan.source}[/]  ({plan.model_type}, {plan.model_dtype}; "
                   f"{'planning the existing ' if plan.already_quantized else ''}AWQ {plan.bits}-bit, "
                   f"group size {plan.group_size})")
@@ -66,6 +66,7 @@ def render(plan: Plan, console: Console) -> None:
                   "no = under 4k (not even one 13-tile image and an answer).")
 
     render_recipes(plan, console)
+    render_keep(plan, console, context)
 
     for card in plan.cards:
         if not card.suggestions:
@@ -126,6 +127,25 @@ def _trace_rows(cfg, traces, engine, gpus, samples, seq_len, trace_tokens, token
                          group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size, grid=grid) for label, size in cards]
     render_traces(rows, job, traces, console)
     return rows
+
+
+def render_keep(plan: Plan, console: Console, context: int) -> None:
+    """What `awq --keep-bf16 auto --budget CARD --context N` would keep on each card, and the context each share costs."""
+    from r1v_quant.quant.keep import PLAN_SHARES, plan_keep
+
+    fits = plan_keep(plan, context)
+    t = Table(title=f"awq --keep-bf16 auto --context {context}: decoder linears kept in bf16 within each card "
+              "(share of the linears' parameters; the rest 4-bit)", title_justify="left")
+    for col in ("card", f"room beyond {context:,d} tokens GiB", "auto keeps up to", "adds GiB", "max tokens, all 4-bit",
+                "max tokens after auto", *(f"max tokens at {s:.0%} kept" for s in PLAN_SHARES)):
+        t.add_column(col, justify="left" if col == "card" else "right")
+    for f in fits:
+        t.add_row(f.card, _gib(f.room_bytes), f"{f.auto_share:.1%}", _gib(f.auto_bytes), f"{f.max_context:,d}",
+                  f"{f.context_after:,d}", *(f"{f.context_at[s]:,d}" for s in PLAN_SHARES))
+    console.print(t)
+    console.print("auto keeps whole groups (q/k/v, o, gate/up or down of one layer), the most sensitive per byte as "
+                  "measured during calibration, so its share is at most the one shown; a negative room means the card "
+                  "cannot hold that context even with every linear 4-bit.", highlight=False)
 
 
 def render_calibration(rows, tokens: int, host_bytes: int, console: Console) -> None:
@@ -226,6 +246,8 @@ def command(
     grid: Annotated[int, typer.Option("--grid", min=2, help="awq --grid (with --calibrate, for the time).")] = 20,
     rounding: Annotated[str, typer.Option(
         "--rounding", help="awq --rounding (with --calibrate): nearest, or gptq, which adds its second moments.")] = "nearest",
+    context: Annotated[int, typer.Option(
+        "--context", min=1, help="Context that `awq --keep-bf16 auto` must leave room for, in tokens.")] = 32768,
 ) -> None:
     """Predict weight bytes (bf16 and AWQ export) and the longest context that fits each GPU."""
     check_report_path(json_out, "--json")
@@ -267,6 +289,11 @@ def command(
         raise UserError(f"--kv-cache-dtype {kv_dtype!r} is not auto, bf16, fp16 or fp8.")
     plan = plan_model(model, group_size=group_size, kv_dtype=kv_dtype.lower(), util=util, gpu_mems=parse_gpu_mems(gpu_mem),
                       max_batched_tokens=max_batched_tokens, max_dynamic_patch=max_tiles, lm_head=quantize_lm_head)
-    render(plan, Console())
+    render(plan, Console(), context)
     if json_out is not None:
-        write_text_report(json_out, json.dumps(plan.to_dict(), indent=2) + "\n", "--json")
+        from dataclasses import asdict
+
+        from r1v_quant.quant.keep import plan_keep
+
+        data = {**plan.to_dict(), "keep_bf16_auto": [asdict(f) for f in plan_keep(plan, context)]}
+        write_text_report(json_out, json.dumps(data, indent=2) + "\n", "--json")

@@ -125,3 +125,22 @@ def test_reference_op_matches_vllm_layout(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["ok"], json.dumps(summary, indent=2)
     assert proc.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def reference_mixed(tmp_path_factory) -> Path:
+    """The same with `awq --keep-bf16`: layer 0's q/k/v and layer 1's MLP stay bf16, listed in modules_to_not_convert."""
+    from vllm_check import DEFAULT_AWQ_ARGS
+
+    return _prepare(tmp_path_factory.mktemp("vllm-mixed"), f"--awq-args={DEFAULT_AWQ_ARGS} --keep-bf16 0.qkv,1.gate_up,1.down")
+
+
+def test_vllm_loads_a_mixed_export_and_matches_runtime(reference_mixed):
+    """A mixed export: vLLM builds exactly the listed linears unquantised (fused ones whole) and gives our runtime's tokens."""
+    summary = _run_vllm(reference_mixed)
+    assert {c["name"] for c in summary["cases"]} == {"text", "image"}
+    assert summary["engine"]["unquantised_decoder_linears"] == [
+        "language_model.model.layers.0.self_attn.qkv_proj",
+        "language_model.model.layers.1.mlp.down_proj",
+        "language_model.model.layers.1.mlp.gate_up_proj",
+    ], summary["engine"]

@@ -294,7 +294,11 @@ def engine_facts(model) -> dict:
     return {"vision_params": len(tower), "vision_bytes": sum(p.numel() * p.element_size() for _, p in tower),
             "vision_model": type(model.vision_model).__name__, "mlp1": type(model.mlp1).__name__,
             "lm_head_method": type(getattr(head, "quant_method", None)).__name__,
-            "lm_head_params": sorted(n for n, _ in head.named_parameters())}
+            "lm_head_params": sorted(n for n, _ in head.named_parameters()),
+            # Decoder linears vLLM built unquantised (an export's modules_to_not_convert, `awq --keep-bf16`).
+            "unquantised_decoder_linears": sorted(
+                n for n, m in model.named_modules() if n.startswith("language_model.") and ".layers." in n
+                and type(getattr(m, "quant_method", None)).__name__ == "UnquantizedLinearMethod")}
 
 
 def run_vllm(model: Path, ref: dict, emulate_avx2: bool, max_model_len: int, strict: bool = False,

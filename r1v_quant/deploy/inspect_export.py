@@ -9,7 +9,9 @@ The vLLM contract checked here (see design/AWQ-AND-VLLM.md):
     zero_point true, version gemm; not only inside llm_config.
   * `modules_to_not_convert` covers every unquantised linear under vLLM's rule (a layer is skipped
     when any entry occurs as a substring of its prefix; vLLM fuses q/k/v into `qkv_proj` and gate/up
-    into `gate_up_proj`), in particular the vision tower and mlp1, and covers no quantised module.
+    into `gate_up_proj`, and current releases test each part's unfused name, older ones the fused
+    prefix: model/kept.py), in particular the vision tower, mlp1 and any decoder linears kept in
+    bf16 (`awq --keep-bf16`); it covers no quantised module, and every entry names some linear.
   * every quantised linear has qweight/qzeros/scales (int32/int32/float16) of consistent shapes for
     its (in, out, group), and no leftover `.weight`; q/k/v and gate/up agree, as vLLM fuses them.
   * the group size is one Marlin takes (-1/32/64/128), else a warning.
@@ -57,6 +59,7 @@ from r1v_quant.model.footprint import (
     export_tensor_specs,
     model_dtype,
 )
+from r1v_quant.model.kept import is_skipped
 from r1v_quant.model.layout import HEAD_MODULE, QUANT_LINEAR_SUFFIXES, checkpoint_shapes, is_quant_linear
 from r1v_quant.model.topology import DECODER_LAYERS, FUSED_LINEARS
 from r1v_quant.units import ST_TO_TORCH, TORCH_TO_ST
@@ -155,8 +158,10 @@ def _check_not_convert(qc: AWQConfig, unquantised: list[str], quantised: list[st
     entries = qc.modules_to_not_convert or []
     # With an empty list vLLM adds vision_model by itself for this model family (and nothing else).
     effective = entries or ["vision_model"]
-    uncovered = [m for m in unquantised if not any(e in vllm_prefix(m) for e in effective)]
-    overcovered = [(m, e) for m in quantised for e in effective if e in vllm_prefix(m)]
+    # vLLM's rule, as current releases (each part of a fused module) and older ones (the fused prefix) apply it.
+    uncovered = [m for m in unquantised if not is_skipped(m, effective)]
+    overcovered = [(m, e) for m in quantised for e in effective if is_skipped(m, [e])]
+    stray = [e for e in entries if not any(is_skipped(m, [e]) for m in (*unquantised, *quantised))]
     problems = []
     if uncovered:
         areas = ", ".join(f"{a}: {n}" for a, n in sorted(Counter(_area(m) for m in uncovered).items()))
@@ -174,8 +179,16 @@ def _check_not_convert(qc: AWQConfig, unquantised: list[str], quantised: list[st
         m, e = overcovered[0]
         problems.append(f"entry {e!r} also matches {len(overcovered)} quantised modules, e.g. {m} (vLLM prefix "
                         f"{vllm_prefix(m)}), which vLLM would then load as unquantised")
+    if stray:
+        problems.append(f"{len(stray)} entries name no linear of the export, e.g. {listing(stray)}: the list and the "
+                        "stored tensors disagree")
     if problems:
         return Check(name, "fail", "; ".join(problems) + ".")
+    kept = [m for m in unquantised if is_quant_linear(m)]
+    if kept:
+        return Check(name, "pass", f"{len(entries)} entries cover all {len(unquantised)} unquantised linears, among "
+                                   f"them {len(kept)} decoder linears kept in bf16, and none of the {len(quantised)} "
+                                   "quantised ones.")
     return Check(name, "pass", f"{entries} covers all {len(unquantised)} unquantised linears and none of the "
                                f"{len(quantised)} quantised ones.")
 
@@ -443,7 +456,8 @@ def inspect(folder: str | Path) -> InspectReport:
     planned: dict[str, int] | None = None
     if cfg is not None and group_used is not None:
         try:
-            planned = bytes_by_component(export_tensor_specs(cfg, group_used, lm_head=HEAD_MODULE in quantised))
+            kept = frozenset(m for m in unquantised_linears if is_quant_linear(m))
+            planned = bytes_by_component(export_tensor_specs(cfg, group_used, lm_head=HEAD_MODULE in quantised, kept=kept))
         except UserError:
             planned = None
     names = [c for c in COMPONENTS if comp_bytes.get(c) or (planned or {}).get(c)] + sorted(
@@ -474,6 +488,7 @@ def inspect(folder: str | Path) -> InspectReport:
         "standard_linears": [s.rsplit(".", 1)[1] for s in QUANT_LINEAR_SUFFIXES],
         "outside_decoder": [m for m in quantised if not is_quant_linear(m)][:20],
         "unquantised_linears": dict(sorted(Counter(_area(m) for m in unquantised_linears).items())),
+        "kept_bf16": [m for m in unquantised_linears if is_quant_linear(m)],
     }
     summary: dict[str, Any] = {"model_type": raw.get("model_type"), "architectures": raw.get("architectures"),
                                "torch_dtype": raw.get("torch_dtype") or raw.get("dtype")}

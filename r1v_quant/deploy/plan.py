@@ -173,6 +173,7 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
     if not 0 < util <= 1:
         raise UserError(f"--util {util} must lie in (0, 1], e.g. 0.9.")
     notes: list[str] = []
+    kept: frozenset[str] = frozenset()
     qcfg = cfg.quantization if cfg.quantization is not None else cfg.llm.get("quantization_config")
     already = qcfg is not None
     bits = 4
@@ -192,9 +193,14 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
             raise UserError(f"{source or 'the folder'} was exported with lm_head {'4-bit' if qc.lm_head else 'in bf16'}; "
                             "re-export to change it.")
         group_size, lm_head = found, qc.lm_head
+        from r1v_quant.model.kept import kept_linears
+
+        kept = frozenset(kept_linears(cfg.num_layers, qc.modules_to_not_convert))
+        if kept:
+            notes.append(f"{len(kept)} decoder linears are kept in bf16 (modules_to_not_convert).")
         notes.append(f"{source or 'the config'} already holds an AWQ quantization_config (group size {found}"
                      f"{', 4-bit lm_head' if qc.lm_head else ''}): planned as that export, assuming the standard "
-                     "layout (LLM decoder linears quantised, the rest unchanged).")
+                     "layout (LLM decoder linears quantised but those modules_to_not_convert keeps, the rest unchanged).")
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE
     lm_head = bool(lm_head) and LM_HEAD + ".weight" in checkpoint_shapes(cfg)
@@ -203,7 +209,7 @@ def make_plan(cfg: R1VConfig, *, source: str = "", group_size: int | None = None
                      "to the slower fp16-only AWQ kernel, which overflows on Qwen2.")
     dtype = model_dtype(cfg)
     src_specs = source_tensor_specs(cfg, dtype)
-    exp_specs = export_tensor_specs(cfg, group_size, dtype, lm_head=lm_head)
+    exp_specs = export_tensor_specs(cfg, group_size, dtype, lm_head=lm_head, kept=kept)
     src_b, exp_b, params = bytes_by_component(src_specs), bytes_by_component(exp_specs), params_by_component(cfg)
     names = [c for c in COMPONENTS] + [c for c in src_b if c not in COMPONENTS and (src_b[c] or exp_b.get(c))]
     components = [ComponentSize(c, COMPONENT_LABELS[c], params.get(c, 0), src_b.get(c, 0), exp_b.get(c, 0))

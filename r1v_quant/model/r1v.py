@@ -93,10 +93,15 @@ def build_empty(cfg: R1VConfig) -> R1VModel:
 
 def swap_quantized(model: R1VModel, cfg: R1VConfig) -> None:
     """Give an export's quantised linears their AWQ form before its tensors are assigned
-    (lm_head too when quantization_config says `"lm_head": true`)."""
+    (lm_head too when quantization_config says `"lm_head": true`). Decoder linears that
+    `modules_to_not_convert` keeps (model/kept.py, vLLM's rule) stay nn.Linear."""
+    from r1v_quant.model.kept import kept_groups, kept_linears
+
     qc = read_quantization_config(cfg.quantization)
     qc.check_loadable("config.json")
-    names = [n for i in range(cfg.num_layers) for n in llm_linear_shapes(cfg, i)]
+    kept_groups(cfg.num_layers, qc.modules_to_not_convert)  # a fused group kept in part is refused, as vLLM does
+    kept = kept_linears(cfg.num_layers, qc.modules_to_not_convert)
+    names = [n for i in range(cfg.num_layers) for n in llm_linear_shapes(cfg, i) if n not in kept]
     if qc.lm_head:
         if head_is_tied(cfg.llm):
             raise UserError("config.json says lm_head is quantised but also ties it to embed_tokens "

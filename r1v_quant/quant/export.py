@@ -35,22 +35,26 @@ def is_export_file(name: str) -> bool:
     return bool(_EXPORT_FILE.match(name))
 
 
-def export_config(cfg: R1VConfig, group_size: int, lm_head: bool = False) -> dict:
+def export_config(cfg: R1VConfig, group_size: int, lm_head: bool = False, not_convert: list[str] | None = None) -> dict:
+    """The export's config.json; `not_convert` replaces the default `modules_to_not_convert` (kept linears)."""
     raw = json.loads(json.dumps(cfg.raw))
-    raw["quantization_config"] = quantization_config(group_size, MODULES_TO_NOT_CONVERT, lm_head)
+    raw["quantization_config"] = quantization_config(group_size, not_convert or MODULES_TO_NOT_CONVERT, lm_head)
     # A quant config left inside llm_config makes some readers quantise with the wrong settings.
     raw.get("llm_config", {}).pop("quantization_config", None)
     return raw
 
 
 def write_tensors(ckpt: Checkpoint, layer_file, out_dir: Path, max_shard_bytes: int,
-                  head: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+                  head: dict[str, torch.Tensor] | None = None, kept: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
     """Every source tensor in source order; decoder-layer tensors come from the per-layer results.
 
     `layer_file(i)` gives the path of layer i's results (names relative to the layer). `head`, by
     checkpoint name, replaces lm_head's weight with its AWQ tensors and the final norm's weight
-    with the one that carries lm_head's scales.
+    with the one that carries lm_head's scales. The decoder linears in `kept` (full module names)
+    are stored as weights in the source dtype, their AWQ scales accounted for (`keep.kept_weight`).
     """
+    from r1v_quant.quant.keep import kept_weight
+
     writer = ShardWriter(out_dir, max_shard_bytes)
     cached: tuple[int, dict] | None = None
     for name in ckpt.names():
@@ -70,7 +74,10 @@ def write_tensors(ckpt: Checkpoint, layer_file, out_dir: Path, max_shard_bytes: 
             cached = (index, load_file(str(layer_file(index))))
         tensors = cached[1]
         module = name.removesuffix(".weight")
-        if name.endswith(".weight") and is_quant_linear(module):
+        if name.endswith(".weight") and module in kept:
+            source = ckpt.get(name)
+            writer.add(name, kept_weight(source, rest.removesuffix(".weight"), tensors, source.dtype))
+        elif name.endswith(".weight") and is_quant_linear(module):
             base = rest.removesuffix(".weight")
             for suffix in AWQ_LEAVES:
                 writer.add(f"{module}.{suffix}", tensors[f"{base}.{suffix}"])
@@ -141,7 +148,17 @@ vision encoder, `mlp1`, embeddings and norms are kept in {dtype}, byte for byte 
 except the final norm, which carries `lm_head`'s AWQ scales."""
 
 
-def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict, lm_head: bool = False) -> str:
+def kept_part(groups: list[str], share: float, not_convert: list[str]) -> str:
+    """The card's paragraph on linears kept in bf16 (empty when none are)."""
+    if not groups:
+        return ""
+    listed = ", ".join(f"`{e}`" for e in not_convert)
+    return (f"\n\n{len(groups)} decoder linear groups ({share:.1%} of the decoder linears' parameters) are kept in "
+            f"bf16, with their AWQ scales accounted for: {', '.join(groups)} (layer.group). `modules_to_not_convert` "
+            f"lists them by full name: {listed}.")
+
+
+def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict, lm_head: bool = False, kept: str = "") -> str:
     shown, hub_id = card_source(str(source))
     recipe = {**recipe, "source": shown}
     if recipe.get("mix") is None:
@@ -154,7 +171,7 @@ def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict, lm_head
 ---
 # {Path(str(source)).name} — AWQ 4-bit (language model), vision in bf16
 
-Made with `r1v-quant awq`. {_quantised_part(cfg, recipe.get('group size'), lm_head)}
+Made with `r1v-quant awq`. {_quantised_part(cfg, recipe.get('group size'), lm_head)}{kept}
 
 ## Recipe
 | setting | value |

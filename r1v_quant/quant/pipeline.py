@@ -47,6 +47,7 @@ from r1v_quant.quant.chunks import (
 from r1v_quant.quant.gptq import accumulate_hessian, gptq_quantize
 from r1v_quant.quant.head import check_head, quantize_head
 from r1v_quant.quant.host_memory import release_freed_host_memory
+from r1v_quant.quant.keep import layer_scales, measure_gains, snapshot
 from r1v_quant.quant.primitives import awq_dequantize, awq_tensors, check_awq_shape, dequantize, fake_quantize
 from r1v_quant.quant.recipe import AWQSettings
 from r1v_quant.quant.workdir import LayerReport, WorkFolder
@@ -460,6 +461,8 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
     with torch.no_grad():
         found = search_layer_scales(runner, layer, cap, s, weights, plan)
         apply_scales(layer, cap, found, plan.chunk_tokens)
+        # The float weights a group returns to when its sensitivity is measured (quant/keep.py).
+        floats = snapshot(linears_of(layer)) if s.sensitivity else None
         if s.clip:
             search_layer_clips(layer, cap, s, weights, clip_idx, found)
             if s.rounding == "nearest":
@@ -469,10 +472,14 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
         if s.rounding == "gptq":
             packed, notes = gptq_layer(runner, layer, store, s, weights, found.clips, dtype, plan.chunk_tokens)
     tensors = pack_layer(layer, s.group_size, runner.device, dtype, packed)
+    tensors.update(layer_scales(found.scales))  # so the export can store any group in bf16 (quant/keep.py)
 
     q_out: list[torch.Tensor] = []
     rel_awq = layer_error(runner, layer, store, cap, dtype, plan.chunk_tokens,
                           keep=q_out if s.propagate == "quantized" else None)
+    gains = {} if floats is None else measure_gains(
+        lambda: layer_error(runner, layer, store, cap, dtype, plan.chunk_tokens), linears_of(layer), floats, rel_awq)
+    del floats
     if s.propagate == "float":
         bounds = [0]
         for n in cap.lengths:
@@ -487,6 +494,7 @@ def quantize_layer(runner: LayerRunner, layer: nn.Module, store: ActivationStore
         alphas=found.alphas,
         gptq_damp=notes.damp,
         gptq_dead=notes.dead,
+        sensitivity=gains,
     )
     return tensors, q_out, report
 

@@ -164,6 +164,7 @@ class AWQSettings:
     lm_head: bool = False  # also AWQ lm_head, its scales folded into the final norm (quant/head.py)
     rounding: str = "nearest"  # codes by round-to-nearest, or by GPTQ's error feedback (quant/gptq.py)
     gptq_damp: float = DEFAULT_GPTQ_DAMP  # GPTQ's dampening, a fraction of mean diag(H)
+    sensitivity: bool = False  # measure each linear group's sensitivity, for --keep-bf16 (quant/keep.py)
 
     def __post_init__(self) -> None:
         if self.propagate not in PROPAGATE_MODES:
@@ -184,8 +185,9 @@ class AWQSettings:
         rounding only when it is GPTQ's, so that exports without them are byte for byte what they were
         before the options existed."""
         out = asdict(self)
-        if not self.lm_head:
-            out.pop("lm_head")
+        for flag in ("lm_head", "sensitivity"):
+            if not out[flag]:
+                out.pop(flag)
         if self.rounding == "nearest":
             out.pop("rounding")
             out.pop("gptq_damp")
@@ -199,4 +201,6 @@ class AWQSettings:
                                + ("; lm_head round-to-nearest" if self.lm_head else ""))
         if self.lm_head:
             out["lm_head"] = "4-bit AWQ, scales folded into the final norm"
+        if self.sensitivity:
+            out["linear-group sensitivity"] = "measured per layer (layer-output error removed by keeping the group float)"
         return out

@@ -19,7 +19,16 @@ from r1v_quant.model.layout import check_checkpoint_shapes
 from r1v_quant.output import check_out_dir, staged_dir
 from r1v_quant.quant.chunks import available_host_bytes, default_budget
 from r1v_quant.quant.compute import choose_compute_dtype, dtype_name
-from r1v_quant.quant.export import copy_side_files, export_config, is_export_file, model_card, side_files, write_tensors
+from r1v_quant.quant.export import (
+    copy_side_files,
+    export_config,
+    is_export_file,
+    kept_part,
+    model_card,
+    side_files,
+    write_tensors,
+)
+from r1v_quant.quant.keep import KeepRequest
 from r1v_quant.quant.memory_model import auto_spill_above, calibration_tokens, config_plan, predict
 from r1v_quant.quant.pipeline import run_awq, validate_group_size
 from r1v_quant.quant.recipe import REPORT_NAME, AWQSettings, CalibrationRecipe, fingerprint
@@ -219,6 +228,7 @@ def quantize_checkpoint(
     compute_dtype: str = "auto",
     trace_parallel=None,
     note: Callable[[str], None] | None = None,
+    keep: KeepRequest | None = None,
 ) -> AWQResult:
     from r1v_quant.calib.encode import composition, embed_encoded, image_token_share
     from r1v_quant.calib.text_share import encode_with_text_share, fill_source
@@ -234,6 +244,14 @@ def quantize_checkpoint(
     source_identity = model_identity(src)  # before any work: a resumed run must find the source as it was
     side_files(src)  # a link out of the checkpoint is refused before any work
     validate_group_size(cfg, settings.group_size, settings.lm_head)
+    if keep is not None and keep.measures and not settings.sensitivity:
+        from dataclasses import replace
+
+        settings = replace(settings, sensitivity=True)
+    if keep is not None and keep.mode == "auto":
+        from r1v_quant.quant.keep import resolve
+
+        resolve(keep, cfg, settings.group_size, {})  # a card without room even for the context is refused before work
     out = Path(out)
     work_folder = work_path(out, work_dir)
     inputs = {"source checkpoint": src, **{f"calibration data {p}": p for p in calib_paths(calib)}}
@@ -246,8 +264,15 @@ def quantize_checkpoint(
                  **({"trace model": resolve_model(calib.trace_model)} if calib.trace_model else {})}
     check_replaceable(out, protected)
     check_export_conflicts(out, [p.name for p in side_files(src)], is_export_file)
-    check_space(run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, calib.max_tokens,
-                          resume))
+    needs = run_needs(cfg, settings.group_size, out, work_folder, offload_dir, offload_above, calib.max_tokens, resume)
+    if keep is not None:
+        from dataclasses import replace as with_bytes
+
+        from r1v_quant.quant.keep import most_extra_bytes
+
+        extra = most_extra_bytes(keep, cfg, settings.group_size)
+        needs = [with_bytes(n, bytes=n.bytes + extra) if n.label == "export" else n for n in needs]
+    check_space(needs)
     dev = pick_device(device)
     dtype, dtype_why = choose_compute_dtype(compute_dtype, dev)
     budget = default_budget(dev) if max_device_memory is None else max_device_memory
@@ -318,21 +343,32 @@ def quantize_checkpoint(
         f"{'on the device' if plan.stored_on_device else 'in host memory'}, down_proj inputs "
         f"{'kept' if plan.keep_down_inputs else 'rebuilt per chunk'}")
 
+    kept_groups, kept_info, not_convert = choose_kept(keep, cfg, settings, reports, work)
+    if kept_info:
+        from r1v_quant.units import human_bytes
+
+        result.extra["kept in bf16"] = (f"{len(kept_groups)} groups, {kept_info['params_share']:.1%} of the decoder "
+                                        f"linears, +{human_bytes(kept_info['extra_bytes'])}")
     card = {"source": str(model), **calib.display(), **settings.display()}
+    if kept_info:
+        card["kept in bf16"] = kept_info["request"]
     check_replaceable(out, protected)
     kept: list[str] = []
     with staged_dir(out, force=force, owned=is_export_file, kept=kept) as tmp:
         write_tensors(ckpt, work.layer_file, tmp, max_shard_bytes,
-                      head=load_file(str(work.head_file)) if settings.lm_head else None)
-        (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size, settings.lm_head),
-                                                    indent=2) + "\n")
+                      head=load_file(str(work.head_file)) if settings.lm_head else None,
+                      kept=kept_modules(kept_groups))
+        (tmp / "config.json").write_text(json.dumps(export_config(cfg, settings.group_size, settings.lm_head,
+                                                                  not_convert), indent=2) + "\n")
         copy_side_files(src, tmp)
         if kl_check is not None:
             result.kl = kl_check(src, tmp)
-        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head))
+        kept_text = kept_part(kept_info.get("groups", []), kept_info.get("params_share", 0.0), not_convert or [])
+        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head, kept_text))
         # Only deterministic facts go into the export, so equal inputs give byte-identical folders.
         layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas,
-                   **({"gptq_damp_raised": r.gptq_damp, "dead_inputs": r.gptq_dead} if settings.rounding == "gptq" else {})}
+                   **({"gptq_damp_raised": r.gptq_damp, "dead_inputs": r.gptq_dead} if settings.rounding == "gptq" else {}),
+                   **({"sensitivity": r.sensitivity} if r.sensitivity else {})}
                   for r in reports]
         report = {"source": str(model), "calibration": calib.to_json(), "awq": settings.to_json(),
                   "summary": result.summary(), "layers": layers}
@@ -340,6 +376,8 @@ def quantize_checkpoint(
             report["traces"] = {"written by": calib.trace_writer(), "engine": calib.trace_engine,
                                 "model": ("bootstrap" if calib.traces == "bootstrap" and not calib.trace_model
                                           else calib.trace_model or "source")}
+        if kept_info:
+            report["kept_bf16"] = kept_info
         if head is not None:
             report["lm_head"] = {"rel_err_awq": head.rel_err_awq, "rel_err_rtn": head.rel_err_rtn, "alphas": head.alphas}
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
@@ -347,3 +385,26 @@ def quantize_checkpoint(
     if not keep_work:
         remove_work_folder(work.path)
     return result
+
+
+def choose_kept(keep: KeepRequest | None, cfg, settings: AWQSettings, reports: list[LayerReport], work: WorkFolder
+                ) -> tuple[list[tuple[int, str]], dict, list[str] | None]:
+    """The groups an export keeps in bf16, the report's summary of the choice, and `modules_to_not_convert`
+    (None for the default list). Checks that every kept layer's work file holds the scales it needs."""
+    from r1v_quant.model.kept import keep_entries
+    from r1v_quant.model.layout import MODULES_TO_NOT_CONVERT
+    from r1v_quant.quant.keep import check_scales_present, resolve
+
+    if keep is None:
+        return [], {}, None
+    sensitivity = {r.index: r.sensitivity for r in reports}
+    groups, info = resolve(keep, cfg, settings.group_size, sensitivity)
+    for i in sorted({i for i, _ in groups}):
+        check_scales_present(load_file(str(work.layer_file(i))), str(work.layer_file(i)))
+    return groups, info, keep_entries(list(MODULES_TO_NOT_CONVERT), groups)
+
+
+def kept_modules(groups: list[tuple[int, str]]) -> frozenset[str]:
+    from r1v_quant.model.kept import group_modules
+
+    return frozenset(m for i, g in groups for m in group_modules(i, g))

@@ -58,6 +58,7 @@ class LayerReport:
     alphas: dict[str, float] = field(default_factory=dict)
     gptq_damp: dict[str, float] = field(default_factory=dict)  # GPTQ: linears whose dampening had to be raised
     gptq_dead: dict[str, int] = field(default_factory=dict)    # GPTQ: linears' input channels no token activated
+    sensitivity: dict[str, float] = field(default_factory=dict)  # per linear group, with AWQSettings.sensitivity
 
 
 def file_digest(path: Path) -> str:
