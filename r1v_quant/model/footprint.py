@@ -118,15 +118,17 @@ def source_tensor_specs(cfg: R1VConfig, dtype: str | None = None) -> dict[str, t
 
 
 def export_tensor_specs(cfg: R1VConfig, group_size: int = DEFAULT_GROUP_SIZE, dtype: str | None = None,
-                        lm_head: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+                        lm_head: bool = False, kept: frozenset[str] | set[str] = frozenset()
+                        ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor of our AWQ GEMM export: name -> (shape, dtype name). `lm_head=True` is an export
-    written with `awq --quantize-lm-head` (`"lm_head": true`): lm_head in the same AWQ layout."""
+    written with `awq --quantize-lm-head` (`"lm_head": true`): lm_head in the same AWQ layout. The
+    decoder linears in `kept` (`awq --keep-bf16`) keep their weight in the model dtype."""
     dtype = dtype or model_dtype(cfg)
     check_linears_fit(cfg, group_size)
     specs: dict[str, tuple[tuple[int, ...], str]] = {}
     for name, shape in checkpoint_shapes(cfg).items():
         module, _, leaf = name.rpartition(".")
-        if leaf == "weight" and (is_quant_linear(module) or (lm_head and module == LM_HEAD)):
+        if leaf == "weight" and module not in kept and (is_quant_linear(module) or (lm_head and module == LM_HEAD)):
             out_f, in_f = shape
             for suffix, (qshape, qdtype) in awq_shapes(out_f, in_f, group_size).items():
                 specs[f"{module}.{suffix}"] = (tuple(qshape), qdtype)

@@ -129,7 +129,8 @@ def linear_params(cfg: R1VConfig) -> int:
 
 def card_room(cfg: R1VConfig, card_bytes: int, context: int, group_size: int, util: float = 0.9) -> int:
     """Bytes the card's plan leaves for kept groups: its KV room for the all-4-bit export less `context` tokens of KV."""
-    from r1v_quant.deploy.plan import kv_bytes_per_token, make_plan
+    from r1v_quant.deploy.plan import make_plan
+    from r1v_quant.model.footprint import kv_bytes_per_token
 
     card = make_plan(cfg, group_size=group_size, util=util, gpu_mems=[("card", card_bytes)]).cards[0]
     return card.kv_room_bytes - context * kv_bytes_per_token(cfg)
@@ -284,7 +285,7 @@ def plan_keep(plan, context: int = DEFAULT_CONTEXT, shares: tuple[float, ...] = 
     """Per card of a `deploy.plan.Plan`: the room `--keep-bf16 auto` fills, the share it could keep, and the context
     each share leaves. Keeping a share s of the linears adds s x (bf16 - 4-bit bytes of all decoder linears); auto keeps
     whole groups, so its real share is at most `auto_share`."""
-    from r1v_quant.deploy.plan import context_tokens
+    from r1v_quant.model.footprint import context_tokens
 
     cfg = plan.basis.cfg
     costs = group_costs(cfg, plan.group_size)
