@@ -18,7 +18,14 @@ from r1v_quant.model.layout import check_checkpoint_shapes
 from r1v_quant.output import check_out_dir, staged_dir
 from r1v_quant.quant.chunks import available_host_bytes, default_budget
 from r1v_quant.quant.compute import choose_compute_dtype, dtype_name
-from r1v_quant.quant.export import copy_side_files, export_config, model_card, side_files, write_tensors
+from r1v_quant.quant.export import (
+    copy_side_files,
+    export_config,
+    model_card,
+    report_source,
+    side_files,
+    write_tensors,
+)
 from r1v_quant.quant.memory_model import auto_spill_above, calibration_tokens, config_plan, predict
 from r1v_quant.quant.pipeline import run_awq, validate_group_size
 from r1v_quant.quant.recipe import REPORT_NAME, AWQSettings, CalibrationRecipe, fingerprint
@@ -219,11 +226,11 @@ def quantize_checkpoint(
         copy_side_files(src, tmp)
         if kl_check is not None:
             result.kl = kl_check(src, tmp)
-        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head))
+        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head, src_dir=src))
         # Only deterministic facts go into the export, so equal inputs give byte-identical folders.
         layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas}
                   for r in reports]
-        report = {"source": str(model), "calibration": calib.to_json(), "awq": settings.to_json(),
+        report = {"source": report_source(str(model), cfg.raw), "calibration": calib.to_json(), "awq": settings.to_json(),
                   "summary": result.summary(), "layers": layers}
         if head is not None:
             report["lm_head"] = {"rel_err_awq": head.rel_err_awq, "rel_err_rtn": head.rel_err_rtn, "alphas": head.alphas}
