@@ -18,19 +18,47 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's option table squeezes six columns into 80 and cuts option names ("--quantize-lm-h…");
+    # click's list wraps each help text under its option and never cuts.
+    rich_markup_mode=None,
 )
+
+
+def _keep_hyphenated_words() -> None:
+    """Help texts name flags such as --max-num-batched-tokens: wrapping must not split them at hyphens."""
+    try:
+        from typer._click import _textwrap as textwrap_module  # typer's own copy of click
+    except ImportError:  # older typer, on click itself
+        from click import _textwrap as textwrap_module
+    base = textwrap_module.TextWrapper
+    if getattr(base, "keeps_hyphenated_words", False):
+        return
+
+    class WholeWordWrapper(base):
+        keeps_hyphenated_words = True
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("break_on_hyphens", False)
+            super().__init__(*args, **kwargs)
+
+    textwrap_module.TextWrapper = WholeWordWrapper
+
+
+_keep_hyphenated_words()
 
 
 def _register() -> None:
     from r1v_quant.cli import awq, chat, eval, inspect, make_tiny, plan, serve
 
-    app.command("awq")(awq.command)
-    app.command("chat")(chat.command)
-    app.command("eval")(eval.command)
-    app.command("plan")(plan.command)
-    app.command("inspect")(inspect.command)
-    app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
-    app.command("make-tiny")(make_tiny.command)
+    # Short lines for the command list, which would otherwise cut each docstring at 80 columns.
+    app.command("awq", short_help="Quantise the language model to 4-bit AWQ and export it.")(awq.command)
+    app.command("chat", short_help="Chat with a model or an export, with images.")(chat.command)
+    app.command("eval", short_help="Compare a quantised model with its reference.")(eval.command)
+    app.command("plan", short_help="Predict sizes and the longest context per GPU.")(plan.command)
+    app.command("inspect", short_help="Check an export against vLLM's contract.")(inspect.command)
+    app.command("serve", context_settings=serve.CONTEXT_SETTINGS,
+                short_help="Run vllm serve on an export, sized to the GPU.")(serve.command)
+    app.command("make-tiny", short_help="Write a small random Skywork-R1V checkpoint.")(make_tiny.command)
 
 
 _register()

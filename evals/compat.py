@@ -41,12 +41,14 @@ def _tokenizer_difference(ref_path: Path, cand_path: Path) -> str | None:
 
 
 
-def _same_model(source: str, ref_spec: str, ref_path: Path) -> bool:
+def _same_model(source: str, ref_spec: str, ref_path: Path, ref_raw: dict | None = None) -> bool:
+    from r1v_quant.quant.export import report_source
+
     local = Path(source).expanduser()
-    if local.exists():
+    if local.is_absolute() and local.exists():  # reports written before they named sources by hub id or name
         return local.resolve() == Path(ref_path).resolve()
-    # A hub id, or a folder that has since moved: the names must agree.
-    return source == ref_spec or local.name == Path(ref_spec).name
+    # A hub id (the reference's own, or the one its copy names), or a folder's name: the names must agree.
+    return source in (ref_spec, report_source(ref_spec, ref_raw)) or local.name == Path(ref_spec).name
 
 
 def check_candidate(ref_path: Path, cand_path: Path, ref_spec: str | None = None) -> list[str]:
@@ -71,7 +73,7 @@ def check_candidate(ref_path: Path, cand_path: Path, ref_spec: str | None = None
     from r1v_quant.quant.recipe import read_source
 
     source = read_source(cand_path)
-    if source is not None and not _same_model(source, str(ref_spec or ref_path), ref_path):
+    if source is not None and not _same_model(source, str(ref_spec or ref_path), ref_path, ref.raw):
         return [f"the candidate's recipe names {source} as its source, not the reference {ref_spec or ref_path}; "
                 "the difference measured may not be the cost of quantisation."]
     return []

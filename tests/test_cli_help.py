@@ -21,3 +21,23 @@ def test_plan_names_the_flags_as_vllm_does(capsys, monkeypatch):
     assert "--kv-dtype " not in out
     code, _, err = run_cli(["plan", "--model", "r1v-38b", "--kv-dtype", "fp8"], capsys)
     assert code == 2 and "No such option" in err
+
+
+@pytest.mark.parametrize("name", [None, *COMMANDS])
+def test_help_is_whole_at_80_columns(name, capsys, monkeypatch):
+    """No option name or word is cut ("--quantize-lm-h…"), and no line is wider than the terminal."""
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_cli([name, "--help"] if name else ["--help"], capsys)
+    assert code == 0
+    assert "…" not in out and "..." not in out.replace("[ARGS]...", ""), out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    if name is None:
+        assert all(c in out for c in COMMANDS)
+        return
+    from r1v_quant.cli.main import command
+
+    cmd = command().commands[name]
+    for param in cmd.params:
+        for opt in [*param.opts, *getattr(param, "secondary_opts", [])]:
+            if opt.startswith("--"):
+                assert opt in out.split() or f"{opt}," in out or f"{opt} " in out, (name, opt)

@@ -117,18 +117,58 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def card_source(model: str) -> tuple[str, str | None]:
+def card_source(model: str, raw: dict | None = None) -> tuple[str, str | None]:
     """How the card names the source, and its hub id when it has one: a hub id as given, a snapshot
-    in the Hugging Face cache by its repository, anything else as the local folder it is."""
+    in the Hugging Face cache by its repository, a copy of a hub model by its config's `_name_or_path`,
+    anything else by its folder's name (never a local path, which the user may not want to publish)."""
     from r1v_quant.model.checkpoint import is_hub_id
 
     if not Path(model).expanduser().exists() and is_hub_id(model):
         return model, model
-    folder = Path(model).expanduser().absolute()
+    folder = Path(os.path.abspath(Path(model).expanduser()))
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
         repo = folder.parent.parent.name[len("models--"):].replace("--", "/")
         return repo, repo
-    return f"{model} (local folder)", None
+    named = (raw or {}).get("_name_or_path")
+    if isinstance(named, str) and is_hub_id(named):
+        return f"{named} (a local copy, {folder.name})", named
+    return f"{folder.name} (local folder)", None
+
+
+def report_source(model: str, raw: dict | None = None) -> str:
+    """The source as the export's report records it: the hub id, else the folder's name."""
+    hub_id = card_source(model, raw)[1]
+    return hub_id or Path(os.path.abspath(Path(model).expanduser())).name
+
+
+_CARD_LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def source_license(src: Path | None) -> dict[str, str]:
+    """`license` (and `license_name`, `license_link`) from the front matter of the source's model card,
+    so the export states the weights' terms as the source does; empty when it states none."""
+    try:
+        text = (Path(src) / "README.md").read_text(encoding="utf-8") if src is not None else ""
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---\n"):
+        return {}
+    front, sep, _ = text[4:].partition("\n---")
+    found = {}
+    for line in front.splitlines() if sep else []:
+        key, colon, value = line.partition(":")
+        value = value.strip().strip("'\"")
+        if colon and key in _CARD_LICENSE_KEYS and value and "\n" not in value:
+            found[key] = value
+    return found
+
+
+def front_matter(hub_id: str | None, license: dict[str, str]) -> str:
+    """The card's YAML header: the Hub links a quantised model to its source through `base_model`."""
+    lines = [f"base_model: {hub_id}", "base_model_relation: quantized"] if hub_id else []
+    lines += [f"{k}: {license[k]}" for k in _CARD_LICENSE_KEYS if k in license]
+    lines += ["pipeline_tag: image-text-to-text", "tags: [awq, 4-bit, skywork-r1v, vision-language, r1v-quant]"]
+    return "---\n" + "\n".join(lines) + "\n---\n"
 
 
 def _cell(value) -> str:
@@ -158,18 +198,16 @@ def kept_part(groups: list[str], share: float, not_convert: list[str]) -> str:
             f"lists them by full name: {listed}.")
 
 
-def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict, lm_head: bool = False, kept: str = "") -> str:
-    shown, hub_id = card_source(str(source))
+def model_card(source: str, cfg: R1VConfig, recipe: dict, summary: dict, lm_head: bool = False, kept: str = "",
+               src_dir: Path | None = None) -> str:
+    shown, hub_id = card_source(str(source), cfg.raw)
     recipe = {**recipe, "source": shown}
     if recipe.get("mix") is None:
         recipe.pop("mix", None)
     rows = "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in recipe.items())
     measured = "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in summary.items())
-    front = f"base_model: {hub_id}\n" if hub_id else ""
-    return f"""---
-{front}tags: [awq, 4-bit, skywork-r1v, vision-language, r1v-quant]
----
-# {Path(str(source)).name} — AWQ 4-bit (language model), vision in bf16
+    title = report_source(str(source), cfg.raw).rsplit("/", 1)[-1]
+    return f"""{front_matter(hub_id, source_license(src_dir))}# {title} — AWQ 4-bit (language model), vision in bf16
 
 Made with `r1v-quant awq`. {_quantised_part(cfg, recipe.get('group size'), lm_head)}{kept}
 
@@ -187,7 +225,7 @@ Made with `r1v-quant awq`. {_quantised_part(cfg, recipe.get('group size'), lm_he
 ```
 vllm serve <this folder> --trust-remote-code --dtype bfloat16
 r1v-quant chat --model <this folder> --image photo.jpg
-r1v-quant eval --reference {hub_id or source} --candidate <this folder> --suite mmmu-sample
+r1v-quant eval --reference {hub_id or "<the source folder>"} --candidate <this folder> --suite mmmu-sample
 ```
 Serve with bf16 activations: fp16-only AWQ kernels overflow on Qwen2 models.
 """

@@ -25,6 +25,7 @@ from r1v_quant.quant.export import (
     is_export_file,
     kept_part,
     model_card,
+    report_source,
     side_files,
     write_tensors,
 )
@@ -364,13 +365,14 @@ def quantize_checkpoint(
         if kl_check is not None:
             result.kl = kl_check(src, tmp)
         kept_text = kept_part(kept_info.get("groups", []), kept_info.get("params_share", 0.0), not_convert or [])
-        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head, kept_text))
+        (tmp / "README.md").write_text(model_card(str(model), cfg, card, result.summary(), settings.lm_head, kept_text,
+                                                  src_dir=src))
         # Only deterministic facts go into the export, so equal inputs give byte-identical folders.
         layers = [{"index": r.index, "rel_err_awq": r.rel_err_awq, "rel_err_rtn": r.rel_err_rtn, "alphas": r.alphas,
                    **({"gptq_damp_raised": r.gptq_damp, "dead_inputs": r.gptq_dead} if settings.rounding == "gptq" else {}),
                    **({"sensitivity": r.sensitivity} if r.sensitivity else {})}
                   for r in reports]
-        report = {"source": str(model), "calibration": calib.to_json(), "awq": settings.to_json(),
+        report = {"source": report_source(str(model), cfg.raw), "calibration": calib.to_json(), "awq": settings.to_json(),
                   "summary": result.summary(), "layers": layers}
         if calib.traces != "none":
             report["traces"] = {"written by": calib.trace_writer(), "engine": calib.trace_engine,
