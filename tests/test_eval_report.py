@@ -76,6 +76,7 @@ def test_markdown_contains_the_numbers(results):
 
 
 def test_json_round_trip(results, tmp_path):
+    (tmp_path / "out").mkdir()  # report paths are checked before the work: the folder exists by then
     path = to_json(results, tmp_path / "out" / "report.json")
     data = json.loads(path.read_text())
     assert data["schema_version"] == 1 and data["models"][1]["accuracy"] == 70.0
