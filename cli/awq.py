@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from r1v_quant import tables
 from r1v_quant.int4.format import DEFAULT_GROUP_SIZE
 from r1v_quant.progress import steps
 from r1v_quant.quant.recipe import DEFAULT_GPTQ_DAMP, DEFAULT_TEXT_SHARE
@@ -133,13 +134,7 @@ def command(
                                      progress=on_layer, kl_check=check, trace_progress=on_trace,
                                      trace_parallel=parallel, note=lambda text: console.print(f"[dim]{text}[/]"), keep=keep)
 
-    table = Table(title="per-layer relative output error (lower is better)")
-    for col in ("layer", "AWQ", "round-to-nearest", "AWQ / RTN", "seconds", "peak MB"):
-        table.add_column(col, justify="right")
-    for r in result.layers + ([result.head] if result.head else []):
-        table.add_row("lm_head" if r is result.head else str(r.index), f"{r.rel_err_awq:.4f}", f"{r.rel_err_rtn:.4f}",
-                      f"{r.rel_err_awq / max(r.rel_err_rtn, 1e-12):.2f}", f"{r.seconds:.1f}", f"{r.peak_mem_mb:.0f}")
-    console.print(table)
+    tables.show(console, layer_table(result))
     for r in result.layers:
         for name, damp in r.gptq_damp.items():
             console.print(f"[yellow]layer {r.index} {name}: GPTQ's factorisation needed dampening {damp:g}[/]")
@@ -157,3 +152,14 @@ def command(
         if result.head is not None:
             data["lm_head"] = asdict(result.head)
         write_text_report(json_out, json.dumps(data, indent=2) + "\n", "--json")
+
+
+def layer_table(result) -> Table:
+    """Per layer (and lm_head when quantised): AWQ's and round-to-nearest's relative output error, time, peak."""
+    table = Table(title="per-layer relative output error (lower is better)")
+    for col in ("layer", "AWQ", "round-to-nearest", "AWQ / RTN", "seconds", "peak MB"):
+        table.add_column(col, justify="right")
+    for r in result.layers + ([result.head] if result.head else []):
+        table.add_row("lm_head" if r is result.head else str(r.index), f"{r.rel_err_awq:.4f}", f"{r.rel_err_rtn:.4f}",
+                      f"{r.rel_err_awq / max(r.rel_err_rtn, 1e-12):.2f}", f"{r.seconds:.1f}", f"{r.peak_mem_mb:.0f}")
+    return table

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from r1v_quant import tables
 from r1v_quant.deploy.inspect_export import InspectReport, inspect
 from r1v_quant.deploy.vllm_args import serve_line
 from r1v_quant.output import check_report_path, write_text_report
@@ -47,7 +48,7 @@ def render(report: InspectReport, console: Console) -> None:
         t.add_row(c.label, f"{c.tensors:,d}", human_bytes(c.bytes), dtypes, planned)
     t.add_row("[bold]total[/]", f"{sum(c.tensors for c in report.components):,d}", f"[bold]{human_bytes(report.total_bytes)}[/]",
               "", "-" if report.planned_total is None else human_bytes(report.planned_total))
-    console.print(t)
+    tables.show(console, t)
 
     t = Table(title="vLLM contract", title_justify="left")
     t.add_column("check")
@@ -55,7 +56,7 @@ def render(report: InspectReport, console: Console) -> None:
     t.add_column("detail", overflow="fold")
     for c in report.checks:
         t.add_row(c.name, STATUS_STYLE.get(c.status, c.status), c.message)
-    console.print(t)
+    tables.show(console, t)
     if report.ok:
         console.print(f"[green]servable:[/] {serve_line()}")
     else:

@@ -8,8 +8,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
+from r1v_quant import tables
 from r1v_quant.deploy import compromises, vllm_args
 from r1v_quant.deploy.plan import Plan, parse_gpu_mems, plan_model
 from r1v_quant.errors import UserError
@@ -42,7 +45,7 @@ def render(plan: Plan, console: Console, context: int = 32768) -> None:
         t.add_row(c.label, _params(c.params), human_bytes(c.source_bytes), human_bytes(c.export_bytes))
     t.add_row("[bold]total[/]", _params(sum(c.params for c in plan.components)),
               f"[bold]{human_bytes(plan.source_total)}[/]", f"[bold]{human_bytes(plan.export_total)}[/]")
-    console.print(t)
+    tables.show(console, t)
     console.print(f"export tensors: {plan.export_total:,d} bytes ({plan.export_total / 1e9:.2f} GB)")
 
     r = plan.reserve
@@ -61,7 +64,7 @@ def render(plan: Plan, console: Console, context: int = 32768) -> None:
         t.add_row(card.label, _gib(card.budget_bytes), _gib(card.weights_bytes), _gib(card.reserve_bytes),
                   _gib(card.kv_room_bytes), f"{card.max_context:,d}", f"{card.max_model_len:,d}",
                   STATUS_STYLE.get(card.status, card.status))
-    console.print(t)
+    tables.show(console, t)
     console.print("fits: ok = 32k tokens or more; short = under 32k (long R1 chains of thought may be cut); "
                   "no = under 4k (not even one 13-tile image and an answer).")
 
@@ -81,7 +84,7 @@ def render(plan: Plan, console: Console, context: int = 32768) -> None:
         for s in card.suggestions:
             t.add_row(s.title, s.how, f"{s.max_context:,d}", f"{_gib(s.short_by_bytes)} GiB" if s.short_by_bytes else "-",
                       s.vllm, s.note)
-        console.print(t)
+        tables.show(console, t)
     for note in plan.notes:
         console.print(f"note: {note}")
 
@@ -105,13 +108,14 @@ def render_recipes(plan: Plan, console: Console) -> None:
                       compromises.vllm_needed(r).removeprefix(">= ").replace(" (assumed)", " *"))
             if r.levers:
                 how.append(f"{card.label}, {' + '.join(r.levers)}: {vllm_args.how(r)}")
-    console.print(t)
+    tables.show(console, t)
     console.print("compromises, cheapest first: " + "; ".join(f"{n} = {compromises.TITLES[n]}" for n in compromises.COMPROMISES)
                   + f". context: --max-model-len; host GiB: pinned host RAM; s/image: at least this per image-encoding "
                   f"step (the offloaded encoder read over PCIe at {compromises.PCIE_BYTES_PER_S / 1e9:.0f} GB/s); vLLM: the "
                   "oldest version that runs it (* assumed, not read in vLLM's source).", highlight=False)
     for line in how:
-        console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+        # Wrapped at spaces under a two-column indent: a flag or a value is never split.
+        console.print(Padding(Text(line), (0, 0, 0, 2), expand=False), highlight=False)
 
 
 def _trace_rows(cfg, traces, engine, gpus, samples, seq_len, trace_tokens, tokens, group_size, grid, cards, console):
@@ -142,7 +146,7 @@ def render_keep(plan: Plan, console: Console, context: int) -> None:
     for f in fits:
         t.add_row(f.card, _gib(f.room_bytes), f"{f.auto_share:.1%}", _gib(f.auto_bytes), f"{f.max_context:,d}",
                   f"{f.context_after:,d}", *(f"{f.context_at[s]:,d}" for s in PLAN_SHARES))
-    console.print(t)
+    tables.show(console, t)
     console.print("auto keeps whole groups (q/k/v, o, gate/up or down of one layer), the most sensitive per byte as "
                   "measured during calibration, so its share is at most the one shown; a negative room means the card "
                   "cannot hold that context even with every linear 4-bit.", highlight=False)
@@ -163,7 +167,7 @@ def render_calibration(rows, tokens: int, host_bytes: int, console: Console) -> 
                   "on the device" if p.plan.stored_on_device else "host, streamed", _gib(p.device_peak),
                   f"{p.host_peak / 1e9:,.2f}", f"{p.disk / 1e9:,.1f}", "[green]yes[/]" if r.fits else "[red]no[/]",
                   f"{r.max_tokens_on_device:,d}", f"{r.max_tokens_host:,d}")
-    console.print(t)
+    tables.show(console, t)
     first = rows[0].prediction
     console.print("device parts (first card): " + ", ".join(f"{k} {_gib(v)}" for k, v in first.device_parts.items()))
     console.print("host parts (first card): " + ", ".join(f"{k} {_gib(v)}" for k, v in first.host_parts.items()))
@@ -194,7 +198,7 @@ def render_traces(rows, job, traces: str, console: Console) -> None:
         t.add_row(r.label, r.spec.name, what, _gib(r.path.device_bytes), _gib(r.path.budget), f"{r.path.batch:,d}",
                   tp.human_seconds(times["trace generation"]), tp.human_seconds(loop), tp.human_seconds(export),
                   tp.human_seconds(r.total_seconds))
-    console.print(t)
+    tables.show(console, t)
     console.print(
         f"assumptions: 2 x parameters FLOPs per token; a decode step reads the language model's weights once per batch "
         f"plus the batch's KV cache; the layer loop runs grid + {tp.EXTRA_PASSES} passes over every calibration token; "
