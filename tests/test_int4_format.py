@@ -59,6 +59,10 @@ def test_plan_and_the_loader_refuse_a_malformed_quantization_config(qc):
     from r1v_quant.deploy.plan import make_plan
     from r1v_quant.model.r1v import build_empty
 
+    if not isinstance(qc, dict):  # not even an object: the one config reader refuses it before anything is built
+        with pytest.raises(UserError, match="quantization_config is 'awq'; it must be an object"):
+            parse_config(_small_raw(quantization_config=qc))
+        return
     cfg = parse_config(_small_raw(quantization_config=qc))
     with pytest.raises(UserError, match="quantization_config"):
         make_plan(cfg)
