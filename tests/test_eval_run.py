@@ -264,6 +264,7 @@ def test_max_drop_fails_a_damaged_candidate(no_think, damaged, cache, tmp_path, 
     assert "exceeds --max-drop 5" in text and "4 cached, 0 new" in text
 
 
+@pytest.mark.slow
 def test_rtn_baseline_is_no_closer_than_awq(ref, awq_export, cache, tmp_path, capsys):
     out = tmp_path / "r.json"
     code, text = call(["eval", "--reference", str(ref), "--candidate", str(awq_export), "--baseline", "rtn",

@@ -54,6 +54,7 @@ def same_export(a: Path, b: Path) -> None:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
 
 
+@pytest.mark.slow
 def test_sigint_says_after_which_layer_it_stopped_and_resume_continues(tiny_dir, tmp_path, reference):
     out, work = tmp_path / "out", tmp_path / ".out.awq-work"
     proc = subprocess.Popen(awq_cmd(tiny_dir, out, "--no-kl-check"), stdout=subprocess.DEVNULL,
@@ -92,6 +93,7 @@ def test_sigterm_during_the_kl_check_cleans_up(tiny_dir, tmp_path):
     assert code == 0 and (out / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_sigint_before_any_layer_removes_the_work_folder_and_says_so(tiny_dir, tmp_path):
     out, work = tmp_path / "out", tmp_path / ".out.awq-work"
     proc = subprocess.Popen(awq_cmd(tiny_dir, out, "--no-kl-check"), stdout=subprocess.DEVNULL,

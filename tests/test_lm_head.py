@@ -120,6 +120,7 @@ def test_exported_norm_and_head_carry_the_same_scales(tiny_dir, head_export):
     assert (slope - 1).abs().max() > 0.15       # measured 0.24: the scales are not all near 1
 
 
+@pytest.mark.slow
 def test_runtime_loads_the_4bit_head_and_generates(tiny_dir, head_export, capsys):
     from r1v_quant.evals.quick import heldout_prompts, prompt_kl
     from r1v_quant.int4.linear import AWQLinear

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from rich.console import Console
 
 from r1v_quant.progress import clock, eta, step_line, steps
@@ -45,6 +46,7 @@ def test_the_clock_starts_with_the_work_not_with_the_first_report(monkeypatch):
                                            "candidate 1/2  elapsed 10s  ETA 10s"]
 
 
+@pytest.mark.slow
 def test_awq_redirected_to_a_file_prints_a_line_per_layer(tiny_dir, tmp_path):
     log = tmp_path / "log.txt"
     cmd = [sys.executable, "-m", "r1v_quant.cli.main", "awq", "--model", str(tiny_dir), "--out", str(tmp_path / "out"),
