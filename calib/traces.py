@@ -38,7 +38,7 @@ from r1v_quant.errors import UserError
 from r1v_quant.model.identity import model_identity
 from r1v_quant.output import write_text_atomic
 
-from .sample import Sample, sample_key  # noqa: F401  (the traces' cache key, read as traces.sample_key)
+from .sample import Sample, sample_key
 
 # 2: keyed on the weight files' headers and modification times; each reply carries its digest
 CACHE_FORMAT = 2

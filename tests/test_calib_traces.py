@@ -3,8 +3,9 @@ import json
 import pytest
 from PIL import Image
 
+from helpers.rewrite import flip_tail
 from r1v_quant.calib import traces
-from r1v_quant.calib.sample import Sample
+from r1v_quant.calib.sample import Sample, sample_key
 from r1v_quant.calib.traces import add_self_traces, default_cache_dir
 from r1v_quant.errors import UserError
 from r1v_quant.model import r1v
@@ -89,7 +90,7 @@ def test_replies_are_deterministic(traced, model, tmp_path):
 
 
 def cache_path(folder, model, max_tokens, samples):
-    keys = [traces.sample_key(s) for s in samples if s.kind != "text"]
+    keys = [sample_key(s) for s in samples if s.kind != "text"]
     return traces.cache_file(folder, traces.model_identity(model), traces.trace_settings(max_tokens), keys)
 
 
@@ -209,17 +210,6 @@ def test_encoding_a_traced_sample_appends_the_reply_and_eos(traced, model):
         assert reply == with_reply.response
 
 
-def _rewrite_in_place(shard):
-    """Change the last weight bytes of a shard without changing its size or header."""
-    size = shard.stat().st_size
-    with open(shard, "r+b") as f:
-        f.seek(-4, 2)
-        tail = f.read(4)
-        f.seek(-4, 2)
-        f.write(bytes(b ^ 0x55 for b in tail))
-    assert shard.stat().st_size == size
-
-
 def test_a_source_rewritten_in_place_is_traced_again(model, tmp_path, loads, quick):
     import shutil
 
@@ -229,7 +219,7 @@ def test_a_source_rewritten_in_place_is_traced_again(model, tmp_path, loads, qui
     add_self_traces(visual_samples(), copy, MAX, cache_dir=cache)
     add_self_traces(visual_samples(), copy, MAX, cache_dir=cache)
     assert len(loads) == 1 and quick == ["red", "sum"]
-    _rewrite_in_place(sorted(copy.glob("*.safetensors"))[-1])
+    flip_tail(sorted(copy.glob("*.safetensors"))[-1])
     add_self_traces(visual_samples(), copy, MAX, cache_dir=cache)
     assert len(loads) == 2 and quick == ["red", "sum", "red", "sum"]  # another model: every reply again
 

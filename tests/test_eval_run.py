@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import r1v_quant.model.r1v as r1v
+from helpers.rewrite import flip_tail
 from r1v_quant.errors import UserError
 from r1v_quant.evals import run as evrun
 from r1v_quant.evals.metrics import token_kl
@@ -338,17 +339,6 @@ def test_bad_options_fail_before_any_work(ref, twin, capsys, monkeypatch):
 # ---------------------------------------------------------------- cache integrity
 
 
-def _flip_tail(path):
-    """Change a file's last bytes in place: same size, same safetensors header."""
-    size = path.stat().st_size
-    with open(path, "r+b") as f:
-        f.seek(-4, 2)
-        tail = f.read(4)
-        f.seek(-4, 2)
-        f.write(bytes(b ^ 0x55 for b in tail))
-    assert path.stat().st_size == size
-
-
 def test_a_reference_entry_that_fails_its_digest_is_not_used(tmp_path):
     from safetensors import safe_open
 
@@ -357,7 +347,7 @@ def test_a_reference_entry_that_fails_its_digest_is_not_used(tmp_path):
     dist = summarize(torch.log_softmax(a, -1), torch.arange(6), k=4)
     for i in range(2):
         cache.save(i, evrun.RefItem(f"q{i}", [1, 2, 3], evrun.Reply([7, 8, 2], "</think>B", True), True, dist))
-    _flip_tail(cache.path(0))  # changed log-probabilities
+    flip_tail(cache.path(0))  # changed log-probabilities
     with safe_open(str(cache.path(1)), framework="pt") as f:  # scrambled reply ids under an intact header
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["reply_ids"] = torch.tensor([90000, 8, 2])
@@ -372,7 +362,7 @@ def test_the_reference_cache_key_follows_a_shard_rewritten_in_place(ref, tmp_pat
     own = _copy(ref, tmp_path / "tiny")
     suite = evrun.load_suite(EvalSettings(limit=2))
     before = evrun.cache_key(model_identity(own), suite, EvalSettings(limit=2))
-    _flip_tail(sorted(own.glob("*.safetensors"))[0])
+    flip_tail(sorted(own.glob("*.safetensors"))[0])
     assert evrun.cache_key(model_identity(own), suite, EvalSettings(limit=2)) != before
 
 
@@ -382,12 +372,12 @@ def test_eval_recomputes_a_damaged_entry_and_a_rewritten_reference(ref, tmp_path
     settings = EvalSettings(limit=2, max_new_tokens=GEN, cache_dir=tmp_path / "cache")
     first = evaluate(str(own), str(own), settings)
     assert (first.reference_reused, first.reference_generated) == (0, 2)
-    _flip_tail(first.cache_dir / "00000.safetensors")
+    flip_tail(first.cache_dir / "00000.safetensors")
     heard = []
     second = evaluate(str(own), str(own), settings, on_warning=heard.append)
     assert (second.reference_reused, second.reference_generated) == (1, 1)
     assert any("failed their checksum" in w and "00000.safetensors" in w for w in heard), heard
     assert second.results.to_dict()["models"] == first.results.to_dict()["models"]
-    _flip_tail(sorted(own.glob("*.safetensors"))[0])
+    flip_tail(sorted(own.glob("*.safetensors"))[0])
     third = evaluate(str(own), str(own), settings)
     assert (third.reference_reused, third.reference_generated) == (0, 2) and third.cache_dir != first.cache_dir

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from helpers.rewrite import flip_tail
+
 AWQ = ["awq", "--samples", "2", "--max-tokens", "512", "--grid", "4", "--no-kl-check", "--compute-dtype", "float32"]
 
 
@@ -178,13 +180,7 @@ def test_resume_refuses_a_source_shard_rewritten_in_place(tiny_dir, tmp_path, ca
     done = subprocess.run([sys.executable, "-c", DIE_AT, *args], capture_output=True, text=True)
     assert done.returncode == -signal.SIGKILL, done.stderr
     shard = src / "model-00002-of-00003.safetensors"
-    size = shard.stat().st_size
-    with open(shard, "r+b") as f:  # same size, same header: only the weights' bytes change
-        f.seek(-4, 2)
-        tail = f.read(4)
-        f.seek(-4, 2)
-        f.write(bytes(b ^ 0x55 for b in tail))
-    assert shard.stat().st_size == size
+    flip_tail(shard)  # same size, same header: only the weights' bytes change
     code, _, err = run_cli(args + ["--resume"], capsys)
     err = one_line(err)
     assert code == 2 and "model-00002-of-00003.safetensors changed" in err and "--resume" in err, err
